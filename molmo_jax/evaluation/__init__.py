@@ -1,0 +1,1 @@
+"""Evaluation: official Molmo metrics, offline scoring, the benchmark task registry and runner."""
