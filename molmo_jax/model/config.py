@@ -89,6 +89,10 @@ class LLMConfig:
     qk_norm: bool = False  # OLMo-style full-width RMSNorm on q and k before the head split
     norm_after: bool = False  # post-norm blocks (OLMo-7B-1024)
     block_type: str = "dense"  # "dense" | "moe"
+    # Residual dropout after attention / FFN (before the residual add); the response rate
+    # applies where the trainer's response_mask is set (stage-1 recipe: 0.0 / 0.1, spec §5.2).
+    residual_dropout: float = 0.0
+    response_residual_dropout: float = 0.0
     # Mixture of experts (block_type == "moe"; OLMoE / MolmoE-1B).
     moe_num_experts: int = 0
     moe_top_k: int = 0

@@ -1,0 +1,212 @@
+"""Building blocks shared by the ViT, the connector and the LLM.
+
+Every parameter is created through `param`, which attaches logical axis names
+(`sharding_names`, stored by flax as the `out_sharding` metadata) that `sharding.py` maps
+to mesh axes; nothing is sharded eagerly here, so the model stays free of any mesh.
+
+Numerics (spec §2.6, §2.7): parameters are float32; matmuls run in the compute dtype;
+norms, RoPE and softmax run in float32.
+
+Axis legend: B batch, T length, D model width, N heads, K kv heads, H head dim, F mlp width.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Names = Tuple[Optional[str], ...]
+Initializer = Callable[[jax.Array, Sequence[int]], jax.Array]
+
+
+def normal(stddev: float = 0.02) -> Initializer:
+    return lambda key, shape: stddev * jax.random.normal(key, shape, jnp.float32)
+
+
+def zeros(key, shape):
+    del key
+    return jnp.zeros(shape, jnp.float32)
+
+
+def ones(key, shape):
+    del key
+    return jnp.ones(shape, jnp.float32)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Names) -> nnx.Param:
+    """A float32 parameter with one logical axis name per dimension."""
+    if len(names) != len(shape):
+        raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
+    return nnx.Param(init(rngs.params(), tuple(shape)), sharding_names=tuple(names), eager_sharding=False)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` independently initialised copies of a module, with every parameter stacked
+    on a new leading "layers" axis (what `scan_stack` iterates over)."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(r: nnx.Rngs) -> nnx.Module:
+        return make(r)
+
+    return create(rngs)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_stack(blocks: nnx.Module, body: Callable, carry, xs=None, *, start: int = 0,
+               stop: Optional[int] = None, remat_policy: str = "none"):
+    """Runs `carry, y = body(block_i, carry, x_i)` for the stacked blocks start..stop-1 with
+    one `jax.lax.scan`, so compile time does not grow with depth.
+
+    `xs` is a pytree with a leading axis of length stop-start (or None); the stacked ys are
+    returned. `remat_policy` names an entry of REMAT_POLICIES.
+    """
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(blocks)
+    n = jax.tree.leaves(state)[0].shape[0]
+    stop = n if stop is None else stop
+    if (start, stop) != (0, n):
+        state = jax.tree.map(lambda a: a[start:stop], state)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat_policy != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias), contracting the trailing `len(in_shape)` axes of x.
+
+    kernel: float32[*in_shape, *out_shape]; bias: float32[*out_shape].
+    """
+
+    def __init__(self, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], names: Names, *,
+                 use_bias: bool, rngs: nnx.Rngs, init: Optional[Initializer] = None):
+        self.n_in = len(in_shape)
+        self.kernel = param(rngs, init or normal(), (*in_shape, *out_shape), names)
+        self.bias = param(rngs, zeros, out_shape, names[self.n_in:]) if use_bias else None
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        y = jnp.tensordot(x.astype(dtype), self.kernel[...].astype(dtype), axes=self.n_in)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """OLMo RMSLayerNorm: statistics in float32, cast back, then scale (no bias)."""
+
+    def __init__(self, dim: int, eps: float, names: Names, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * y.astype(x.dtype)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (the official ViT uses LayerNormFp32)."""
+
+    def __init__(self, dim: int, eps: float, names: Names, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), names)
+        self.bias = param(rngs, zeros, (dim,), names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)), no biases. Used by the LLM FFN and the image projector.
+
+    gate, up: float32[D_in, F]; down: float32[F, D_out].
+    """
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, names: Tuple[str, str, str], *, rngs: nnx.Rngs):
+        n_in, n_hidden, n_out = names
+        self.gate = Dense((d_in,), (hidden,), (n_in, n_hidden), use_bias=False, rngs=rngs)
+        self.up = Dense((d_in,), (hidden,), (n_in, n_hidden), use_bias=False, rngs=rngs)
+        self.down = Dense((hidden,), (d_out,), (n_hidden, n_out), use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x, dtype)) * self.up(x, dtype), dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding = concat(embedding [E, D], new_embedding [128, D]) (spec §2.2).
+
+    Kept as two tables so the frozen base rows and the trained extra rows stay separate
+    (and so the official layout round-trips). Ids of -1 (padding) are looked up as 0.
+    """
+
+    def __init__(self, num_base: int, num_extra: int, dim: int, *, rngs: nnx.Rngs):
+        self.embedding = param(rngs, normal(), (num_base, dim), ("vocab", "embed"))
+        self.new_embedding = param(rngs, normal(), (num_extra, dim), (None, "embed"))
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        table = jnp.concatenate([self.embedding[...], self.new_embedding[...]], axis=0)
+        return jnp.take(table, jnp.maximum(ids, 0), axis=0).astype(dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE in float32 ("llama" style, spec §2.6).
+
+    x: [B, T, N, H]; positions: int32[B, T].
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = head_dim // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+def masked_dropout(x: jax.Array, key: jax.Array, rate: float, masked_rate: float,
+                   mask: Optional[jax.Array]) -> jax.Array:
+    """Residual dropout with a different rate where `mask` is set (official `Dropout` with
+    `mask_p`): keep-prob 1-masked_rate at masked positions, 1-rate elsewhere.
+
+    x: [B, T, D]; mask: bool[B, T] or None (then `rate` everywhere).
+    """
+    keep = jnp.full(x.shape[:2], 1.0 - rate, jnp.float32)
+    if mask is not None:
+        keep = jnp.where(mask, 1.0 - masked_rate, keep)
+    keep = keep[..., None]
+    draw = jax.random.bernoulli(key, jnp.broadcast_to(keep, x.shape))
+    return jnp.where(draw, x / keep.astype(x.dtype), jnp.zeros_like(x))

@@ -1,0 +1,198 @@
+"""The Molmo decoder (spec §2.2, §2.6): Qwen2-style pre-norm blocks (q/k/v bias, GQA) and
+OLMo-7B-1024 post-norm blocks (full-width QK-norm), scanned, with a KV cache.
+
+Axis legend: B batch, T new tokens, S cache slots, D width, N heads, K kv heads,
+H head dim, F SwiGLU half width, V embedding_size (logit columns).
+
+KV-cache API (for generation)
+-----------------------------
+    cache = llm.init_cache(batch, max_len, dtype)   # KVCache: k, v [layers, B, S, K, H],
+                                                     # valid bool[B, S], index int32[]
+    logits, cache, aux = llm(embeds, positions, token_valid=valid, cache=cache)
+
+A call with a cache writes its T tokens into slots [index, index + T) (the same slots for
+every example), marks them valid where `token_valid` is set, and lets token i attend to
+the valid slots <= index + i. So a right-padded prompt is prefilled in one call (its
+padding slots stay masked forever, as in the official generate) and each decode step then
+passes T=1 token per example with its own position (last valid position + 1 + step).
+`Molmo.embed` gives the prompt embeddings (image encoded once), `llm.embed_tokens` the
+embeddings of generated ids. Several conversations per sequence (subsegment ids) are a
+training feature and are not supported together with a cache.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax.model.attention import causal_mask, dot_product_attention
+from molmo_jax.model.config import LLMConfig
+from molmo_jax.model.layers import (Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
+                                    scan_stack, stacked)
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [layers, B, S, K, H]
+    v: jax.Array  # [layers, B, S, K, H]
+    valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
+    index: jax.Array  # int32[]: first free slot
+
+
+class Attention(nnx.Module):
+    """q, k, v: float32[D, N|K, H] (+ bias [N|K, H] for Qwen2); o: float32[N, H, D], no bias;
+    optional q_norm [N*H] / k_norm [K*H] applied over the full width before the head split."""
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.q = Dense((c.d_model,), (c.n_heads, c.head_dim), ("embed", "heads", "head_dim"),
+                       use_bias=c.qkv_bias, rngs=rngs)
+        self.k = Dense((c.d_model,), (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                       use_bias=c.qkv_bias, rngs=rngs)
+        self.v = Dense((c.d_model,), (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                       use_bias=c.qkv_bias, rngs=rngs)
+        self.o = Dense((c.n_heads, c.head_dim), (c.d_model,), ("heads", "head_dim", "embed"),
+                       use_bias=False, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.n_heads * c.head_dim, c.norm_eps, ("embed",), rngs=rngs)
+            self.k_norm = RMSNorm(c.n_kv_heads * c.head_dim, c.norm_eps, (None,), rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+
+    @staticmethod
+    def _full_width_norm(norm: RMSNorm, x: jax.Array) -> jax.Array:
+        return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, dtype,
+                 layer_cache: Optional[Tuple[jax.Array, jax.Array]] = None,
+                 index: Optional[jax.Array] = None):
+        """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S];
+        layer_cache: (k, v) [B, S, K, H] written at slot `index`. Returns (out, new layer_cache)."""
+        q, k, v = self.q(x, dtype), self.k(x, dtype), self.v(x, dtype)
+        if self.q_norm is not None:
+            q, k = self._full_width_norm(self.q_norm, q), self._full_width_norm(self.k_norm, k)
+        theta = self.config.rope_theta
+        q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            layer_cache, k, v = (ck, cv), ck.astype(dtype), cv.astype(dtype)
+        return self.o(dot_product_attention(q, k, v, mask), dtype), layer_cache
+
+
+class FeedForward(nnx.Module):
+    """Dense SwiGLU FFN. Official `ff_proj` = [up; gate] is split into `up` and `gate`."""
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden_size // 2, config.d_model,
+                          ("embed", "mlp", "embed"), rngs=rngs)
+
+    def __call__(self, x: jax.Array, dtype=None):
+        return self.mlp(x, dtype or x.dtype), {}
+
+
+def make_feed_forward(config: LLMConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The block's FFN: `__call__(x [B, T, D]) -> (y [B, T, D], aux dict of scalars)`."""
+    if config.block_type == "moe":
+        from molmo_jax.model.moe import MoEFeedForward  # noqa: PLC0415 (only MolmoE needs it)
+        return MoEFeedForward(config, rngs=rngs)
+    if config.block_type != "dense":
+        raise ValueError(f"unknown block_type {config.block_type!r}; choose 'dense' or 'moe'")
+    return FeedForward(config, rngs=rngs)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm: x += attn(attn_norm(x)); x += ffn(ff_norm(x)).
+    Post-norm (norm_after): x += attn_norm(attn(x)); x += ff_norm(ffn(x))."""
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.ff_norm = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
+        self.ffn = make_feed_forward(config, rngs=rngs)
+
+    def _residual(self, x, y, key, response_mask):
+        c = self.config
+        if key is not None:
+            y = masked_dropout(y, key, c.residual_dropout, c.response_residual_dropout, response_mask)
+        return x + y
+
+    def __call__(self, x, positions, mask, dtype, layer_cache=None, index=None, dropout_key=None,
+                 response_mask=None):
+        post = self.config.norm_after
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        h, layer_cache = self.attention(x if post else self.attn_norm(x), positions, mask, dtype,
+                                        layer_cache, index)
+        x = self._residual(x, self.attn_norm(h) if post else h, keys[0], response_mask)
+        h, aux = self.ffn(x if post else self.ff_norm(x))
+        x = self._residual(x, self.ff_norm(h) if post else h, keys[1], response_mask)
+        return x, layer_cache, aux
+
+
+class LLM(nnx.Module):
+    def __init__(self, config: LLMConfig, *, dtype="float32", remat_policy: str = "none",
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.remat_policy = remat_policy
+        self.embed = Embedding(config.embedding_size, config.additional_vocab_size, config.d_model, rngs=rngs)
+        self.blocks = stacked(lambda r: DecoderBlock(config, rngs=r), config.n_layers, rngs)
+        self.ln_f = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
+        self.lm_head = Dense((config.d_model,), (config.embedding_size,), ("embed", "vocab"),
+                             use_bias=False, rngs=rngs)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """int32[B, T] (-1 = padding, looked up as 0) -> [B, T, D] in the compute dtype."""
+        return self.embed(ids, self.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim)
+        dtype = jnp.dtype(dtype or self.dtype)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                       jnp.zeros((), jnp.int32))
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, *, token_valid: jax.Array,
+                 subsegment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 response_mask: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None):
+        """embeds: [B, T, D]; positions: int32[B, T]; token_valid: bool[B, T];
+        subsegment_ids: int[B, T] (no cache); response_mask: bool[B, T] where the response
+        residual dropout applies; dropout_key: PRNG key, None = deterministic.
+
+        Returns (logits float32[B, T, V], updated cache or None, aux dict of FFN scalars
+        summed over layers; empty for dense blocks).
+        """
+        if cache is None:
+            mask = causal_mask(token_valid, subsegment_ids)
+            index, layer_caches = None, None
+        else:
+            if subsegment_ids is not None:
+                raise ValueError("subsegment_ids cannot be combined with a KV cache")
+            index = cache.index
+            t, s = embeds.shape[1], cache.valid.shape[1]
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, index))
+            slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
+            mask = slots[None] & valid[:, None, :]
+            layer_caches = (cache.k, cache.v)
+
+        n = self.config.n_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
+
+        def body(block, x, xs):
+            layer_cache, key = xs
+            x, layer_cache, aux = block(x, positions, mask, self.dtype, layer_cache, index, key, response_mask)
+            return x, (layer_cache, aux)
+
+        x, (new_caches, aux) = scan_stack(self.blocks, body, embeds.astype(self.dtype), (layer_caches, keys),
+                                          remat_policy=self.remat_policy)
+        x = self.ln_f(x)
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        if cache is not None:
+            k, v = new_caches
+            cache = KVCache(k, v, valid, index + embeds.shape[1])
+        return logits, cache, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)

@@ -1,0 +1,101 @@
+"""Molmo = ViT + connector + LLM; image features are ADDED to the token embeddings at
+image_input_idx (spec §2.5).
+
+Axis legend: B batch, L sequence, C crops, P patches per crop, D patch vector,
+Q pooled tokens per crop, E model width, V embedding_size.
+
+    model = Molmo(config, rngs=nnx.Rngs(0))
+    logits = model(input_ids, images, image_masks, image_input_idx)      # float32[B, L, V]
+
+Generation encodes the image once: `embeds = model.embed(...)`, then prefill/decode with
+`model.llm(embeds, positions, token_valid=..., cache=model.llm.init_cache(...))` (see llm.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax.model.attention import default_positions, subsegment_positions
+from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.connector import Connector
+from molmo_jax.model.llm import LLM
+from molmo_jax.model.vit import VisionTransformer
+
+
+def splice(embeds: jax.Array, features: jax.Array, image_input_idx: jax.Array) -> jax.Array:
+    """embeds[b, idx[b, k]] += features[b, k] for idx >= 0; negative indices are dropped.
+
+    embeds: [B, L, E]; features: [B, C, Q, E]; image_input_idx: int[B, C, Q].
+    """
+    b, l, e = embeds.shape
+    feats = features.reshape(b, -1, e).astype(embeds.dtype)
+    idx = image_input_idx.reshape(b, -1)
+    idx = jnp.where(idx >= 0, idx, l)  # out of range -> dropped by the scatter
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], idx.shape)
+    return embeds.at[rows, idx].add(feats, mode="drop")
+
+
+class Molmo(nnx.Module):
+    def __init__(self, config: MolmoConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.vision = VisionTransformer(config.vision, dtype=config.dtype, remat_policy=config.remat_policy,
+                                        rngs=rngs)
+        self.connector = Connector(config, rngs=rngs)
+        self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy, rngs=rngs)
+
+    def encode_images(self, images: jax.Array, image_masks: Optional[jax.Array], *,
+                      return_intermediates: bool = False):
+        """images: float32[B, C, P, D] (crops of all -1 are batch padding) -> features
+        [B, C, Q, E]; with return_intermediates also {"vit_layers": [...] each
+        [B, C, P+1, W], "pooled": [B, C, Q, W]}."""
+        b, c, p, d = images.shape
+        crop_valid = ~jnp.all(images == -1, axis=(2, 3))
+        layers = self.vision(images.reshape(b * c, p, d))
+        layers = [h.reshape(b, c, *h.shape[1:]) for h in layers]
+        out = self.connector(layers, image_masks, crop_valid, return_intermediates=return_intermediates)
+        if return_intermediates:
+            feats, extra = out
+            return feats, {"vit_layers": layers, **extra}
+        return out
+
+    def embed(self, input_ids: jax.Array, images: Optional[jax.Array] = None,
+              image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None) -> jax.Array:
+        """The LLM input: token embeddings (ids -1 looked up as 0) plus the image features
+        added at image_input_idx. -> [B, L, E] in the compute dtype."""
+        x = self.llm.embed_tokens(input_ids)
+        if images is None:
+            return x
+        if image_input_idx is None:
+            raise ValueError("images were given without image_input_idx")
+        return splice(x, self.encode_images(images, image_masks), image_input_idx)
+
+    def __call__(self, input_ids: jax.Array, images: Optional[jax.Array] = None,
+                 image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None,
+                 position_ids: Optional[jax.Array] = None, subsegment_ids: Optional[jax.Array] = None, *,
+                 response_mask: Optional[jax.Array] = None, deterministic: bool = True,
+                 rngs: Optional[nnx.Rngs] = None, return_aux: bool = False):
+        """input_ids: int32[B, L] (-1 = right padding); images: float32[B, C, P, D] or None;
+        image_masks: float32[B, C, P]; image_input_idx: int[B, C, Q] (negative = drop);
+        position_ids: int[B, L] (default: clamp(cumsum(ids != -1) - 1, 0), or the §4.6
+        per-conversation positions when subsegment_ids are given); subsegment_ids: int[B, L];
+        response_mask: bool[B, L] where the response residual dropout applies.
+
+        Dropout runs only with deterministic=False, drawing from `rngs.dropout()`.
+        Returns logits float32[B, L, V] (and the FFN aux dict when return_aux).
+        """
+        token_valid = input_ids != -1
+        if position_ids is None:
+            position_ids = (default_positions(input_ids) if subsegment_ids is None
+                            else subsegment_positions(token_valid, subsegment_ids))
+        dropout_key = None
+        if not deterministic and (self.config.llm.residual_dropout or self.config.llm.response_residual_dropout):
+            if rngs is None:
+                raise ValueError("deterministic=False with residual dropout needs rngs=nnx.Rngs(dropout=...)")
+            dropout_key = rngs.dropout()
+        embeds = self.embed(input_ids, images, image_masks, image_input_idx)
+        logits, _, aux = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
+                                  response_mask=response_mask, dropout_key=dropout_key)
+        return (logits, aux) if return_aux else logits
