@@ -1,0 +1,108 @@
+"""Analytic FLOPs of a Molmo forward pass and training step (model FLOPs, for MFU).
+
+Counts 2 FLOPs per multiply-add of every matmul the model needs, as in PaLM's appendix B:
+  ViT       patch embedding, qkv / out projections, MLP, attention (T x T, full), for every
+            crop of the batch (padding crops included: the step computes them), up to the
+            deepest block whose output the connector reads.
+  connector 2x2 mean-query attention pooling (q from the mean, k/v from the 4 features) and
+            the SwiGLU projector, for 144 pooled tokens per crop.
+  LLM       qkv / out projections, SwiGLU MLP or routed experts (top-k of them) + router,
+            attention (L x L, counted in full: the XLA program computes the whole masked
+            matrix), LM head.
+Norms, RoPE, softmax, embedding lookups and the loss are left out (not matmuls; < 1%).
+A training step is 3 forward passes' worth (forward + 2x for the backward). Rematerialised
+recomputation is hardware work, not model work, and is not counted: `cost_analysis()` of a
+remat'ed step reports up to one more forward pass than this.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from molmo_jax.model.config import MolmoConfig
+
+
+def vit_blocks_used(cfg: MolmoConfig) -> int:
+    """Blocks up to the deepest connector feature layer (negative = from the end of the
+    num_layers block outputs; -1 is the last block)."""
+    n = cfg.vision.num_layers
+    deepest = max(layer if layer >= 0 else n + layer for layer in cfg.vision.feature_layers)
+    return deepest + 1
+
+
+def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) -> Dict[str, float]:
+    """FLOPs of one forward pass over `batch` sequences of `seq_len` tokens, each with
+    `num_crops` image crops (0: text only). Returns {'vit', 'connector', 'llm', 'total'}."""
+    v, llm = cfg.vision, cfg.llm
+    crops = batch * num_crops
+
+    t = v.num_positions
+    d = v.width
+    vit_per_block = (2 * t * d * 3 * v.num_heads * v.head_dim  # q, k, v
+                     + 2 * t * v.num_heads * v.head_dim * d    # out
+                     + 2 * 2 * t * d * v.mlp_dim               # fc1, fc2
+                     + 2 * 2 * t * t * v.num_heads * v.head_dim)  # q k^T, p v
+    vit = crops * (2 * v.num_patches * v.patch_dim * d + vit_blocks_used(cfg) * vit_per_block)
+
+    feat = d * len(v.feature_layers)  # concatenated ViT layers
+    pool = cfg.connector.pool_h * cfg.connector.pool_w
+    gh, gw = v.grid
+    pooled = (-(-gh // cfg.connector.pool_h)) * (-(-gw // cfg.connector.pool_w))  # 144 for CLIP-336
+    inner = v.num_heads * v.head_dim
+    hidden = cfg.projector_hidden
+    connector = crops * pooled * (2 * feat * inner                 # q from the window mean
+                                  + 2 * 2 * pool * feat * inner    # k, v of the window
+                                  + 2 * 2 * pool * inner           # q k^T, p v
+                                  + 2 * inner * d                  # out
+                                  + 2 * 2 * d * hidden             # w1, w3
+                                  + 2 * hidden * llm.d_model)      # w2
+
+    dm, hd = llm.d_model, llm.head_dim
+    q_width, kv_width = llm.n_heads * hd, llm.n_kv_heads * hd
+    attn_proj = 2 * dm * (q_width + 2 * kv_width) + 2 * q_width * dm
+    if llm.block_type == "moe":
+        ffn = 2 * dm * llm.moe_num_experts + llm.moe_top_k * 3 * 2 * dm * llm.moe_hidden_size
+    else:
+        ffn = 2 * dm * llm.mlp_hidden_size + 2 * (llm.mlp_hidden_size // 2) * dm
+    per_token = llm.n_layers * (attn_proj + ffn) + 2 * dm * llm.embedding_size
+    attention = llm.n_layers * 2 * 2 * seq_len * seq_len * q_width  # per sequence
+    llm_flops = batch * (seq_len * per_token + attention)
+
+    total = vit + connector + llm_flops
+    return {"vit": float(vit), "connector": float(connector), "llm": float(llm_flops), "total": float(total)}
+
+
+def train_step_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) -> float:
+    """Model FLOPs of one optimizer step over a global batch (every part is trained)."""
+    return 3.0 * forward_flops(cfg, batch, seq_len, num_crops)["total"]
+
+
+def params_count(cfg: MolmoConfig) -> Dict[str, int]:
+    """Parameter counts {'vit', 'connector', 'llm', 'total'} (7B-D: 8,021,025,280 in total,
+    the number in the official checkpoint index)."""
+    v, llm = cfg.vision, cfg.llm
+    d, inner = v.width, v.num_heads * v.head_dim
+    vit_block = (3 * (d * inner + inner) + inner * d + d  # attention with biases
+                 + d * v.mlp_dim + v.mlp_dim + v.mlp_dim * d + d  # MLP with biases
+                 + 4 * d)  # two LayerNorms
+    vit = (v.patch_dim * d + (d if v.patch_bias else 0)
+           + v.num_positions * d + (d if v.use_cls_token else 0) + (2 * d if v.pre_ln else 0)
+           + v.num_layers * vit_block)
+    feat = d * len(v.feature_layers)
+    hidden = cfg.projector_hidden
+    connector = (2 * feat  # pad embeddings
+                 + feat * inner + inner + 2 * (feat * inner + inner) + inner * d + d  # pooling
+                 + 2 * d * hidden + hidden * llm.d_model)  # projector
+    dm, hd = llm.d_model, llm.head_dim
+    q_width, kv_width = llm.n_heads * hd, llm.n_kv_heads * hd
+    attn = dm * (q_width + 2 * kv_width) + q_width * dm
+    if llm.qkv_bias:
+        attn += q_width + 2 * kv_width
+    if llm.qk_norm:
+        attn += q_width + kv_width
+    if llm.block_type == "moe":
+        ffn = dm * llm.moe_num_experts + llm.moe_num_experts * 3 * dm * llm.moe_hidden_size
+    else:
+        ffn = dm * llm.mlp_hidden_size + (llm.mlp_hidden_size // 2) * dm
+    llm_params = (llm.n_layers * (attn + ffn + 2 * dm) + dm
+                  + llm.total_vocab * dm + llm.embedding_size * dm)
+    return {"vit": vit, "connector": connector, "llm": llm_params, "total": vit + connector + llm_params}
