@@ -1,0 +1,1 @@
+"""Checkpoint conversion: official HF Molmo layout, HF backbones, mixture-of-experts layouts."""
