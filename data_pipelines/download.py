@@ -241,7 +241,8 @@ def _request(parts, config: FetchConfig, deadline: float) -> tuple[int, dict, by
     path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     try:
         conn.connect()
-        conn.sock.settimeout(min(config.read_timeout, remaining()))
+        sock = conn.sock  # kept: http.client drops conn.sock once the response owns the connection
+        sock.settimeout(min(config.read_timeout, remaining()))
         conn.request("GET", path, headers={"User-Agent": config.user_agent, "Accept": "image/*,*/*;q=0.8"})
         response = conn.getresponse()
         headers = {k.lower(): v for k, v in response.getheaders()}
@@ -252,7 +253,7 @@ def _request(parts, config: FetchConfig, deadline: float) -> tuple[int, dict, by
             raise FetchError("too_large", f"Content-Length {length} > {config.max_bytes}")
         chunks, size = [], 0
         while True:
-            conn.sock.settimeout(min(config.read_timeout, remaining()))
+            sock.settimeout(min(config.read_timeout, remaining()))
             chunk = response.read1(1 << 16)  # read1: returns after one socket read, so deadlines hold
             if not chunk:
                 break
