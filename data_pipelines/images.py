@@ -1,0 +1,282 @@
+"""Image decoding and the aspect-preserving resize + pad that Molmo's image encoder sees.
+
+Two jobs, both numpy-only (this module runs in data-loader worker processes):
+
+* `load_image`: bytes / path / array / PIL image -> uint8[H, W, 3] RGB. Handles EXIF orientation,
+  every PIL mode (L, P, CMYK, RGBA, 16-bit, ...), animated files (first frame) and refuses bad
+  input (truncated or corrupt data, zero-size images, decompression bombs) with one error type,
+  `ImageDecodeError`, whose message names the cause.
+* `resize_and_pad`: the official preprocessing resize, bit-identical to
+  `tf.image.resize(image, size, "bilinear", antialias=True)` (TensorFlow's `ScaleAndTranslate` op
+  with the triangle kernel) without TensorFlow: the same float32 kernel weights, normalised the same
+  way, applied rows first then columns with the same sequential float32 accumulation. The weights
+  are cached sparse matrices, so each pass is one sparse x dense product.
+"""
+import contextlib
+import functools
+import io
+import os
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# OpenAI CLIP normalisation (the released Molmo models).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# 100 megapixels: above PIL's own warning threshold (89M), so our limit is the one that applies.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageDecodeError(ValueError):
+  """An image could not be turned into RGB pixels. The message names the source and the cause:
+  'empty input', 'not an image', 'truncated or corrupt data', 'zero-size image',
+  'decompression bomb', 'unsupported input type', 'unreadable file'."""
+
+
+def _describe(src: Any) -> str:
+  if isinstance(src, (str, os.PathLike)):
+    return str(src)
+  if isinstance(src, (bytes, bytearray, memoryview)):
+    return f"<{len(src)} bytes>"
+  return f"<{type(src).__name__}>"
+
+
+@contextlib.contextmanager
+def _single_block_allocation(n_bytes: int):
+  """Lets PIL allocate the decoded image as one memory block so it can be exported zero-copy.
+
+  PIL splits large images into 16 MiB blocks; `np.asarray(img)` then copies through `tobytes()`,
+  which costs as much as decoding a 12-megapixel JPEG. The block size only changes how memory
+  is laid out, never pixel values, so a concurrent decode seeing the other setting is harmless.
+  """
+  old = Image.core.get_block_size()
+  if n_bytes > old:
+    Image.core.set_block_size(int(n_bytes) + 4096)
+  try:
+    yield
+  finally:
+    Image.core.set_block_size(old)
+
+
+def _pil_to_numpy(img: Image.Image) -> np.ndarray:
+  """uint8[H, W, C] view of a loaded PIL image, zero-copy (Arrow export) when it is stored as
+  one memory block, else a copy."""
+  try:
+    flat = pa.array(img)
+  except ValueError:  # not one contiguous block
+    return np.asarray(img)
+  w, h = img.size
+  return np.asarray(flat.flatten()).reshape(h, w, -1)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image | np.ndarray:
+  """Converts any PIL mode to RGB. 16-bit / 32-bit integer and float images are rescaled to
+  8 bits first (PIL's own convert('RGB') would clip them at 255)."""
+  if img.mode == "RGB":
+    return img
+  if img.mode.startswith("I;16") or img.mode == "I":
+    gray = np.asarray(img, dtype=np.float64)
+    gray = np.clip(gray * (255.0 / 65535.0) + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  if img.mode == "F":
+    gray = np.asarray(img, dtype=np.float64)
+    if np.nanmax(gray, initial=0.0) <= 1.0:
+      gray = gray * 255.0
+    gray = np.clip(np.nan_to_num(gray) + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  return img.convert("RGB")  # L, LA, P, PA, RGBA, RGBX, CMYK, YCbCr, 1, ... (alpha dropped)
+
+
+def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
+  try:
+    with warnings.catch_warnings():
+      # Our own max_pixels check below replaces PIL's global bomb warning.
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      img = Image.open(data)
+      w, h = img.size
+      if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"{name}: zero-size image ({w}x{h})")
+      if w * h > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+      with _single_block_allocation(w * h * 4):
+        img.load()  # first frame of animated files
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+        return rgb if isinstance(rgb, np.ndarray) else _pil_to_numpy(rgb)[:, :, :3]
+  except ImageDecodeError:
+    raise
+  except UnidentifiedImageError as e:
+    raise ImageDecodeError(f"{name}: not an image (unrecognised format)") from e
+  except Image.DecompressionBombError as e:
+    raise ImageDecodeError(f"{name}: decompression bomb: {e}") from e
+  except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
+          ZeroDivisionError, MemoryError) as e:
+    raise ImageDecodeError(
+        f"{name}: truncated or corrupt data ({type(e).__name__}: {e})") from e
+
+
+def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Decodes an image to RGB pixels.
+
+  Args:
+    src: encoded bytes, a file path, a PIL image, or an array uint8[H, W] / uint8[H, W, 1|3|4]
+      (already decoded: only validated and converted to 3 channels).
+    max_pixels: images with more pixels are refused before their pixel data is decoded.
+  Returns:
+    uint8[H, W, 3] (possibly a strided view; treat as read-only).
+  Raises:
+    ImageDecodeError naming the source and the cause.
+  """
+  name = _describe(src)
+  if isinstance(src, np.ndarray):
+    return _check_array(src, name, max_pixels)
+  if isinstance(src, Image.Image):
+    if src.width * src.height == 0:
+      raise ImageDecodeError(f"{name}: zero-size image ({src.width}x{src.height})")
+    if src.width * src.height > max_pixels:
+      raise ImageDecodeError(f"{name}: decompression bomb: {src.width}x{src.height} pixels")
+    rgb = _to_rgb(ImageOps.exif_transpose(src))
+    return rgb if isinstance(rgb, np.ndarray) else np.asarray(rgb)
+  if isinstance(src, (bytes, bytearray, memoryview)):
+    if len(src) == 0:
+      raise ImageDecodeError(f"{name}: empty input (0 bytes)")
+    return _decode(io.BytesIO(bytes(src)), name, max_pixels)
+  if isinstance(src, (str, os.PathLike)):
+    path = pathlib.Path(src)
+    try:
+      size = path.stat().st_size
+    except OSError as e:
+      raise ImageDecodeError(f"{name}: unreadable file ({e.strerror})") from e
+    if size == 0:
+      raise ImageDecodeError(f"{name}: empty input (0-byte file)")
+    return _decode(path, name, max_pixels)
+  raise ImageDecodeError(f"{name}: unsupported input type {type(src).__name__}")
+
+
+def _check_array(arr: np.ndarray, name: str, max_pixels: int) -> np.ndarray:
+  if arr.dtype != np.uint8:
+    raise ImageDecodeError(f"{name}: unsupported input type: array dtype {arr.dtype}, want uint8")
+  if arr.ndim == 2:
+    arr = arr[:, :, None]
+  if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+    raise ImageDecodeError(f"{name}: unsupported input type: array shape {arr.shape}")
+  if arr.shape[0] == 0 or arr.shape[1] == 0:
+    raise ImageDecodeError(f"{name}: zero-size image {arr.shape}")
+  if arr.shape[0] * arr.shape[1] > max_pixels:
+    raise ImageDecodeError(f"{name}: decompression bomb: {arr.shape[:2]} pixels")
+  if arr.shape[2] == 1:
+    return np.repeat(arr, 3, axis=2)
+  return arr[:, :, :3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resize: TensorFlow's ScaleAndTranslate (triangle kernel, antialias, translation 0), in numpy.
+
+@functools.lru_cache(maxsize=256)
+def resize_weights(in_size: int, out_size: int) -> scipy.sparse.csr_matrix:
+  """Sparse float32[out_size, in_size] resampling matrix of one axis.
+
+  Same float32 arithmetic as TensorFlow's `ComputeSpansCore`: sample centre
+  (x + 0.5) / scale, kernel widened by 1/scale when downscaling, span start/end rounded with
+  ceil/floor, weights summed sequentially and multiplied by 1/sum.
+  """
+  f32 = np.float32
+  scale = f32(out_size) / f32(in_size)
+  inv_scale = f32(1.0 / np.float64(scale))  # C++ `1.0 / scale` is a double division
+  kernel_scale = max(inv_scale, f32(1.0))
+  span_size = min(2 * int(np.ceil(kernel_scale)) + 1, in_size)
+  one_over_kernel_scale = f32(1.0) / kernel_scale
+
+  sample = (np.arange(out_size, dtype=f32) + f32(0.5)) * inv_scale   # float32[out]
+  start = np.ceil(sample - kernel_scale - f32(0.5)).astype(np.int64)
+  end = np.floor(sample + kernel_scale - f32(0.5)).astype(np.int64)
+  start = np.clip(start, 0, in_size - 1)
+  end = np.clip(end, 0, in_size - 1) + 1
+  source = start[:, None] + np.arange(span_size)                        # int[out, span]
+  in_span = source < end[:, None]
+  pos = (source.astype(f32) + f32(0.5)) - sample[:, None]
+  x = np.abs(pos * one_over_kernel_scale)
+  weights = np.where(in_span & (x < f32(1.0)), f32(1.0) - x, f32(0.0)).astype(f32)
+  total = np.zeros(out_size, f32)
+  for k in range(span_size):  # sequential float32 sum, as in TF (np.sum would sum pairwise)
+    total += weights[:, k]
+  # TF leaves spans whose weights sum to ~0 (or that sample outside the image) all zero.
+  valid = (np.abs(total) >= f32(1000.0) * np.finfo(f32).tiny) & (sample >= 0) & (
+      sample <= f32(in_size))
+  inv_total = np.where(valid, f32(1.0) / np.where(valid, total, f32(1.0)), f32(0.0))
+  weights = weights * inv_total[:, None]
+  keep = weights != 0  # zero weights add exactly nothing to a sum of non-negative terms
+  rows = np.broadcast_to(np.arange(out_size)[:, None], keep.shape)[keep]
+  return scipy.sparse.csr_matrix(
+      (weights[keep], (rows, source[keep])), shape=(out_size, in_size), dtype=f32)
+
+
+def resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Bilinear antialiased resize, bit-identical to TF's `tf.image.resize(antialias=True)`.
+
+  Args:
+    image: uint8[H, W, C] (converted like `tf.image.convert_image_dtype`: x * float32(1/255))
+      or float32[H, W, C] in [0, 1].
+    out_hw: (out_h, out_w), both >= 1.
+  Returns:
+    float32[out_h, out_w, C], not clipped.
+  """
+  h, w, c = image.shape
+  out_h, out_w = out_hw
+  if image.dtype == np.uint8:
+    pixels = np.empty((h, w, c), np.float32)
+    np.multiply(image, np.float32(1.0 / 255.0), out=pixels, dtype=np.float32)
+  else:
+    pixels = np.ascontiguousarray(image, dtype=np.float32)
+  # Rows first: [out_h, in_h] @ [in_h, W*C]; each output row accumulates its input rows in order.
+  tmp = resize_weights(h, out_h) @ pixels.reshape(h, w * c)
+  # Then columns: [out_w, in_w] @ [in_w, out_h*C] on the transposed intermediate.
+  tmp = np.ascontiguousarray(tmp.reshape(out_h, w, c).transpose(1, 0, 2)).reshape(w, out_h * c)
+  out = resize_weights(w, out_w) @ tmp
+  return out.reshape(out_w, out_h, c).transpose(1, 0, 2)
+
+
+def scaled_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+  """Size of an (h, w) image fitted into (out_h, out_w) with its aspect ratio kept.
+
+  float32 arithmetic with truncation, as the official code (e.g. 1080x1920 into 784x1008 gives
+  567x1007: 1920 * float32(1008/1920) = 1007.99...). Never below 1 px (the official code fails on
+  such extreme aspect ratios instead).
+  """
+  f32 = np.float32
+  scale = min(f32(out_h) / f32(h), f32(out_w) / f32(w))
+  return max(1, int(f32(h) * scale)), max(1, int(f32(w) * scale))
+
+
+def resize_and_pad(image: np.ndarray, out_hw: tuple[int, int], *, mean=CLIP_MEAN, std=CLIP_STD,
+                   ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+  """Aspect-preserving resize, centred zero padding, then normalisation.
+
+  Args:
+    image: uint8[H, W, 3].
+    out_hw: (out_h, out_w) canvas size.
+  Returns:
+    pixels: float32[out_h, out_w, 3], (clip(resized, 0, 1) padded with 0 - mean) / std: the
+      padding is normalised too, as in the official code.
+    box: (top, left, height, width) of the resized image inside the canvas.
+  """
+  out_h, out_w = out_hw
+  sh, sw = scaled_size(image.shape[0], image.shape[1], out_h, out_w)
+  top, left = (out_h - sh) // 2, (out_w - sw) // 2
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  canvas = np.empty((out_h, out_w, 3), np.float32)
+  canvas[...] = (np.float32(0.0) - mean) / std
+  resized = resize(image, (sh, sw))
+  np.clip(resized, 0.0, 1.0, out=resized)
+  resized -= mean
+  resized /= std
+  canvas[top:top + sh, left:left + sw] = resized
+  return canvas, (top, left, sh, sw)
