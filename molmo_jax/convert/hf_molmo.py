@@ -12,7 +12,8 @@ the leading "layers" axis. A missing, unexpected or wrongly shaped tensor is an 
 names the key and both shapes; nothing is skipped or broadcast. Keys may carry the `model.`
 prefix (HF hub) or not (official training checkpoints); written keys always carry it.
 
-The link functions use jnp only, so `jax.eval_shape` checks a whole mapping on shapes.
+The link functions run on numpy arrays (fast, exact) and on tracers (through jnp), so
+`jax.eval_shape` checks a whole mapping on shapes without allocating anything.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ class Link:
     layer: Optional[int]
     to_ours: Callable[..., Sequence[jax.Array]]
     to_hf: Callable[..., Sequence[jax.Array]]
+    hf_shapes: Callable[..., Sequence[Tuple[int, ...]]]  # our per-layer shapes -> official shapes
+
+
+def _xp(*arrays):
+    """numpy for concrete arrays, jnp under tracing (jax.eval_shape / jit)."""
+    return jnp if any(isinstance(a, jax.core.Tracer) for a in arrays) else np
 
 
 def _fused_linear(hf: str, ours: Sequence[Path], layer, in_shape, out_shapes) -> Link:
@@ -61,13 +68,16 @@ def _fused_linear(hf: str, ours: Sequence[Path], layer, in_shape, out_shapes) ->
     n_in = math.prod(in_shape)
 
     def to_ours(w):
-        parts = jnp.split(w, np.cumsum(sizes)[:-1].tolist(), axis=0)
+        parts = _xp(w).split(w, np.cumsum(sizes)[:-1].tolist(), axis=0)
         return [p.T.reshape(*in_shape, *s) for p, s in zip(parts, out_shapes)]
 
     def to_hf(*kernels):
-        return [jnp.concatenate([k.reshape(n_in, -1).T for k in kernels], axis=0)]
+        return [_xp(*kernels).concatenate([k.reshape(n_in, -1).T for k in kernels], axis=0)]
 
-    return Link((hf,), tuple(ours), layer, to_ours, to_hf)
+    def hf_shapes(*shapes):
+        return [(sum(math.prod(s[len(in_shape):]) for s in shapes), n_in)]
+
+    return Link((hf,), tuple(ours), layer, to_ours, to_hf, hf_shapes)
 
 
 def _fused_vector(hf: str, ours: Sequence[Path], layer, out_shapes) -> Link:
@@ -75,13 +85,13 @@ def _fused_vector(hf: str, ours: Sequence[Path], layer, out_shapes) -> Link:
     sizes = [math.prod(s) for s in out_shapes]
 
     def to_ours(b):
-        parts = jnp.split(b, np.cumsum(sizes)[:-1].tolist(), axis=0)
+        parts = _xp(b).split(b, np.cumsum(sizes)[:-1].tolist(), axis=0)
         return [p.reshape(s) for p, s in zip(parts, out_shapes)]
 
     def to_hf(*arrays):
-        return [jnp.concatenate([a.reshape(-1) for a in arrays], axis=0)]
+        return [_xp(*arrays).concatenate([a.reshape(-1) for a in arrays], axis=0)]
 
-    return Link((hf,), tuple(ours), layer, to_ours, to_hf)
+    return Link((hf,), tuple(ours), layer, to_ours, to_hf, lambda *shapes: [(sum(map(math.prod, shapes)),)])
 
 
 def _linear(hf: str, ours: Path, layer, in_shape, out_shape) -> Link:
@@ -89,7 +99,7 @@ def _linear(hf: str, ours: Path, layer, in_shape, out_shape) -> Link:
 
 
 def _same(hf: str, ours: Path, layer=None) -> Link:
-    return Link((hf,), (ours,), layer, lambda a: [a], lambda a: [a])
+    return Link((hf,), (ours,), layer, lambda a: [a], lambda a: [a], lambda s: [tuple(s)])
 
 
 def _vector(hf: str, ours: Path, layer, shape) -> Link:
@@ -228,7 +238,8 @@ def _apply(links: Sequence[Link], abstract: Mapping, fn) -> None:
 
 def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
     """Official tensors (name -> array [PyTorch layout]) -> pure nested dict of our float32
-    parameters (stacked per-block). Raises CheckpointError naming the key on any mismatch."""
+    parameters (stacked per-block; numpy for numpy input). Raises CheckpointError naming the
+    key on any mismatch."""
     if state_dict and not any(k.startswith(PREFIX) for k in state_dict):
         state_dict = {PREFIX + k: v for k, v in state_dict.items()}
     links = molmo_links(config)
@@ -244,14 +255,14 @@ def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
     out: Dict = {}
 
     def convert(link: Link, our_shapes):
-        expected = jax.eval_shape(link.to_hf, *[jax.ShapeDtypeStruct(s, jnp.float32) for s in our_shapes])
         arrays = []
-        for key, exp in zip(link.hf, expected):
+        for key, expected in zip(link.hf, link.hf_shapes(*our_shapes)):
             got = tuple(state_dict[key].shape)
-            if got != tuple(exp.shape):
-                raise CheckpointError(f"{key}: checkpoint shape {got} does not match the shape {tuple(exp.shape)} "
+            if got != tuple(expected):
+                raise CheckpointError(f"{key}: checkpoint shape {got} does not match the shape {tuple(expected)} "
                                       f"the config requires")
-            arrays.append(jnp.asarray(state_dict[key], jnp.float32))
+            value = state_dict[key]
+            arrays.append(_xp(value).asarray(value, dtype=np.float32))
         for path, value in zip(link.ours, link.to_ours(*arrays)):
             if link.layer is None:
                 _set(out, path, value)
@@ -260,7 +271,8 @@ def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
 
     _apply(links, abstract, convert)
     for path, layers in per_layer.items():
-        _set(out, path, jnp.stack([layers[i] for i in range(len(layers))]))
+        stack = [layers[i] for i in range(len(layers))]
+        _set(out, path, _xp(*stack).stack(stack))
     return out
 
 
@@ -469,7 +481,7 @@ def load_hf_checkpoint(folder: str) -> Tuple[MolmoConfig, nnx.State]:
     from molmo_jax.model.molmo import Molmo  # noqa: PLC0415
 
     config = read_hf_config(folder)
-    pure = hf_to_params(read_hf_tensors(folder), config)
+    pure = jax.tree.map(jnp.asarray, hf_to_params(read_hf_tensors(folder), config))
     state = nnx.state(nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0))), nnx.Param)
     state.replace_by_pure_dict(pure)
     return config, state
@@ -491,7 +503,9 @@ def save_hf_checkpoint(folder: str, params, config: MolmoConfig, *, dtype=None,
     """Writes config.json and model.safetensors (or shards + index above max_shard_bytes)."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    tensors = {k: np.asarray(v if dtype is None else v.astype(dtype)) for k, v in params_to_hf(params, config).items()}
+    params = jax.tree.map(np.asarray, _pure(params))
+    tensors = {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
+               for k, v in params_to_hf(params, config).items()}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config_to_hf(config), f, indent=1)
