@@ -1,0 +1,42 @@
+"""Token cross-entropy with z-loss, in float32, normalised by the global loss-token weight.
+
+Official recipe (spec §5.1): labels are the already-aligned `target_tokens` (no shift); every
+token's CE and z-loss (1e-4 * logsumexp(logits)^2) is multiplied by its loss weight
+(`loss_masks`: 1 on response tokens, times per-example / per-conversation weights), summed over
+the whole global batch and divided by the global sum of loss weights. With gradient
+accumulation every micro-batch divides by the weight of the WHOLE global batch, so the summed
+gradients equal those of one big batch.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+
+def weighted_token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                          z_loss_weight: float) -> Dict[str, jax.Array]:
+    """Sums of per-token losses.
+
+    logits: float[B, L, V] (cast to float32 here); targets: int32[B, L] (negative = padding);
+    weights: float32[B, L] (0 where no loss). Returns float32 scalars 'ce_sum', 'z_sum'
+    (already times `z_loss_weight`), 'weight_sum' and 'correct_sum' (argmax accuracy).
+    """
+    logits = logits.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    ce = lse - target_logit
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "ce_sum": jnp.sum(ce * weights),
+        "z_sum": z_loss_weight * jnp.sum(jnp.square(lse) * weights),
+        "weight_sum": jnp.sum(weights),
+        "correct_sum": jnp.sum(correct * weights),
+    }
+
+
+def normalised_loss(sums: Dict[str, jax.Array], global_weight: jax.Array) -> jax.Array:
+    """(CE + z-loss) / global loss weight; `global_weight` is clamped to 1 for loss-free batches."""
+    return (sums["ce_sum"] + sums["z_sum"]) / jnp.maximum(global_weight, 1.0)
