@@ -234,16 +234,17 @@ class ClockSource(SyntheticSource):
 
 
 def _row_time(row: Mapping[str, Any]) -> Tuple[int, int, int]:
-    if all(k in row for k in ("hour", "minute", "second")):
-        return int(row["hour"]), int(row["minute"]), int(row["second"])
+    """(hour 0..23, minute, second) of a row: its `watch_time` (keeps AM/PM), else hour/minute/second."""
     match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*([AaPp][Mm])?\s*", str(row.get("watch_time", "")))
-    if not match:
-        raise ValueError(f"PixMo-Clocks row {row.get('example_id')!r}: needs hour/minute/second or a "
-                         f"watch_time like '19:57:39', got {row.get('watch_time')!r}")
-    hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
-    if match[4] and match[4].upper() == "PM" and hour < 12:
-        hour += 12
-    return hour, minute, second
+    if match:
+        hour, minute, second = int(match[1]), int(match[2]), int(match[3] or 0)
+        if match[4] and match[4].upper() == "PM" and hour < 12:
+            hour += 12
+        return hour, minute, second
+    if all(k in row for k in ("hour", "minute", "second")):
+        return int(row["hour"]), int(row["minute"]), max(int(row["second"]), 0)
+    raise ValueError(f"PixMo-Clocks row {row.get('example_id')!r}: needs a watch_time like '19:57:39' or "
+                     f"hour/minute/second, got watch_time={row.get('watch_time')!r}")
 
 
 def _row_format(time_format: str) -> str:

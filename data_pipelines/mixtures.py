@@ -1,0 +1,182 @@
+"""Named dataset mixtures and a random-access, seeded sampler over them.
+
+A mixture is a list of groups; each group has a rate and its datasets share that rate in
+proportion to sqrt(dataset size) ("root-size" mixing of the official fine-tuning recipe, spec
+§5.3; a size override replaces the real size, e.g. PixMo-Cap counts as 50,000) or, for groups
+of one dataset, take it whole. `mixture_rates` turns a mixture and the dataset sizes into
+per-dataset rates that sum to 1.
+
+`MixtureIndex` maps a global example index to (dataset, element) so that any index can be
+computed on its own (grain workers, hosts and a restored iterator each read their own indices):
+draws are allocated to datasets by systematic sampling in blocks of `block` indices (each
+dataset gets floor or ceil of block * rate draws, with a seeded offset, so the observed rates
+match the configured ones to within one draw per block), the order inside every block is a
+seeded permutation, and each dataset is read in a fresh seeded permutation every epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Datasets sharing `rate` in proportion to sqrt(size); `sizes` overrides some sizes."""
+    rate: float
+    datasets: Tuple[str, ...]
+    sizes: Tuple[Tuple[str, int], ...] = ()
+
+
+MIXTURES: Dict[str, Tuple[Group, ...]] = {
+    # Stage 1 (spec §5.2): PixMo-Cap, each image with its caption and one transcript.
+    "pixmo_cap_with_transcripts": (Group(1.0, ("pixmo_cap_with_transcripts",)),),
+    # Stage 2, the released "3.2-synthetic" mixture (spec §5.3); PixMo-Clocks is not in it.
+    "3.2-synthetic": (
+        Group(0.15, ("pixmo_ask_model_anything", "pixmo_cap", "pixmo_cap_qa", "pixmo_pointing_explanations"),
+              sizes=(("pixmo_cap", 50_000),)),
+        Group(0.50, ("coco_2014_vqa_multi", "text_vqa", "okvqa", "chart_qa_weighted", "doc_qa", "info_qa",
+                     "ai2_diagram_v2_mix_transparent", "a_okvqa_mc", "a_okvqa_da", "android_control",
+                     "science_qa_img", "tabwmp_da", "st_qa", "tally_qa", "pixmo_docs_charts", "pixmo_docs_tables",
+                     "pixmo_docs_other", "pixmo_docs_diagrams", "dv_qa", "figure_qa", "plot_qa"),
+              sizes=(("dv_qa", 10_000), ("figure_qa", 10_000), ("plot_qa", 20_000))),
+        Group(0.35, ("pixmo_points", "pixmo_count", "pixmo_points_high_freq", "pixmo_points_counting",
+                     "pixmo_points_high_freq_counting", "pixmo_count_counting")),
+    ),
+    # Stage 2 without the academic sets (PixMo only): the docs take the aux group's place.
+    "pixmo_only": (
+        Group(0.15, ("pixmo_ask_model_anything", "pixmo_cap", "pixmo_cap_qa", "pixmo_pointing_explanations"),
+              sizes=(("pixmo_cap", 50_000),)),
+        Group(0.15, ("pixmo_docs_charts", "pixmo_docs_tables", "pixmo_docs_other", "pixmo_docs_diagrams")),
+        Group(0.35, ("pixmo_points", "pixmo_count", "pixmo_points_high_freq", "pixmo_points_counting",
+                     "pixmo_points_high_freq_counting", "pixmo_count_counting")),
+    ),
+    # Synthetic data for the demo: captions first (stage 1), then the multitask mix (stage 2).
+    "synthetic_captions": (Group(1.0, ("synthetic_captions",)),),
+    "synthetic": (
+        Group(0.35, ("synthetic_points",)),
+        Group(0.15, ("synthetic_pointing",)),
+        Group(0.15, ("synthetic_counting",)),
+        Group(0.25, ("synthetic_clocks",)),
+        Group(0.10, ("synthetic_captions",)),
+    ),
+}
+
+
+def get_mixture(name: str, datasets: Sequence[str] = ()) -> Tuple[Group, ...]:
+    """The groups of mixture `name`, or a one-dataset mixture if `name` is one of `datasets`."""
+    if name in MIXTURES:
+        return MIXTURES[name]
+    if name in datasets:
+        return (Group(1.0, (name,)),)
+    raise KeyError(f"unknown mixture {name!r}; mixtures: {sorted(MIXTURES)}; or a single dataset of "
+                   f"{sorted(datasets)}")
+
+
+def mixture_datasets(groups: Sequence[Group]) -> Tuple[str, ...]:
+    return tuple(d for g in groups for d in g.datasets)
+
+
+def mixture_rates(groups: Sequence[Group], sizes: Mapping[str, int]) -> Dict[str, float]:
+    """Per-dataset sampling rates (summing to 1) from group rates and root sizes.
+
+    Args:
+      sizes: number of examples of every dataset of the mixture (the override wins).
+    """
+    rates: Dict[str, float] = {}
+    for group in groups:
+        overrides = dict(group.sizes)
+        missing = [d for d in group.datasets if d not in sizes and d not in overrides]
+        if missing:
+            raise KeyError(f"mixture needs the sizes of {missing} (dataset not built or empty)")
+        roots = {d: math.sqrt(overrides.get(d, sizes.get(d, 0))) for d in group.datasets}
+        total = sum(roots.values())
+        if total <= 0:
+            raise ValueError(f"every dataset of the group {group.datasets} is empty")
+        for d, root in roots.items():
+            rates[d] = rates.get(d, 0.0) + group.rate * root / total
+    norm = sum(rates.values())
+    return {d: r / norm for d, r in rates.items()}
+
+
+class MixtureIndex:
+    """Random-access global index -> (dataset position, element index); see module docstring.
+
+    Args:
+      rates: sampling rate per dataset (normalised here).
+      lengths: number of examples per dataset, same order.
+      seed: data seed.
+      shuffle: read every dataset in a fresh seeded permutation per epoch (else in order).
+      block: indices per allocation block.
+    """
+
+    def __init__(self, rates: Sequence[float], lengths: Sequence[int], seed: int, shuffle: bool = True,
+                 block: int = 1024):
+        rates = np.asarray(rates, np.float64)
+        if rates.ndim != 1 or len(rates) != len(lengths) or len(rates) == 0:
+            raise ValueError(f"MixtureIndex: {len(rates)} rates for {len(lengths)} datasets")
+        if (rates < 0).any() or rates.sum() <= 0:
+            raise ValueError(f"MixtureIndex: rates must be >= 0 with a positive sum, got {rates.tolist()}")
+        if min(lengths) <= 0:
+            raise ValueError(f"MixtureIndex: every dataset needs examples, lengths {list(lengths)}")
+        self.rates = rates / rates.sum()
+        self.lengths = np.asarray(lengths, np.int64)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.block = int(block)
+        self._offsets = np.random.default_rng([self.seed, 0x3D7]).random(len(rates))
+        # Readers move forward through blocks and epochs: remembering the last one is enough.
+        self._cached_block: Tuple[int, tuple] = (-1, ())
+        self._cached_perms: Dict[int, Tuple[int, np.ndarray]] = {}
+
+    def _draws_before(self, b: int) -> np.ndarray:
+        """int64[n_datasets]: draws of each dataset in blocks [0, b)."""
+        return np.floor(b * self.block * self.rates + self._offsets).astype(np.int64)
+
+    def _block_of(self, index: int) -> int:
+        lo, hi = index // self.block, index // self.block + 1
+        while self._draws_before(hi).sum() <= index:     # block totals vary by a few draws
+            hi += 1
+        while lo > 0 and self._draws_before(lo).sum() > index:
+            lo -= 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._draws_before(mid).sum() <= index:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def _block(self, b: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(dataset per position, rank of that draw within its dataset in the block, draws before, start)."""
+        if self._cached_block[0] == b:
+            return self._cached_block[1]
+        before = self._draws_before(b)
+        counts = self._draws_before(b + 1) - before
+        order = np.random.default_rng([self.seed, b]).permutation(np.repeat(np.arange(len(counts)), counts))
+        rank = np.zeros(len(order), np.int64)
+        for d in range(len(counts)):
+            hits = np.flatnonzero(order == d)
+            rank[hits] = np.arange(len(hits))
+        self._cached_block = (b, (order, rank, before, int(before.sum())))
+        return self._cached_block[1]
+
+    def _permutation(self, dataset: int, epoch: int) -> np.ndarray:
+        cached = self._cached_perms.get(dataset)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, dataset, epoch, 0x5EED]).permutation(self.lengths[dataset])
+            cached = self._cached_perms[dataset] = (epoch, perm)
+        return cached[1]
+
+    def __getitem__(self, index: int) -> Tuple[int, int]:
+        index = int(index)
+        if index < 0:
+            raise IndexError(f"MixtureIndex: negative index {index}")
+        order, rank, before, start = self._block(self._block_of(index))
+        d = int(order[index - start])
+        k = int(before[d] + rank[index - start])        # how many draws of dataset d came earlier
+        epoch, pos = divmod(k, int(self.lengths[d]))
+        element = int(self._permutation(d, epoch)[pos]) if self.shuffle else pos
+        return d, element
