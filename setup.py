@@ -28,7 +28,7 @@ EXTRAS = {
     # PyTorch parity and export checks; 2.13.0 is the CPU wheel (a bare "torch" pulls CUDA builds)
     "torch": ["torch==2.13.0", "transformers>=5.0"],
     # TFDS builders writing ArrayRecord (TensorFlow itself is not needed for the grain path)
-    "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.5"],
+    "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.5", "importlib_resources>=6"],
     # optional seqio adapters (pulls the full tensorflow wheel)
     "seqio": ["seqio>=0.0.20", "tensorflow>=2.17", "tensorflow-datasets==4.9.10"],
     # AOT compilation for TPU topologies on a CPU machine

@@ -186,11 +186,11 @@ def fetch(url: str, config: FetchConfig) -> bytes:
         try:
             return _fetch_once(url, config, deadline)
         except FetchError as e:
-            if not e.retryable or attempt + 1 == config.max_attempts:
-                raise
             if e.retry_after is not None and e.retry_after > config.max_retry_after:
                 raise FetchError("retry_after_too_long", f"server asks to wait {e.retry_after:.0f}s "
                                  f"(cap {config.max_retry_after:.0f}s)") from e
+            if not e.retryable or attempt + 1 == config.max_attempts:
+                raise
             wait = e.retry_after if e.retry_after is not None else (
                 min(config.backoff * 2**attempt, config.max_backoff) * random.uniform(0.5, 1.0))
             if time.monotonic() + wait >= deadline:

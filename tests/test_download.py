@@ -103,12 +103,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send(404)
 
 
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 64  # 16 workers connect at once
+    daemon_threads = True
+
+
 @pytest.fixture(scope="module")
 def server():
     for i in range(6):
         GOOD[f"/good/{i}"] = png(i)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
+    httpd = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -127,14 +127,16 @@ def test_cap_groups_and_skips_dead_urls(data):
     assert ex["message_list"][1]["style"] == "transcript" and ex["message_list"][1]["text"] in ("um a red", "red square")
     assert src[0] == src[0]  # deterministic per index
     assert [m["style"] for m in pixmo.load("pixmo_cap", d, "train", images, n_val=0)[0]["message_list"]] == ["long_caption"]
-    transcripts = pixmo.pixmo_cap(f"{d}/pixmo-cap", images, "train", mode="transcripts", n_val=0)[0]["message_list"]
+    records, _ = pixmo.load_records("pixmo_cap", d, "train", images, n_val=0)
+    only_transcripts = pixmo.PixmoSource("t", records, pixmo.example_fn("pixmo_cap", mode="transcripts"))
+    transcripts = only_transcripts[0]["message_list"]
     assert [m["text"] for m in transcripts] == ["um a red", "red square"]
 
 
 def test_validation_split_is_hash_based_and_disjoint(data):
     d, images = data
-    train = pixmo.pixmo_cap(f"{d}/pixmo-cap", images, "train", n_val=1)
-    val = pixmo.pixmo_cap(f"{d}/pixmo-cap", images, "validation", n_val=1)
+    train = pixmo.load("pixmo_cap", d, "train", images, n_val=1)
+    val = pixmo.load("pixmo_cap", d, "validation", images, n_val=1)
     train_urls = {ex["metadata"]["image_url"] for ex in train}
     val_urls = {ex["metadata"]["image_url"] for ex in val}
     assert not train_urls & val_urls and len(train_urls | val_urls) == 2
@@ -174,8 +176,8 @@ def test_points_variants_quirk_filters_and_holdout(data):
     assert len(high) == 1 and high[0]["message_list"][0]["label"] == "birds"
     assert high[0]["message_list"][0]["style"] == "point_count"
     assert pixmo.load("pixmo_points_high_freq_counting", d, "train", images, n_val=0)[0]["message_list"][0]["style"] == "pointing"
-    both = pixmo.pixmo_points(f"{d}/pixmo-points", images, "train", kind="both", n_val=0)
-    assert len(both) == 3  # without the eval hold-out, image 6 is back
+    no_holdout = pixmo.load("pixmo_points", d, "train", images, n_val=0, exclude_urls=())
+    assert len(no_holdout) == 2  # without the eval hold-out, image 6 is back
     with pytest.raises(FileNotFoundError, match="pointing-eval"):
         pixmo.load("pixmo_points", os.path.join(d, "pixmo-cap"), "train", images, n_val=0)
 
@@ -189,8 +191,7 @@ def test_point_explanations_split_groups_and_drops_unparsed(data):
     ann = msg["answer_annotations"][0]
     assert ann["inline_text"] == "in0" and ann["alt_text"] == "alt0"
     np.testing.assert_array_equal(ann["points"], [[10, 20], [30, 40]])
-    assert len(pixmo.pixmo_point_explanations(f"{d}/pixmo-point-explanations", images, "train",
-                                              split_groups=False, n_val=0)) == 1
+    assert len(pixmo.load("pixmo_pointing_explanations", d, "train", images, split_groups=False, n_val=0)) == 1
 
 
 def test_count_splits_and_styles(data):
@@ -237,8 +238,9 @@ def test_clocks_metadata(data):
 
 def test_schema_errors_name_file_and_column(tmp_path):
     write(str(tmp_path / "data"), "train-0.parquet", [{"image_url": "u"}], pa.schema([("image_url", pa.string())]))
+    (tmp_path / "pixmo-cap").symlink_to(tmp_path / "data")
     with pytest.raises(ValueError, match=r"train-0.parquet.*\['caption', 'transcripts'\] missing"):
-        pixmo.pixmo_cap(str(tmp_path), str(tmp_path / "img"), "train")
+        pixmo.load("pixmo_cap", str(tmp_path), "train", str(tmp_path / "img"))
     with pytest.raises(KeyError, match="unknown PixMo source"):
         pixmo.load("pixmo_nope", str(tmp_path), "train")
 
@@ -247,3 +249,15 @@ def test_image_urls_for_the_downloader(data):
     d, _ = data
     urls = pixmo.image_urls(os.path.join(d, "pixmo-points"))
     assert urls[0] == (url(4), "c" * 64) and len(urls) == 3
+
+
+def test_sources_pickle_for_grain_workers(data):
+    import pickle
+
+    import grain
+    d, images = data
+    for name in ("pixmo_docs_tables", "pixmo_points_counting"):
+        source = pixmo.load(name, d, "train", images, **({"n_val": 0} if "points" in name else {}))
+        again = pickle.loads(pickle.dumps(source))
+        assert repr(again) == repr(source) and again[0]["metadata"] == source[0]["metadata"]
+        assert len(list(grain.MapDataset.source(source))) == len(source)
