@@ -113,7 +113,9 @@ def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
   except ImageDecodeError:
     raise
   except UnidentifiedImageError as e:
-    raise ImageDecodeError(f"{name}: not an image (unrecognised format)") from e
+    raise ImageDecodeError(
+        f"{name}: not an image (unrecognised format, or a header PIL rejects, e.g. a zero width)"
+    ) from e
   except Image.DecompressionBombError as e:
     raise ImageDecodeError(f"{name}: decompression bomb: {e}") from e
   except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
