@@ -164,8 +164,15 @@ class ShapesSource(SyntheticSource):
         image = draw_scene(rng, h, w, shapes)
         if self.task == "mixed":
             n = int(rng.integers(self.annotations[0], self.annotations[1] + 1))
-            message_list = [annotation(str(rng.choice(list(self.STYLES.values()))), shapes,
-                                       *sample_query(rng, shapes, self.absent_rate)) for _ in range(n)]
+            message_list, asked = [], set()
+            for _ in range(4 * n):       # distinct questions; small scenes may offer fewer than n
+                style = str(rng.choice(list(self.STYLES.values())))
+                query = sample_query(rng, shapes, self.absent_rate)
+                if (style, query) not in asked:
+                    asked.add((style, query))
+                    message_list.append(annotation(style, shapes, *query))
+                if len(message_list) == n:
+                    break
             return dict(image=image, message_list=message_list, metadata=dict(image_hw=(h, w)))
         color, kind = sample_query(rng, shapes, self.absent_rate)
         example = annotation(self.STYLES[self.task], shapes, color, kind)
