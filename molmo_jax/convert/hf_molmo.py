@@ -61,7 +61,7 @@ def _xp(*arrays):
     return jnp if any(isinstance(a, jax.core.Tracer) for a in arrays) else np
 
 
-def _fused_linear(hf: str, ours: Sequence[Path], layer, in_shape, out_shapes) -> Link:
+def fused_linear_link(hf: str, ours: Sequence[Path], layer, in_shape, out_shapes) -> Link:
     """PyTorch weight [sum(prod(out_i)), prod(in)] (rows = the parts in order) <->
     kernels [*in_shape, *out_i]."""
     sizes = [math.prod(s) for s in out_shapes]
@@ -80,7 +80,7 @@ def _fused_linear(hf: str, ours: Sequence[Path], layer, in_shape, out_shapes) ->
     return Link((hf,), tuple(ours), layer, to_ours, to_hf, hf_shapes)
 
 
-def _fused_vector(hf: str, ours: Sequence[Path], layer, out_shapes) -> Link:
+def fused_vector_link(hf: str, ours: Sequence[Path], layer, out_shapes) -> Link:
     """A 1-D tensor of concatenated parts (fused biases) <-> arrays of out_shapes."""
     sizes = [math.prod(s) for s in out_shapes]
 
@@ -94,74 +94,74 @@ def _fused_vector(hf: str, ours: Sequence[Path], layer, out_shapes) -> Link:
     return Link((hf,), tuple(ours), layer, to_ours, to_hf, lambda *shapes: [(sum(map(math.prod, shapes)),)])
 
 
-def _linear(hf: str, ours: Path, layer, in_shape, out_shape) -> Link:
-    return _fused_linear(hf, [ours], layer, in_shape, [out_shape])
+def linear_link(hf: str, ours: Path, layer, in_shape, out_shape) -> Link:
+    return fused_linear_link(hf, [ours], layer, in_shape, [out_shape])
 
 
-def _same(hf: str, ours: Path, layer=None) -> Link:
+def same_link(hf: str, ours: Path, layer=None) -> Link:
     return Link((hf,), (ours,), layer, lambda a: [a], lambda a: [a], lambda s: [tuple(s)])
 
 
-def _vector(hf: str, ours: Path, layer, shape) -> Link:
-    return _fused_vector(hf, [ours], layer, [shape])
+def vector_link(hf: str, ours: Path, layer, shape) -> Link:
+    return fused_vector_link(hf, [ours], layer, [shape])
 
 
-def _mha_links(hf: str, ours: Path, layer, d_in, heads, head_dim, d_out) -> List[Link]:
+def mha_links(hf: str, ours: Path, layer, d_in, heads, head_dim, d_out) -> List[Link]:
     """ViT / pooling attention: wq, wk, wv [H*N, d_in] + bias, wo [d_out, N*H] + bias."""
     out = []
     for name in ("wq", "wk", "wv"):
-        out.append(_linear(f"{hf}.{name}.weight", ours + (name, "kernel"), layer, (d_in,), (heads, head_dim)))
-        out.append(_vector(f"{hf}.{name}.bias", ours + (name, "bias"), layer, (heads, head_dim)))
-    out.append(_linear(f"{hf}.wo.weight", ours + ("wo", "kernel"), layer, (heads, head_dim), (d_out,)))
-    out.append(_same(f"{hf}.wo.bias", ours + ("wo", "bias"), layer))
+        out.append(linear_link(f"{hf}.{name}.weight", ours + (name, "kernel"), layer, (d_in,), (heads, head_dim)))
+        out.append(vector_link(f"{hf}.{name}.bias", ours + (name, "bias"), layer, (heads, head_dim)))
+    out.append(linear_link(f"{hf}.wo.weight", ours + ("wo", "kernel"), layer, (heads, head_dim), (d_out,)))
+    out.append(same_link(f"{hf}.wo.bias", ours + ("wo", "bias"), layer))
     return out
 
 
-def _norm_links(hf: str, ours: Path, layer, with_bias: bool) -> List[Link]:
-    links = [_same(f"{hf}.weight", ours + ("scale",), layer)]
+def norm_links(hf: str, ours: Path, layer, with_bias: bool) -> List[Link]:
+    links = [same_link(f"{hf}.weight", ours + ("scale",), layer)]
     if with_bias:
-        links.append(_same(f"{hf}.bias", ours + ("bias",), layer))
+        links.append(same_link(f"{hf}.bias", ours + ("bias",), layer))
     return links
 
 
 def vision_links(vc: VisionConfig, hf: str, ours: Path) -> List[Link]:
     """The official `image_vit` layout (CLIP-style names, also used for SigLIP)."""
     w = vc.width
-    links = [_linear(f"{hf}.patch_embedding.weight", ours + ("patch_embedding", "kernel"), None,
+    links = [linear_link(f"{hf}.patch_embedding.weight", ours + ("patch_embedding", "kernel"), None,
                      (vc.patch_dim,), (w,)),
-             _same(f"{hf}.positional_embedding", ours + ("positional_embedding",))]
+             same_link(f"{hf}.positional_embedding", ours + ("positional_embedding",))]
     if vc.patch_bias:
-        links.append(_same(f"{hf}.patch_embedding.bias", ours + ("patch_embedding", "bias")))
+        links.append(same_link(f"{hf}.patch_embedding.bias", ours + ("patch_embedding", "bias")))
     if vc.use_cls_token:
-        links.append(_same(f"{hf}.class_embedding", ours + ("class_embedding",)))
+        links.append(same_link(f"{hf}.class_embedding", ours + ("class_embedding",)))
     if vc.pre_ln:
-        links += _norm_links(f"{hf}.pre_ln", ours + ("pre_ln",), None, True)
+        links += norm_links(f"{hf}.pre_ln", ours + ("pre_ln",), None, True)
     blocks = ours + ("blocks",)
     for i in range(vc.num_layers):
         p = f"{hf}.transformer.resblocks.{i}"
-        links += _mha_links(f"{p}.attention", blocks + ("attention",), i, w, vc.num_heads, vc.head_dim, w)
-        links += _norm_links(f"{p}.attention_norm", blocks + ("attention_norm",), i, True)
-        links += _norm_links(f"{p}.ffn_norm", blocks + ("ffn_norm",), i, True)
-        links += [_linear(f"{p}.feed_forward.w1.weight", blocks + ("w1", "kernel"), i, (w,), (vc.mlp_dim,)),
-                  _same(f"{p}.feed_forward.w1.bias", blocks + ("w1", "bias"), i),
-                  _linear(f"{p}.feed_forward.w2.weight", blocks + ("w2", "kernel"), i, (vc.mlp_dim,), (w,)),
-                  _same(f"{p}.feed_forward.w2.bias", blocks + ("w2", "bias"), i)]
+        links += mha_links(f"{p}.attention", blocks + ("attention",), i, w, vc.num_heads, vc.head_dim, w)
+        links += norm_links(f"{p}.attention_norm", blocks + ("attention_norm",), i, True)
+        links += norm_links(f"{p}.ffn_norm", blocks + ("ffn_norm",), i, True)
+        links += [linear_link(f"{p}.feed_forward.w1.weight", blocks + ("w1", "kernel"), i, (w,), (vc.mlp_dim,)),
+                  same_link(f"{p}.feed_forward.w1.bias", blocks + ("w1", "bias"), i),
+                  linear_link(f"{p}.feed_forward.w2.weight", blocks + ("w2", "kernel"), i, (vc.mlp_dim,), (w,)),
+                  same_link(f"{p}.feed_forward.w2.bias", blocks + ("w2", "bias"), i)]
     return links
 
 
 def connector_links(config: MolmoConfig, hf: str, ours: Path) -> List[Link]:
     vc = config.vision
     feat, h = vc.width * len(vc.feature_layers), config.projector_hidden
-    links = _mha_links(f"{hf}.image_pooling_2d", ours + ("pooling",), None, feat, vc.num_heads, vc.head_dim,
+    links = mha_links(f"{hf}.image_pooling_2d", ours + ("pooling",), None, feat, vc.num_heads, vc.head_dim,
                        vc.width)
-    links += [_linear(f"{hf}.image_projector.w1.weight", ours + ("projector", "gate", "kernel"), None,
+    links += [linear_link(f"{hf}.image_projector.w1.weight", ours + ("projector", "gate", "kernel"), None,
                       (vc.width,), (h,)),
-              _linear(f"{hf}.image_projector.w3.weight", ours + ("projector", "up", "kernel"), None,
+              linear_link(f"{hf}.image_projector.w3.weight", ours + ("projector", "up", "kernel"), None,
                       (vc.width,), (h,)),
-              _linear(f"{hf}.image_projector.w2.weight", ours + ("projector", "down", "kernel"), None,
+              linear_link(f"{hf}.image_projector.w2.weight", ours + ("projector", "down", "kernel"), None,
                       (h,), (config.llm.d_model,))]
     if config.connector.padding_embed == "pad_and_partial_pad":
-        links.append(_same(f"{hf}.pad_embed", ours + ("pad_embed",)))
+        links.append(same_link(f"{hf}.pad_embed", ours + ("pad_embed",)))
     return links
 
 
@@ -169,31 +169,31 @@ def llm_links(c: LLMConfig, hf: str, ours: Path) -> List[Link]:
     if c.block_type != "dense":
         raise CheckpointError(f"block_type {c.block_type!r}: only dense Molmo checkpoints are mapped here")
     d, nh, nkv, hd, f = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_hidden_size // 2
-    links = [_same(f"{hf}.wte.embedding", ours + ("embed", "embedding")),
-             _same(f"{hf}.wte.new_embedding", ours + ("embed", "new_embedding")),
-             _same(f"{hf}.ln_f.weight", ours + ("ln_f", "scale")),
-             _linear(f"{hf}.ff_out.weight", ours + ("lm_head", "kernel"), None, (d,), (c.embedding_size,))]
+    links = [same_link(f"{hf}.wte.embedding", ours + ("embed", "embedding")),
+             same_link(f"{hf}.wte.new_embedding", ours + ("embed", "new_embedding")),
+             same_link(f"{hf}.ln_f.weight", ours + ("ln_f", "scale")),
+             linear_link(f"{hf}.ff_out.weight", ours + ("lm_head", "kernel"), None, (d,), (c.embedding_size,))]
     blocks = ours + ("blocks",)
     att = blocks + ("attention",)
     qkv_shapes = [(nh, hd), (nkv, hd), (nkv, hd)]
     for i in range(c.n_layers):
         p = f"{hf}.blocks.{i}"
         qkv = [att + (n, "kernel") for n in ("q", "k", "v")]
-        links.append(_fused_linear(f"{p}.att_proj.weight", qkv, i, (d,), qkv_shapes))
+        links.append(fused_linear_link(f"{p}.att_proj.weight", qkv, i, (d,), qkv_shapes))
         if c.qkv_bias:
-            links.append(_fused_vector(f"{p}.att_proj.bias", [att + (n, "bias") for n in ("q", "k", "v")], i,
+            links.append(fused_vector_link(f"{p}.att_proj.bias", [att + (n, "bias") for n in ("q", "k", "v")], i,
                                        qkv_shapes))
         if c.qk_norm:
-            links += [_same(f"{p}.q_norm.weight", att + ("q_norm", "scale"), i),
-                      _same(f"{p}.k_norm.weight", att + ("k_norm", "scale"), i)]
+            links += [same_link(f"{p}.q_norm.weight", att + ("q_norm", "scale"), i),
+                      same_link(f"{p}.k_norm.weight", att + ("k_norm", "scale"), i)]
         mlp = blocks + ("ffn", "mlp")
-        links += [_linear(f"{p}.attn_out.weight", att + ("o", "kernel"), i, (nh, hd), (d,)),
-                  _same(f"{p}.attn_norm.weight", blocks + ("attn_norm", "scale"), i),
-                  _same(f"{p}.ff_norm.weight", blocks + ("ff_norm", "scale"), i),
+        links += [linear_link(f"{p}.attn_out.weight", att + ("o", "kernel"), i, (nh, hd), (d,)),
+                  same_link(f"{p}.attn_norm.weight", blocks + ("attn_norm", "scale"), i),
+                  same_link(f"{p}.ff_norm.weight", blocks + ("ff_norm", "scale"), i),
                   # ff_proj rows are [up; gate] (spec §7.2), the opposite of the usual order.
-                  _fused_linear(f"{p}.ff_proj.weight", [mlp + ("up", "kernel"), mlp + ("gate", "kernel")], i,
+                  fused_linear_link(f"{p}.ff_proj.weight", [mlp + ("up", "kernel"), mlp + ("gate", "kernel")], i,
                                 (d,), [(f,), (f,)]),
-                  _linear(f"{p}.ff_out.weight", mlp + ("down", "kernel"), i, (f,), (d,))]
+                  linear_link(f"{p}.ff_out.weight", mlp + ("down", "kernel"), i, (f,), (d,))]
     return links
 
 
@@ -236,17 +236,14 @@ def _apply(links: Sequence[Link], abstract: Mapping, fn) -> None:
         fn(link, [_layer_shape(abstract, p, link.layer) for p in link.ours])
 
 
-def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
-    """Official tensors (name -> array [PyTorch layout]) -> pure nested dict of our float32
-    parameters (stacked per-block; numpy for numpy input). Raises CheckpointError naming the
-    key on any mismatch."""
-    if state_dict and not any(k.startswith(PREFIX) for k in state_dict):
-        state_dict = {PREFIX + k: v for k, v in state_dict.items()}
-    links = molmo_links(config)
-    abstract = abstract_params(config)
+def tensors_to_params(state_dict: Mapping[str, object], links: Sequence[Link], abstract: Mapping, *,
+                      dropped: Callable[[str], bool] = lambda key: False) -> Dict:
+    """Tensors named by `links` -> pure nested dict shaped like `abstract` (float32; numpy
+    for numpy input). Keys for which `dropped(key)` holds are deliberately unused; any other
+    missing, unexpected or wrongly shaped tensor raises CheckpointError naming it."""
     wanted = [k for link in links for k in link.hf]
     missing = [k for k in wanted if k not in state_dict]
-    unexpected = sorted(set(state_dict) - set(wanted))
+    unexpected = sorted(k for k in set(state_dict) - set(wanted) if not dropped(k))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint keys do not fit the config: missing {missing[:10]}"
                               f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected "
@@ -276,12 +273,8 @@ def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
     return out
 
 
-def params_to_hf(params, config: MolmoConfig) -> Dict[str, jax.Array]:
-    """Our parameters (pure nested dict, nnx.State or a Molmo) -> official tensors with the
-    `model.` prefix, PyTorch layout, same dtype as the parameters."""
-    params = _pure(params)
-    links = molmo_links(config)
-    abstract = abstract_params(config)
+def params_to_tensors(params: Mapping, links: Sequence[Link], abstract: Mapping) -> Dict[str, jax.Array]:
+    """Inverse of tensors_to_params: pure nested dict -> tensors named by `links`."""
     out: Dict[str, jax.Array] = {}
 
     def convert(link: Link, our_shapes):
@@ -299,7 +292,22 @@ def params_to_hf(params, config: MolmoConfig) -> Dict[str, jax.Array]:
     return out
 
 
-def _pure(params) -> Dict:
+def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
+    """Official tensors (name -> array [PyTorch layout], with or without the `model.`
+    prefix) -> pure nested dict of our float32 parameters (stacked per block)."""
+    if state_dict and not any(k.startswith(PREFIX) for k in state_dict):
+        state_dict = {PREFIX + k: v for k, v in state_dict.items()}
+    return tensors_to_params(state_dict, molmo_links(config), abstract_params(config))
+
+
+def params_to_hf(params, config: MolmoConfig) -> Dict[str, jax.Array]:
+    """Our parameters (pure nested dict, nnx.State or a Molmo) -> official tensors with the
+    `model.` prefix, PyTorch layout, same dtype as the parameters."""
+    return params_to_tensors(pure_params(params), molmo_links(config), abstract_params(config))
+
+
+def pure_params(params) -> Dict:
+    """A Molmo, an nnx.State or a pure dict -> pure nested dict of parameter arrays."""
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
     if isinstance(params, nnx.State):
@@ -503,7 +511,7 @@ def save_hf_checkpoint(folder: str, params, config: MolmoConfig, *, dtype=None,
     """Writes config.json and model.safetensors (or shards + index above max_shard_bytes)."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    params = jax.tree.map(np.asarray, _pure(params))
+    params = jax.tree.map(np.asarray, pure_params(params))
     tensors = {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
                for k, v in params_to_hf(params, config).items()}
     os.makedirs(folder, exist_ok=True)
