@@ -397,7 +397,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding the HF parquet folders (pixmo-cap/, ...)")
     parser.add_argument("--cache-dir", required=True, help="image cache; an existing PIXMO_IMAGE_DIR is reused")
-    parser.add_argument("--sets", default=",".join(pixmo.URL_SETS), help="comma-separated, default: all URL sets")
+    parser.add_argument("--sets", help="comma-separated; default: every URL-based set found in --data-dir")
     parser.add_argument("--mirror", action="append", default=[], help="image-embedded parquet folder (repeatable)")
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--retry-failed", action="store_true", help="refetch URLs that failed on earlier runs")
@@ -409,14 +409,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--report", help="also write the availability report as JSON here")
     args = parser.parse_args(argv)
 
-    unknown = sorted(set(args.sets.split(",")) - set(pixmo.URL_SETS))
-    if unknown:
-        parser.error(f"unknown --sets {unknown}; URL-based sets are {list(pixmo.URL_SETS)}")
+    sets = args.sets.split(",") if args.sets else [
+        s for s in pixmo.URL_SETS if os.path.isdir(os.path.join(args.data_dir, s))]
+    unknown = sorted(set(sets) - set(pixmo.URL_SETS))
+    if unknown or not sets:
+        parser.error(f"unknown --sets {unknown}" if unknown else f"no PixMo parquet folders in {args.data_dir}"
+                     + f"; URL-based sets are {list(pixmo.URL_SETS)}")
     cache = ImageCache(args.cache_dir)
     for mirror in args.mirror:
         print(f"mirror {mirror}: {dict(import_mirror(mirror, cache, not args.no_check_sha))}")
     datasets = {name: [ImageRequest(url, sha) for url, sha in pixmo.image_urls(os.path.join(args.data_dir, name))]
-                for name in args.sets.split(",")}
+                for name in sets}
     config = FetchConfig(deadline=args.deadline, max_retry_after=args.max_retry_after,
                          max_bytes=int(args.max_mb * 2**20), verify_tls=not args.insecure)
     report = download(datasets, cache, config, args.workers, args.retry_failed, not args.no_check_sha)

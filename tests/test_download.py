@@ -216,7 +216,7 @@ def test_mirror_import_and_cli_report(server, tmp_path, capsys):
                    mirror / "train-0.parquet")
     before = Handler.hits.copy()
     rc = dl.main(["--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
-                  "--sets", "pixmo-ask-model-anything", "--mirror", str(mirror), "--workers", "4",
+                  "--mirror", str(mirror), "--workers", "4",
                   "--report", str(tmp_path / "report.json")])
     out = capsys.readouterr().out
     assert rc == 0 and "imported" in out
