@@ -32,6 +32,7 @@ import email.utils
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import os
 import random
@@ -329,15 +330,22 @@ def download(datasets: dict[str, list[ImageRequest]], cache: ImageCache, config:
     outcomes: dict[str, str] = {}
     bar = _progress_bar(len(unique), progress)
     tally = collections.Counter()
+    todo = iter(unique.values())
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(get_image, r, cache, config, retry_failed, check_sha): url
-                   for url, r in unique.items()}
-        for future in concurrent.futures.as_completed(futures):
-            outcome = outcomes[futures[future]] = future.result()
-            tally["ok" if outcome in FOUND else "failed"] += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(tally, refresh=False)
+        pending: dict = {}
+        while True:
+            # A bounded window of submitted URLs: 700k futures at once would cost gigabytes.
+            for request in itertools.islice(todo, 4 * workers - len(pending)):
+                pending[pool.submit(get_image, request, cache, config, retry_failed, check_sha)] = request.url
+            if not pending:
+                break
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                outcome = outcomes[pending.pop(future)] = future.result()
+                tally["ok" if outcome in FOUND else "failed"] += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(tally, refresh=False)
     if bar is not None:
         bar.close()
     return {name: collections.Counter(outcomes[url] for url in {r.url for r in requests})

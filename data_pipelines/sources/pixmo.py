@@ -274,6 +274,8 @@ def _no_point_prefix(question: str, rng: np.random.RandomState) -> str:
 
 def cap_example(record, rng, mode: str = "captions") -> dict:
     """PixMo-Cap: `long_caption` captions and/or `transcript` audio transcripts (CAP_MODES)."""
+    if mode not in CAP_MODES:
+        raise ValueError(f"PixMo-Cap mode {mode!r} not in {CAP_MODES}")
     messages = []
     for row in record[2]:
         transcripts = row["transcripts"] or []
