@@ -1,0 +1,1 @@
+"""Inference: KV-cache generation, the predict command and drawing points on images."""
