@@ -54,7 +54,7 @@ def data(tmp_path_factory):
                   ("messages", pa.list_(pa.string()))]))
     many = [{"x": float(k), "y": 1.0} for k in range(41)]
     points_rows = [
-        dict(image_url=url(4), image_sha256="c" * 64, points=[{"x": 10.0, "y": 20.0}], count=1,
+        dict(image_url=url(4), image_sha256="c" * 64, points=[{"x": 250.0, "y": 20.0}], count=1,
              label="cat", collection_method="pointing"),
         dict(image_url=url(4), image_sha256="c" * 64, points=[], count=0, label="zebra",
              collection_method="pointing"),
@@ -168,12 +168,15 @@ def test_points_variants_quirk_filters_and_holdout(data):
     msgs = basic[0]["message_list"]
     assert [m["label"] for m in msgs] == ["cat", "zebra"]  # the 41-point row is dropped
     assert all(m["style"] == "point_count" for m in msgs)  # official inversion: counting=False -> point_count
-    np.testing.assert_array_equal(msgs[0]["points"], [[10.0, 20.0]])
+    np.testing.assert_array_equal(msgs[0]["points"], [[250.0, 20.0]])  # > 100: pixels, as the card says
     assert msgs[1]["points"].shape == (0, 2) and "point_scale" not in msgs[0]
     counting = pixmo.load("pixmo_points_counting", d, "train", images, n_val=0)
     assert all(m["style"] == "pointing" for m in counting[0]["message_list"])
     high = pixmo.load("pixmo_points_high_freq", d, "train", images, n_val=0)
     assert len(high) == 1 and high[0]["message_list"][0]["label"] == "birds"
+    assert high.stats["point_units"] == "percent" and high[0]["message_list"][0]["point_scale"] == 100
+    forced = pixmo.load("pixmo_points_high_freq", d, "train", images, n_val=0, point_units="pixels")
+    assert "point_scale" not in forced[0]["message_list"][0] and basic.stats["point_units"] == "pixels"
     assert high[0]["message_list"][0]["style"] == "point_count"
     assert pixmo.load("pixmo_points_high_freq_counting", d, "train", images, n_val=0)[0]["message_list"][0]["style"] == "pointing"
     no_holdout = pixmo.load("pixmo_points", d, "train", images, n_val=0, exclude_urls=())

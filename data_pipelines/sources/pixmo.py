@@ -20,9 +20,10 @@ Kept from the official loaders (allenai/molmo `olmo/data/pixmo_datasets.py`), on
   (the official `mode = "pointing" if counting else "point_count"`, spec §4.5); PixMo-Count is not inverted.
 - The high-frequency split is `collection_method == "counting"`, the basic split "pointing".
 - Points-eval images are held out of PixMo-Points training.
-Differences: points are passed in pixels as the dataset cards publish them (no `point_scale`, the
-formatter divides by the image size); expressions with more than 40 points are dropped (paper §3);
-the "how many" no-pointing prefix goes in front of the question it belongs to.
+Differences: the PixMo-Points card says pixels while the official loader passes `point_scale=100`;
+`points_records` checks the data itself (see there) instead of trusting either. Expressions with
+more than 40 points are dropped (paper §3); the "how many" no-pointing prefix goes in front of the
+question it belongs to.
 """
 import collections
 import dataclasses
@@ -196,17 +197,34 @@ def _bool_cube(value: pa.Scalar) -> np.ndarray:
 
 
 def points_records(folder: str, split: str, image_dir: str | None, kind: str = "basic",
-                   exclude_urls: Sequence[str] = (), n_val: int = 2048, max_points: int = MAX_POINTS):
+                   exclude_urls: Sequence[str] = (), n_val: int = 2048, max_points: int = MAX_POINTS,
+                   point_units: str = "auto"):
     """PixMo-Points, kind "basic" (collection_method "pointing") or "high_frequency" ("counting");
-    drops expressions with more than `max_points` points and the `exclude_urls` (points-eval images)."""
+    drops expressions with more than `max_points` points and the `exclude_urls` (points-eval images).
+
+    point_units: "pixels" (the dataset card), "percent" (what the official loader assumes with
+    `point_scale=100`) or "auto": percent only if no coordinate of the split exceeds 100, which
+    pixel coordinates of thousands of web images always do. Percent rows get `point_scale` 100.
+    """
     methods = {"basic": "pointing", "high_frequency": "counting"}
     if kind not in methods:
         raise ValueError(f"PixMo-Points kind {kind!r} not in {list(methods)}")
+    if point_units not in ("auto", "pixels", "percent"):
+        raise ValueError(f"PixMo-Points point_units {point_units!r} not in ('auto', 'pixels', 'percent')")
     excluded = set(exclude_urls)
-    return url_records(
+    records, stats = url_records(
         folder, split, image_dir, ["image_url", "image_sha256", "points", "count", "label", "collection_method"],
         n_val=n_val, keep_row=lambda r: (r["collection_method"] == methods[kind] and len(r["points"]) <= max_points
                                          and r["image_url"] not in excluded))
+    if point_units == "auto":
+        largest = max((max(p["x"], p["y"]) for _, _, rows in records for r in rows for p in r["points"]), default=None)
+        point_units = "unknown" if largest is None else "pixels" if largest > 100 else "percent"
+    stats["point_units"] = point_units
+    if point_units == "percent":
+        for _, _, rows in records:
+            for row in rows:
+                row["point_scale"] = 100
+    return records, stats
 
 
 def point_explanation_records(folder: str, split: str, image_dir: str | None, n_val: int = 1024,
@@ -307,9 +325,10 @@ def cap_qa_example(record, rng) -> dict:
 
 
 def points_example(record, rng, style: str) -> dict:
-    """PixMo-Points: one message per expression, pixel points float32[N, 2]."""
+    """PixMo-Points: one message per expression, points float32[N, 2] (pixels, or 0-100 with point_scale)."""
     return _base(record, message_list=[
-        {"label": r["label"], "points": points_xy(r["points"]), "style": style} for r in record[2]])
+        {"label": r["label"], "points": points_xy(r["points"]), "style": style,
+         **({"point_scale": r["point_scale"]} if "point_scale" in r else {})} for r in record[2]])
 
 
 def point_explanation_example(record, rng) -> dict:
