@@ -96,8 +96,7 @@ class ImageCache:
 
     def __init__(self, root: str):
         self.root = root
-        self.failed_dir = os.path.join(root, "failed")
-        os.makedirs(self.failed_dir, exist_ok=True)
+        self.failed_dir = os.path.join(root, "failed")  # created on the first failure (readers never write)
 
     def path(self, url: str) -> str:
         return os.path.join(self.root, url_key(url))
@@ -112,6 +111,7 @@ class ImageCache:
             return None
 
     def store(self, url: str, body: bytes) -> str:
+        os.makedirs(self.root, exist_ok=True)
         return _atomic_write(self.path(url), body)
 
     def failure(self, url: str) -> dict | None:
@@ -123,6 +123,7 @@ class ImageCache:
 
     def record_failure(self, url: str, cause: str, detail: str) -> None:
         record = {"url": url, "cause": cause, "detail": detail[:500], "time": time.time()}
+        os.makedirs(self.failed_dir, exist_ok=True)
         _atomic_write(os.path.join(self.failed_dir, url_key(url) + ".json"), json.dumps(record).encode())
 
     def clear_failure(self, url: str) -> None:

@@ -76,3 +76,10 @@ def test_missing_config_is_explained(tmp_path):
         builders.prepared_source("pixmo_points", "train", str(tmp_path))
     with pytest.raises(KeyError, match="unknown prepared PixMo config"):
         builders.prepare("pixmo_nope", str(tmp_path), str(tmp_path))
+
+
+def test_prepare_command(data, tmp_path, capsys):  # noqa: F811
+    d, images = data
+    builders.main(["--out", str(tmp_path), "--pixmo-dir", d, "--image-dir", images, "--configs", "pixmo_clocks"])
+    assert "pixmo_clocks {'train': 2}" in capsys.readouterr().out
+    assert len(builders.prepared_source("pixmo_clocks", "train", str(tmp_path))) == 2
