@@ -160,6 +160,11 @@ class FetchConfig:
     verify_tls: bool = True
     user_agent: str = "molmo-jax-image-downloader/0.1"
 
+    def __post_init__(self):
+        for name in ("connect_timeout", "read_timeout", "deadline", "max_bytes", "max_attempts"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FetchConfig.{name} must be positive, got {getattr(self, name)!r}")
+
 
 class FetchError(Exception):
     def __init__(self, cause: str, detail: str = "", retryable: bool = False, retry_after: float | None = None):
@@ -198,7 +203,7 @@ def fetch(url: str, config: FetchConfig) -> bytes:
             if time.monotonic() + wait >= deadline:
                 raise FetchError(e.cause, e.detail + "; no time left in the deadline to retry") from e
             time.sleep(wait)
-    raise AssertionError("unreachable")
+    raise AssertionError("the last attempt always returns or raises")
 
 
 def _fetch_once(url: str, config: FetchConfig, deadline: float) -> bytes:
