@@ -120,7 +120,7 @@ def server():
     httpd.server_close()
 
 
-CONFIG = dl.FetchConfig(connect_timeout=1.0, read_timeout=0.5, deadline=1.5, max_bytes=2**20, max_redirects=3,
+CONFIG = dl.FetchConfig(connect_timeout=1.0, read_timeout=0.5, deadline=2.5, max_bytes=2**20, max_redirects=3,
                         max_attempts=2, backoff=0.05, max_retry_after=5.0)
 
 
