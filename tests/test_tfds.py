@@ -7,6 +7,7 @@ import pickle
 import grain
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from data_pipelines.sources import pixmo
 from data_pipelines.tfds import builders
@@ -69,6 +70,8 @@ def test_array_record_files_and_grain(prepared):
     dataset = grain.MapDataset.source(source).map(lambda ex: ex["metadata"]["masks"].shape)
     assert list(dataset) == [(1, 3, 4), (0, 0, 0)]
     assert len(pickle.loads(pickle.dumps(source))) == 2  # grain worker processes receive a pickled source
+    by_name = tfds.data_source("pixmo_prepared/pixmo_points_eval", split="test", data_dir=prepared)
+    assert builders.decode_record(by_name[1])[1] == source.records[1][1]
 
 
 def test_missing_config_is_explained(tmp_path):
