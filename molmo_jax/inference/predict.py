@@ -1,0 +1,197 @@
+"""Image + prompt -> answer: checkpoint loading, preprocessing, batching and generation.
+
+    predictor = Predictor.from_checkpoint("Molmo-7B-D-0924/")      # HF folder or orbax run
+    [answer] = predictor.predict([Request(image="cat.jpg", prompt="Point to the cat")])
+    answer.text, answer.points                                      # points: list[PointGroup]
+
+A checkpoint is either an official Hugging Face folder (config.json, model.safetensors[.index.json]
+and the tokenizer files) or a molmo-jax training checkpoint directory (orbax `<dir>/<step>/` with
+the model config in its meta, or a run directory holding `checkpoints/`); the latter needs the
+tokenizer given separately (`tokenizer=`).
+Prompts are formatted as the released models were trained ("demo_or_style", spec §4.3): with the
+default style "user_qa" the model sees " User: {prompt} Assistant:", exactly what the official HF
+processor builds; a style such as "vqa2" or "pointing" adds its prefix where training did.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import urllib.request
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data_pipelines import formatting, multicrop, preprocess, tokenizer as tokenizer_lib
+from molmo_jax.convert import hf_molmo
+from molmo_jax.inference.drawing import PointGroup, find_points
+from molmo_jax.inference.generate import GenerationConfig, Generator
+from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.molmo import Molmo
+
+# Inference preprocessing per model: the crop geometry of the releases, image ids from the tokenizer.
+CROP_KEYS = ("images", "image_masks", "image_input_idx")
+
+
+@dataclasses.dataclass
+class Request:
+    """image: path, URL, bytes, uint8[H, W, 3] or None (text only). style: formatting style."""
+    prompt: str
+    image: Any = None
+    style: str = "user_qa"
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    points: list[PointGroup]
+    tokens: np.ndarray  # int32[N] generated ids (stop token excluded)
+
+
+def read_image_source(source: Any) -> Any:
+    """URLs are downloaded (bytes); anything else is passed on to `images.load_image`."""
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=30) as response:
+            return response.read()
+    return source
+
+
+def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Right-pad preprocessed examples into a batch: input_ids with -1 to the longest prompt,
+    crops with -1 to the most crops (as the official collator). Text-only batches get no images;
+    a mix of image and text-only examples gives the text-only ones all-padding crops."""
+    length = max(len(e["input_tokens"]) for e in examples)
+    ids = np.full((len(examples), length), -1, np.int32)
+    for row, e in enumerate(examples):
+        ids[row, :len(e["input_tokens"])] = e["input_tokens"]
+    batch = {"input_ids": ids}
+    with_images = [e for e in examples if "images" in e]
+    if with_images:
+        crops = max(e["images"].shape[0] for e in with_images)
+        for key in CROP_KEYS:
+            ref = with_images[0][key]
+            out = np.full((len(examples), crops, *ref.shape[1:]), -1, ref.dtype)
+            for row, e in enumerate(examples):
+                if key in e:
+                    out[row, :e[key].shape[0]] = e[key]
+            batch[key] = out
+    return batch
+
+
+def _is_hf_folder(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json")) and any(
+        os.path.exists(os.path.join(path, name)) for name in (hf_molmo.SAFETENSORS, hf_molmo.INDEX))
+
+
+def _orbax_step_dir(path: str) -> str:
+    """The newest `<step>/` with a `state` item under a run dir, its checkpoints/ dir, or itself."""
+    for base in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(os.path.join(base, "state")):
+            return base
+        steps = [d for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+        if steps:
+            return os.path.join(base, max(steps, key=int))
+    raise FileNotFoundError(f"{path}: neither an HF Molmo folder (config.json + {hf_molmo.SAFETENSORS}) "
+                            f"nor a molmo-jax checkpoint (<step>/state, or checkpoints/<step>/state)")
+
+
+def load_orbax_model(path: str) -> Molmo:
+    """The model of a molmo-jax training checkpoint (params only: trainable + frozen)."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415 (only this loader needs orbax)
+    step_dir = _orbax_step_dir(path)
+    meta_path = os.path.join(step_dir, "meta", "metadata")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{step_dir}: no meta/metadata (the model config) in this checkpoint")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if "model" not in meta:
+        raise KeyError(f"{meta_path}: no 'model' config (keys: {sorted(meta)})")
+    config = MolmoConfig.from_dict(meta["model"])
+    abstract = nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    pure = nnx.to_pure_dict(abstract_state)
+    stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+    if "params" not in stored:
+        raise KeyError(f"{step_dir}/state has no 'params' (it holds {sorted(stored)})")
+    # Trainable and frozen params are stored apart; the optimizer state is not read.
+    target = {group: _subtree_like(stored[group], pure) for group in ("params", "frozen") if stored.get(group)}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    params = _merge(restored["params"], restored.get("frozen", {}))
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def _subtree_like(stored: Any, pure: Any) -> Any:
+    """The part of the model's abstract pure dict that `stored` (checkpoint metadata) holds."""
+    if isinstance(stored, dict):
+        return {k: _subtree_like(v, pure[k if k in pure else int(k)]) for k, v in stored.items() if v}
+    return jax.ShapeDtypeStruct(pure.shape, pure.dtype)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
+    return out
+
+
+class Predictor:
+    """A model, its tokenizer and crop geometry, with compiled generation."""
+
+    def __init__(self, model: Molmo, tokenizer: tokenizer_lib.Tokenizer,
+                 crop: multicrop.CropConfig = multicrop.CropConfig()):
+        self.model, self.tokenizer, self.crop = model, tokenizer, crop
+        self.generator = Generator(model)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, tokenizer: Optional[str] = None, max_crops: int = 12,
+                        dtype: Optional[str] = None) -> "Predictor":
+        """path: HF folder or orbax checkpoint; tokenizer: file/folder (default: the checkpoint's);
+        dtype: compute dtype override ("bfloat16" for speed)."""
+        changes = {"dtype": dtype} if dtype else {}
+        if _is_hf_folder(path):
+            model = hf_molmo.load_hf_model(path, **changes)
+        else:
+            model = load_orbax_model(path)
+            if dtype:
+                model = _with_dtype(model, dtype)
+        tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
+        return cls(model, tok, multicrop.CropConfig(max_crops=max_crops))
+
+    def prepare(self, request: Request) -> dict:
+        """One request -> unbatched model inputs (see `preprocess.preprocess_example`)."""
+        example = {"question": request.prompt, "style": request.style}
+        if request.image is not None:
+            example["image"] = read_image_source(request.image)
+        return preprocess.preprocess_example(example, self.tokenizer, self.crop,
+                                             format_cfg=formatting.FINETUNED, for_inference=True)
+
+    def generate_batch(self, examples: Sequence[dict], config: GenerationConfig) -> list[Answer]:
+        """Prepared examples -> answers (one generate call)."""
+        config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) or (self.tokenizer.eos_id,))
+        out = self.generator(collate(examples), config, self.tokenizer.decode)
+        return [Answer(text.strip(), find_points(text), tokens[tokens >= 0])
+                for text, tokens in zip(out.texts, out.tokens)]
+
+    def predict(self, requests: Sequence[Request], config: GenerationConfig = GenerationConfig(max_new_tokens=200),
+                batch_size: int = 8) -> list[Answer]:
+        answers = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            answers += self.generate_batch([self.prepare(r) for r in chunk], config)
+        return answers
+
+
+def _with_dtype(model: Molmo, dtype: str) -> Molmo:
+    """The same parameters in a model that computes in `dtype`."""
+    graphdef, state = nnx.split(model)
+    new = nnx.eval_shape(lambda: Molmo(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+    new_graphdef, new_state = nnx.split(new)
+    nnx.replace_by_pure_dict(new_state, nnx.to_pure_dict(state))
+    return nnx.merge(new_graphdef, new_state)

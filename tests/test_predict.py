@@ -1,0 +1,120 @@
+"""The predict command on the golden tiny model: HF folder and orbax checkpoint loading, single and
+JSONL batch requests, and points drawn on the image."""
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from molmo_jax import predict as predict_cli
+from molmo_jax.inference.drawing import PointGroup, draw_points, find_points
+from molmo_jax.inference.generate import GenerationConfig
+from molmo_jax.inference.predict import Predictor, Request, collate, load_orbax_model
+
+MAX_NEW = 5
+
+
+def train_tiny_tokenizer(folder):
+    """A small sentencepiece model (ids < 512, EOS = 1 like the golden tiny models)."""
+    import sentencepiece
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(["point to the cat", "how many dogs are there", "what is in the image",
+                                 "a red circle and a blue square", "the clock shows ten past three"] * 40))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=80, model_type="bpe",
+        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
+    corpus.unlink()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, golden_dir):
+    """An HF-layout folder: the golden qwen2_style weights + a tiny tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(golden_dir / "model" / "qwen2_style" / name, folder / name)
+    train_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor.from_checkpoint(str(checkpoint), max_crops=2)
+
+
+@pytest.fixture(scope="module")
+def image_path(golden_dir):
+    return golden_dir / "preprocess" / "astronaut_face_100x100.png"
+
+
+def test_single_request_cli(predictor, checkpoint, image_path, capsys):
+    [expected] = predictor.predict([Request("what is in the image", str(image_path))],
+                                   GenerationConfig(max_new_tokens=MAX_NEW))
+    assert len(expected.tokens) >= 1
+    predict_cli.main(["--checkpoint", str(checkpoint), "--image", str(image_path), "--prompt",
+                      "what is in the image", "--max-new-tokens", str(MAX_NEW), "--max-crops", "2"])
+    assert capsys.readouterr().out.splitlines()[0] == expected.text
+
+
+def test_batch_equals_single_requests(predictor, checkpoint, image_path, tmp_path):
+    requests = [Request("what is in the image", str(image_path)), Request("how many dogs are there"),
+                Request("point to the cat", image_path.read_bytes(), style="pointing")]
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    batched = predictor.predict(requests, config, batch_size=3)
+    for request, answer in zip(requests, batched):
+        [alone] = predictor.predict([request], config)
+        np.testing.assert_array_equal(alone.tokens, answer.tokens)
+        assert alone.text == answer.text
+
+    lines = [{"id": "a", "image": str(image_path), "prompt": "what is in the image"},
+             {"prompt": "how many dogs are there"}]
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    predict_cli.main(["--checkpoint", str(checkpoint), "--requests", str(tmp_path / "requests.jsonl"),
+                      "--out", str(tmp_path / "answers.jsonl"), "--max-new-tokens", str(MAX_NEW),
+                      "--max-crops", "2"])
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == [batched[0].text, batched[1].text]
+    assert rows[0]["id"] == "a" and rows[1]["points"] == []
+
+
+def test_collate_pads_prompts_and_crops(predictor, image_path):
+    a = predictor.prepare(Request("what is in the image", str(image_path)))
+    b = predictor.prepare(Request("how many dogs are there"))
+    batch = collate([a, b])
+    assert batch["input_ids"].shape == (2, len(a["input_tokens"]))
+    assert (batch["input_ids"][1, len(b["input_tokens"]):] == -1).all()
+    assert batch["images"].shape[:2] == (2, a["images"].shape[0])
+    assert (batch["images"][1] == -1).all() and (batch["image_input_idx"][1] == -1).all()
+
+
+def test_find_and_draw_points():
+    answer = ('<points x1="10.0" y1="20.0" x2="90.0" y2="80.0" alt="two cats">two cats</points> and '
+              '<point x="50.0" y="50.0" alt="dog">dog</point>')
+    groups = find_points(answer)
+    assert groups == [PointGroup("two cats", [(10.0, 20.0), (90.0, 80.0)]), PointGroup("dog", [(50.0, 50.0)])]
+    assert find_points("(25.0, 75.0)") == [PointGroup("", [(25.0, 75.0)])]
+    assert find_points("no points here") == []
+    drawn = np.asarray(draw_points(Image.new("RGB", (200, 100), "black"), groups, radius=4))
+    for x, y in [(20, 20), (180, 80), (100, 50)]:
+        assert drawn[y, x].any(), (x, y)  # a dot is drawn at each point
+    assert not drawn[5, 100].any()
+
+
+def test_orbax_checkpoint(predictor, tmp_path):
+    """A training checkpoint (trainable and frozen params stored apart) loads into the same model."""
+    from molmo_jax.train.checkpointing import Checkpointer
+    from molmo_jax.train.optimizer import split_trainable
+    params = nnx.to_pure_dict(nnx.state(predictor.model))
+    trainable, frozen = split_trainable(params, "vision/.*")
+    state = {"params": trainable, "frozen": frozen, "opt_state": {"mu": trainable},
+             "step": jax.numpy.int32(3), "rng": jax.random.key_data(jax.random.key(0))}
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    checkpointer.save(3, state, None, {"step": 3, "model": predictor.model.config.to_dict()})
+    checkpointer.close()
+    loaded = load_orbax_model(str(tmp_path))
+    for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(predictor.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="neither an HF Molmo folder"):
+        load_orbax_model(str(tmp_path / "nothing"))
