@@ -57,7 +57,7 @@ def _single_block_allocation(n_bytes: int):
   """
   old = Image.core.get_block_size()
   if n_bytes > old:
-    Image.core.set_block_size(int(n_bytes) + 4096)
+    Image.core.set_block_size(-(-int(n_bytes) // 4096) * 4096)  # a multiple of 4 KiB
   try:
     yield
   finally:
@@ -107,7 +107,7 @@ def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
             f"{name}: decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
       with _single_block_allocation(w * h * 4):
         img.load()  # first frame of animated files
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # the copying form copies even when upright
         rgb = _to_rgb(img)
         return rgb if isinstance(rgb, np.ndarray) else _pil_to_numpy(rgb)[:, :, :3]
   except ImageDecodeError:
@@ -220,29 +220,76 @@ def resize_weights(in_size: int, out_size: int) -> scipy.sparse.csr_matrix:
       (weights[keep], (rows, source[keep])), shape=(out_size, in_size), dtype=f32)
 
 
+_WHOLE_PIXELS_FROM = 4_000_000  # pixels; see `to_float`
+
+
+def _whole_pixels(image: np.ndarray) -> np.ndarray | None:
+  """uint8[H-1, W, 4] view of all but the last row of a 3-channel view of 4-byte pixels (PIL
+  stores RGB as RGBX; `load_image` returns such views), else None. The last row is left out
+  because its last pixel's 4th byte may lie past the end of the buffer."""
+  h, w, c = image.shape
+  if image.dtype != np.uint8 or c != 3 or h < 2 or image.strides != (4 * w, 4, 1):
+    return None
+  return np.lib.stride_tricks.as_strided(image[:-1], shape=(h - 1, w, 4), strides=image.strides,
+                                         writeable=False)
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+  """uint8[H, W, C] -> float32[H, W, C'] in [0, 1] exactly as `tf.image.convert_image_dtype`
+  (x * float32(1/255), a multiplication, not a division).
+
+  C' is 4 (a 4th channel to ignore) for large 3-channel views of 4-byte pixels: converting
+  whole pixels is about 2.5x faster than gathering 3 of every 4 bytes, which outweighs carrying
+  the extra channel through the resize once the image has several megapixels (measured: -10 %
+  for 4000x3000, +7 % for 1024x768).
+  """
+  scale = np.float32(1.0 / 255.0)
+  whole = _whole_pixels(image) if image.shape[0] * image.shape[1] >= _WHOLE_PIXELS_FROM else None
+  if whole is None:
+    pixels = np.empty(image.shape, np.float32)
+    np.multiply(image, scale, out=pixels, dtype=np.float32)
+    return pixels
+  pixels = np.empty(image.shape[:2] + (4,), np.float32)
+  np.multiply(whole, scale, out=pixels[:-1], dtype=np.float32)
+  np.multiply(image[-1], scale, out=pixels[-1, :, :3], dtype=np.float32)
+  pixels[-1, :, 3] = 0.0
+  return pixels
+
+
+# Output rows per column-pass product (see `resize`).
+_ROW_BLOCK = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _block_column_weights(in_w: int, out_w: int, rows: int) -> scipy.sparse.csr_matrix:
+  """kron(I_rows, column weights): the column pass of `rows` image rows as one product whose
+  input and output keep the [row, x, channel] memory layout (no transposes)."""
+  eye = scipy.sparse.identity(rows, dtype=np.float32, format="csr")
+  return scipy.sparse.kron(eye, resize_weights(in_w, out_w), format="csr").astype(np.float32)
+
+
 def resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """Bilinear antialiased resize, bit-identical to TF's `tf.image.resize(antialias=True)`.
 
   Args:
-    image: uint8[H, W, C] (converted like `tf.image.convert_image_dtype`: x * float32(1/255))
-      or float32[H, W, C] in [0, 1].
+    image: uint8[H, W, C] (converted with `to_float` first) or float32[H, W, C] in [0, 1].
     out_hw: (out_h, out_w), both >= 1.
   Returns:
     float32[out_h, out_w, C], not clipped.
   """
   h, w, c = image.shape
   out_h, out_w = out_hw
-  if image.dtype == np.uint8:
-    pixels = np.empty((h, w, c), np.float32)
-    np.multiply(image, np.float32(1.0 / 255.0), out=pixels, dtype=np.float32)
-  else:
-    pixels = np.ascontiguousarray(image, dtype=np.float32)
-  # Rows first: [out_h, in_h] @ [in_h, W*C]; each output row accumulates its input rows in order.
-  tmp = resize_weights(h, out_h) @ pixels.reshape(h, w * c)
-  # Then columns: [out_w, in_w] @ [in_w, out_h*C] on the transposed intermediate.
-  tmp = np.ascontiguousarray(tmp.reshape(out_h, w, c).transpose(1, 0, 2)).reshape(w, out_h * c)
-  out = resize_weights(w, out_w) @ tmp
-  return out.reshape(out_w, out_h, c).transpose(1, 0, 2)
+  pixels = to_float(image) if image.dtype == np.uint8 else np.ascontiguousarray(image, np.float32)
+  # Rows first: [out_h, in_h] @ [in_h, W*C]; each output row accumulates its input rows in
+  # order (scipy's CSR product adds the nonzeros of a row one by one, like TF's loop).
+  rows = (resize_weights(h, out_h) @ pixels.reshape(h, w * c)).reshape(out_h, w, c)
+  # Then columns, a block of output rows at a time: [B*out_w, B*W] @ [B*W, C].
+  out = np.empty((out_h, out_w, c), np.float32)
+  for start in range(0, out_h, _ROW_BLOCK):
+    block = rows[start:start + _ROW_BLOCK]
+    weights = _block_column_weights(w, out_w, len(block))
+    out[start:start + len(block)] = (weights @ block.reshape(-1, c)).reshape(-1, out_w, c)
+  return out
 
 
 def scaled_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
@@ -262,7 +309,8 @@ def resize_and_pad(image: np.ndarray, out_hw: tuple[int, int], *, mean=CLIP_MEAN
   """Aspect-preserving resize, centred zero padding, then normalisation.
 
   Args:
-    image: uint8[H, W, 3].
+    image: uint8[H, W, 3], or float32[H, W, 3 or 4] from `to_float` (convert once when resizing
+      one image to several sizes; a 4th channel is ignored).
     out_hw: (out_h, out_w) canvas size.
   Returns:
     pixels: float32[out_h, out_w, 3], (clip(resized, 0, 1) padded with 0 - mean) / std: the
@@ -272,13 +320,11 @@ def resize_and_pad(image: np.ndarray, out_hw: tuple[int, int], *, mean=CLIP_MEAN
   out_h, out_w = out_hw
   sh, sw = scaled_size(image.shape[0], image.shape[1], out_h, out_w)
   top, left = (out_h - sh) // 2, (out_w - sw) // 2
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  canvas = np.empty((out_h, out_w, 3), np.float32)
-  canvas[...] = (np.float32(0.0) - mean) / std
+  canvas = np.zeros((out_h, out_w, 3), np.float32)
   resized = resize(image, (sh, sw))
-  np.clip(resized, 0.0, 1.0, out=resized)
-  resized -= mean
-  resized /= std
-  canvas[top:top + sh, left:left + sw] = resized
+  canvas[top:top + sh, left:left + sw] = np.clip(resized, 0.0, 1.0, out=resized)[:, :, :3]
+  # Normalise after padding, over whole rows (long inner loops: much faster than [..., 3]).
+  rows = canvas.reshape(out_h, out_w * 3)
+  rows -= np.tile(np.asarray(mean, np.float32), out_w)
+  rows /= np.tile(np.asarray(std, np.float32), out_w)
   return canvas, (top, left, sh, sw)

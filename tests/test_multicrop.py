@@ -163,3 +163,19 @@ def test_invalid_config():
     multicrop.CropConfig(crop_size=100)
   with pytest.raises(ValueError, match="max_crops"):
     multicrop.CropConfig(max_crops=0)
+
+
+def test_whole_pixel_conversion_bit_exact(golden_dir, monkeypatch):
+  """Large images are converted as 4-byte pixels (4th channel carried through the resize and
+  dropped); force that path on the goldens: still bit-identical."""
+  monkeypatch.setattr(images, "_WHOLE_PIXELS_FROM", 0)
+  for key, png in [("chelsea_300x451_mc12", "chelsea_300x451.png"),
+                   ("hubble_1080x1920_mc12", "hubble_1080x1920.png")]:
+    image = images.load_image(golden_dir / "preprocess" / png)
+    assert images.to_float(image).shape[2] == 4  # PIL's RGB is stored as RGBX
+    gold = np.load(golden_dir / "preprocess" / f"{key}.npz")
+    out = multicrop.preprocess_image(image, multicrop.CropConfig(max_crops=12), IDS)
+    assert hashlib.sha256(out["images"].astype("<f4").tobytes()).hexdigest() == str(
+        gold["images_sha256"]), key
+    # A plain contiguous array takes the 3-channel path.
+    assert images.to_float(np.ascontiguousarray(image)).shape[2] == 3
