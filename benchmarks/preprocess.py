@@ -10,7 +10,6 @@ columns time the same building blocks one by one; "crops+text" is the rest (patc
 token layout, formatting, tokenization). Prints one table.
 """
 import argparse
-import dataclasses
 import io
 import os
 import pathlib
@@ -86,7 +85,7 @@ def main():
     decoded = images.load_image(data)
     pixels = images.to_float(decoded)
     layout = multicrop.image_layout(height, width, crop, tok.image_token_ids)
-    canvas = tuple(n * crop.window_size + crop.margin_pixels for n in layout.tiling)
+    canvas = crop.canvas_size(layout.tiling)
     stages = {
         "decode": cpu_ms(lambda: images.load_image(data), args.repeats),
         "to_float": cpu_ms(lambda: images.to_float(decoded), args.repeats),

@@ -12,7 +12,6 @@ Two jobs, both numpy-only (this module runs in data-loader worker processes):
   way, applied rows first then columns with the same sequential float32 accumulation. The weights
   are cached sparse matrices, so each pass is one sparse x dense product.
 """
-import contextlib
 import functools
 import io
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import scipy.sparse
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # OpenAI CLIP normalisation (the released Molmo models).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,21 +46,18 @@ def _describe(src: Any) -> str:
   return f"<{type(src).__name__}>"
 
 
-@contextlib.contextmanager
-def _single_block_allocation(n_bytes: int):
-  """Lets PIL allocate the decoded image as one memory block so it can be exported zero-copy.
+def _allow_single_block(n_bytes: int) -> None:
+  """Lets PIL allocate an image of n_bytes as one memory block, so that it can be exported to
+  numpy without a copy.
 
   PIL splits large images into 16 MiB blocks; `np.asarray(img)` then copies through `tobytes()`,
-  which costs as much as decoding a 12-megapixel JPEG. The block size only changes how memory
-  is laid out, never pixel values, so a concurrent decode seeing the other setting is harmless.
+  which costs as much as decoding a 12-megapixel JPEG. The block size is a process-wide PIL
+  setting that only changes how image memory is laid out (smaller images still get blocks of
+  their own size), so it is only ever raised, never restored: that is safe with concurrent
+  decodes.
   """
-  old = Image.core.get_block_size()
-  if n_bytes > old:
+  if n_bytes > Image.core.get_block_size():
     Image.core.set_block_size(-(-int(n_bytes) // 4096) * 4096)  # a multiple of 4 KiB
-  try:
-    yield
-  finally:
-    Image.core.set_block_size(old)
 
 
 def _pil_to_numpy(img: Image.Image) -> np.ndarray:
@@ -105,11 +101,11 @@ def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
       if w * h > max_pixels:
         raise ImageDecodeError(
             f"{name}: decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
-      with _single_block_allocation(w * h * 4):
-        img.load()  # first frame of animated files
-        ImageOps.exif_transpose(img, in_place=True)  # the copying form copies even when upright
-        rgb = _to_rgb(img)
-        return rgb if isinstance(rgb, np.ndarray) else _pil_to_numpy(rgb)[:, :, :3]
+      _allow_single_block(w * h * 4)
+      img.load()  # first frame of animated files
+      ImageOps.exif_transpose(img, in_place=True)  # the copying form copies even when upright
+      rgb = _to_rgb(img)
+      return rgb if isinstance(rgb, np.ndarray) else _pil_to_numpy(rgb)[:, :, :3]
   except ImageDecodeError:
     raise
   except UnidentifiedImageError as e:
@@ -119,7 +115,7 @@ def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
   except Image.DecompressionBombError as e:
     raise ImageDecodeError(f"{name}: decompression bomb: {e}") from e
   except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError,
-          ZeroDivisionError, MemoryError) as e:
+          ZeroDivisionError) as e:
     raise ImageDecodeError(
         f"{name}: truncated or corrupt data ({type(e).__name__}: {e})") from e
 
@@ -153,12 +149,12 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   if isinstance(src, (str, os.PathLike)):
     path = pathlib.Path(src)
     try:
-      size = path.stat().st_size
+      data = path.read_bytes()  # decoding from memory leaves no file handle open
     except OSError as e:
       raise ImageDecodeError(f"{name}: unreadable file ({e.strerror})") from e
-    if size == 0:
+    if not data:
       raise ImageDecodeError(f"{name}: empty input (0-byte file)")
-    return _decode(path, name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels)
   raise ImageDecodeError(f"{name}: unsupported input type {type(src).__name__}")
 
 

@@ -83,6 +83,10 @@ class CropConfig:
   def patch_dim(self) -> int:  # 588
     return self.patch_size * self.patch_size * 3
 
+  def canvas_size(self, tiling: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of the high-res canvas that `tiling` crops cover."""
+    return tuple(n * self.window_size + self.margin_pixels for n in tiling)
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
@@ -117,6 +121,7 @@ def _candidate_tilings(max_crops: int) -> np.ndarray:
   return np.array(tilings, np.int32)
 
 
+@functools.lru_cache(maxsize=4096)
 def select_tiling(h: int, w: int, window: int, max_crops: int) -> tuple[int, int]:
   """Tiling (rows, cols) for an image of h x w pixels (margins already subtracted), in float32.
 
@@ -191,20 +196,21 @@ def image_layout(h: int, w: int, cfg: CropConfig, ids: ImageTokenIds) -> ImageLa
   return _layout(tiling, cfg, ids)
 
 
-def _patchify(canvas: np.ndarray, n_rows: int, n_cols: int, cfg: CropConfig) -> np.ndarray:
-  """float32[H, W, 3] canvas -> float32[n_rows*n_cols, P, D] crops (stride window_size), patches
-  row-major, patch vectors (dy, dx, c). One copy, through a strided view."""
+def _patchify(canvas: np.ndarray, n_rows: int, n_cols: int, cfg: CropConfig, out: np.ndarray):
+  """Cuts a float32[H, W, 3] canvas into n_rows x n_cols crops (stride window_size) and writes
+  them as float32[n_rows*n_cols, P, D] into `out`: patches row-major, patch vectors (dy, dx, c).
+  One copy, through a strided view."""
   s0, s1, s2 = canvas.strides
   n, p = cfg.crop_patches, cfg.patch_size
+  shape = (n_rows, n_cols, n, n, p, p, 3)
   view = np.lib.stride_tricks.as_strided(
-      canvas,
-      shape=(n_rows, n_cols, n, n, p, p, 3),
+      canvas, shape=shape,
       strides=(cfg.window_size * s0, cfg.window_size * s1, p * s0, p * s1, s0, s1, s2),
       writeable=False)
-  return np.ascontiguousarray(view).reshape(n_rows * n_cols, n * n, cfg.patch_dim)
+  out.reshape(shape)[...] = view
 
 
-def _patch_fractions(box, canvas_hw, n_rows, n_cols, cfg: CropConfig) -> np.ndarray:
+def _patch_fractions(box, n_rows: int, n_cols: int, cfg: CropConfig) -> np.ndarray:
   """float32[n_rows*n_cols, P]: fraction of real (not padding) pixels in every patch.
 
   The real pixels form one rectangle, so each fraction is (rows inside) x (cols inside) / p^2,
@@ -241,7 +247,7 @@ def preprocess_image(image: np.ndarray, cfg: CropConfig, ids: ImageTokenIds) -> 
   h, w = image.shape[:2]
   layout = image_layout(h, w, cfg, ids)
   rows, cols = layout.tiling
-  canvas_hw = (rows * cfg.window_size + cfg.margin_pixels, cols * cfg.window_size + cfg.margin_pixels)
+  canvas_hw = cfg.canvas_size(layout.tiling)
   crop_hw = (cfg.crop_size, cfg.crop_size)
   kwargs = dict(mean=cfg.mean, std=cfg.std)
   pixels = images_lib.to_float(image)  # shared by both resizes
@@ -249,14 +255,14 @@ def preprocess_image(image: np.ndarray, cfg: CropConfig, ids: ImageTokenIds) -> 
   global_canvas, global_box = images_lib.resize_and_pad(pixels, crop_hw, **kwargs)
 
   crops = np.empty((1 + rows * cols, cfg.crop_patches ** 2, cfg.patch_dim), np.float32)
-  crops[:1] = _patchify(global_canvas, 1, 1, cfg)
-  crops[1:] = _patchify(canvas, rows, cols, cfg)
+  _patchify(global_canvas, 1, 1, cfg, crops[:1])
+  _patchify(canvas, rows, cols, cfg, crops[1:])
 
-  masks = _patch_fractions(box, canvas_hw, rows, cols, cfg)
+  masks = _patch_fractions(box, rows, cols, cfg)
   if cfg.legacy_mask:
     masks = np.concatenate([masks, np.full((1, masks.shape[1]), -1.0, np.float32)])
   else:
-    masks = np.concatenate([_patch_fractions(global_box, crop_hw, 1, 1, cfg), masks])
+    masks = np.concatenate([_patch_fractions(global_box, 1, 1, cfg), masks])
   return {
       "images": crops,
       "image_tokens": layout.tokens.copy(),

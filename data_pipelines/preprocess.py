@@ -139,7 +139,7 @@ def _summary(name: str, image: np.ndarray, out: dict, cfg: multicrop.CropConfig)
   rows, cols = (int(v) for v in out["tiling"])
   top, left, sh, sw = (int(v) for v in out["hires_box"])
   gtop, gleft, gh, gw = (int(v) for v in out["global_box"])
-  canvas = (rows * cfg.window_size + cfg.margin_pixels, cols * cfg.window_size + cfg.margin_pixels)
+  canvas = cfg.canvas_size((rows, cols))
   features = int((out["image_input_idx"] >= 0).sum())
   return "\n".join([
       f"image            {name}: {image.shape[0]}x{image.shape[1]} (HxW)",
@@ -166,7 +166,7 @@ def _show(path: str, out: dict, cfg: multicrop.CropConfig) -> None:
     return np.clip((pixels * std + mean) * 255 + 0.5, 0, 255).astype(np.uint8)
 
   w = cfg.window_size
-  canvas = np.zeros((rows * w + cfg.margin_pixels, cols * w + cfg.margin_pixels, 3), np.uint8)
+  canvas = np.zeros(cfg.canvas_size((rows, cols)) + (3,), np.uint8)
   for k in range(rows * cols):
     r, c = divmod(k, cols)
     canvas[r * w:r * w + cfg.crop_size, c * w:c * w + cfg.crop_size] = unpatch(out["images"][1 + k])
@@ -210,12 +210,10 @@ def main(argv=None) -> int:
   out = multicrop.preprocess_image(image, cfg, preset.image_token_ids)
   print(_summary(args.image, image, out, cfg))
   if args.out:
-    rows, cols = (int(v) for v in out["tiling"])
     np.savez(args.out, image_tokens=out["image_tokens"], image_input_idx=out["image_input_idx"],
              image_masks=out["image_masks"], tiling=out["tiling"], images=out["images"],
              image_hw=np.array(image.shape[:2], np.int32), max_crops=np.int32(cfg.max_crops),
-             hires_target_hw=np.array([rows * cfg.window_size + cfg.margin_pixels,
-                                       cols * cfg.window_size + cfg.margin_pixels], np.int32),
+             hires_target_hw=np.array(cfg.canvas_size(tuple(out["tiling"])), np.int32),
              hires_scaled_hw=out["hires_box"][2:], hires_pad_top_left=out["hires_box"][:2],
              global_scaled_hw=out["global_box"][2:], global_pad_top_left=out["global_box"][:2])
     print(f"wrote {args.out}")
