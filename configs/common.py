@@ -52,13 +52,27 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # another run, e.g. stage 2 starts from stage 1.
     c.init = ml_collections.ConfigDict(dict(checkpoint=""))
 
+    # Keys of data_pipelines.pipeline.make_pipeline (its docstring explains each).
     c.data = ml_collections.ConfigDict(dict(
-        mixture="synthetic",       # name in data_pipelines.mixtures
+        mixture="synthetic",       # name in data_pipelines.mixtures, or one dataset name
         tokenizer="",              # HF tokenizer.json / folder, or sentencepiece model
         seq_len=2304,
         max_crops=12,
+        overlap_margins=(4, 4),
         seed=95818 if stage == "pretrain" else 50189,  # official data seeds
         num_workers=0,             # grain worker processes (0 = in the training process)
+        prefetch=2,
+        num_examples=2 ** 40,      # length of the global example stream
+        shuffle_messages=True,
+        max_points=40,
+        max_skip_rate=0.05,
+        skip_check_after=256,
+        pixmo_dir="",
+        image_dir="",
+        split="train",
+        synthetic_image_size=168,
+        synthetic_examples=100_000,
+        clock_image_size=336,
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -19,14 +19,16 @@ def weighted_token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Ar
                           z_loss_weight: float) -> Dict[str, jax.Array]:
     """Sums of per-token losses.
 
-    logits: float[B, L, V] (cast to float32 here); targets: int32[B, L] (negative = padding);
-    weights: float32[B, L] (0 where no loss). Returns float32 scalars 'ce_sum', 'z_sum'
+    logits: float[B, L, V] (cast to float32 here); targets: int32[B, L] (negative = padding;
+    ids >= V, e.g. image tokens, carry no logit); weights: float32[B, L] (0 where no loss). Returns float32 scalars 'ce_sum', 'z_sum'
     (already times `z_loss_weight`), 'weight_sum' and 'correct_sum' (argmax accuracy).
     """
     logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    # Clipped: out-of-range gathers would give NaN, and NaN * weight 0 is still NaN.
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     ce = lse - target_logit
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {

@@ -1,0 +1,42 @@
+"""Tiny Molmo trained from scratch on synthetic PixMo-style data, on a laptop CPU.
+
+  python -m molmo_jax.train --config=configs/demo.py:pretrain --workdir=WORKDIR \
+      --config.data.tokenizer=PATH/TO/spm.model
+  python -m molmo_jax.train --config=configs/demo.py:sft --workdir=WORKDIR2 \
+      --config.data.tokenizer=PATH/TO/spm.model --config.init.checkpoint=WORKDIR/checkpoints
+
+Stage 1 learns synthetic captions, stage 2 the pointing / counting / clock / caption mix. The
+model is TINY_QWEN2 (Qwen2-style LLM, 10-block CLIP-style ViT) on 112 px crops; widths, steps
+and LRs are small-scale choices, not the released recipe.
+"""
+import dataclasses
+
+from configs import common
+from molmo_jax.model.config import TINY_QWEN2
+
+
+def get_config(arg=None):
+    stage = common.parse_stage(arg)
+    c = common.base_config(stage)
+    model = TINY_QWEN2.replace(vision=dataclasses.replace(TINY_QWEN2.vision, image_size=(112, 112)))
+    c.model = common.model_config(model)
+    c.model.llm.response_residual_dropout = 0.1 if stage == "pretrain" else 0.0
+
+    c.data.mixture = "synthetic_captions" if stage == "pretrain" else "synthetic"
+    c.data.seq_len = 256
+    c.data.max_crops = 2
+    c.data.overlap_margins = (2, 2)
+    c.data.synthetic_image_size = 112
+    c.data.clock_image_size = 112
+    c.data.synthetic_examples = 20_000
+
+    c.train.global_batch = 8
+    c.train.total_steps = 300 if stage == "pretrain" else 600
+    for group, lr in (("vit", 3e-4), ("connector", 1e-3), ("llm", 1e-3)):
+        c.optimizer[group] = dict(lr=lr, warmup_steps=20)
+
+    c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1)
+    c.sharding.max_replicated_fraction = 0.5  # toy widths: norms and biases weigh a lot
+    c.checkpoint.every = 100
+    c.log.every = 10
+    return c

@@ -1,0 +1,271 @@
+"""The training loop: one function, read top to bottom.
+
+    python -m molmo_jax.train --config=configs/demo.py:pretrain --workdir=/path/to/run
+
+Sections: devices and mesh -> model config -> input pipeline -> model, optimizer, shardings ->
+init or resume -> update step -> loop (log one step late, checkpoint, preemption, NaN guard).
+Resuming is automatic: when `<workdir>/checkpoints` holds a readable checkpoint, the run
+continues from it (params, optimizer, step, RNG and data iterator), bit-exactly on CPU.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from data_pipelines.pipeline import make_pipeline
+from molmo_jax import sharding
+from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.molmo import Molmo
+from molmo_jax.train import loss as loss_lib
+from molmo_jax.train import optimizer as opt_lib
+from molmo_jax.train.checkpointing import Checkpointer, PreemptionWatcher
+from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops
+
+log = logging.getLogger(__name__)
+
+# Batch keys the model consumes (besides the loss targets); any absent key is simply not passed.
+MODEL_INPUTS = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids", "subsegment_ids")
+TARGETS = ("target_tokens", "loss_masks")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient norm became NaN/inf; the run stops without saving that state."""
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> MolmoConfig:
+    """The typed model config, built once from config.model (unknown keys raise)."""
+    d = config.model.to_dict()
+    if d.get("dtype", "auto") == "auto":
+        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return MolmoConfig.from_dict(d)
+
+
+def _opt_state_shardings(abstract_opt_state: Any, param_shardings: Dict, mesh) -> Any:
+    """Optimizer moments take the sharding of the parameter whose path ends their path;
+    scalars (counts, learning rates) are replicated."""
+    by_path = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+        by_path[tuple(k.key for k in path)] = s
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):
+            s = by_path.get(keys[i:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                    accum_steps: int) -> Callable:
+    """(state, batch) -> (state, metrics). batch: global arrays, leading dim = global batch."""
+    patterns = [tuple(p) for p in config.optimizer.groups]
+    z_weight = config.train.z_loss_weight
+
+    def micro_loss(params, frozen, mb, key, global_weight):
+        model = nnx.merge(graphdef, opt_lib.merge_trees(params, frozen))
+        inputs = {k: mb[k] for k in MODEL_INPUTS if k in mb}
+        logits, aux = model(**inputs, response_mask=mb["loss_masks"] > 0, deterministic=False,
+                            rngs=nnx.Rngs(dropout=key), return_aux=True)
+        sums = loss_lib.weighted_token_losses(logits, mb["target_tokens"], mb["loss_masks"], z_weight)
+        loss = loss_lib.normalised_loss(sums, global_weight)
+        llm = model.config.llm
+        if llm.block_type == "moe":  # official releases use weight 0 for both
+            loss = loss + (llm.moe_load_balance_weight * aux["load_balance_loss"]
+                           + llm.moe_router_z_weight * aux["router_z_loss"]) / accum_steps
+        return loss, sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch):
+        batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
+        # Padding carries loss weight -1 (official collator); the official loss zeroes it too.
+        batch["loss_masks"] = jnp.maximum(batch["loss_masks"].astype(jnp.float32), 0.0)
+        global_weight = jnp.sum(batch["loss_masks"])
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if accum_steps == 1:
+            (_, sums), grads = grad_fn(state["params"], state["frozen"], batch, step_key, global_weight)
+        else:
+            # Micro-batch i takes rows i, i+A, i+2A, ...: each device keeps its own rows, no resharding.
+            def split(x):
+                x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            def body(carry, xs):
+                mb, i = xs
+                (_, s), g = grad_fn(state["params"], state["frozen"], mb, jax.random.fold_in(step_key, i),
+                                    global_weight)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zero = (jax.tree.map(jnp.zeros_like, state["params"]),
+                    {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "z_sum", "weight_sum", "correct_sum")})
+            (grads, sums), _ = jax.lax.scan(body, zero, (jax.tree.map(split, batch), jnp.arange(accum_steps)))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        denom = jnp.maximum(global_weight, 1.0)
+        metrics = {"loss": (sums["ce_sum"] + sums["z_sum"]) / denom, "ce_loss": sums["ce_sum"] / denom,
+                   "z_loss": sums["z_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+                   "loss_tokens": global_weight}
+        metrics.update({f"grad_norm.{g}": n for g, n in opt_lib.group_grad_norms(grads, patterns).items()})
+        metrics.update({f"lr.{g}": lr for g, lr in opt_lib.learning_rates(opt_state).items()})
+        new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+        return new_state, metrics
+
+    return train_step
+
+
+def init_train_state(model_cfg: MolmoConfig, tx: optax.GradientTransformation, frozen_regex: str,
+                     key: jax.Array) -> Dict[str, Any]:
+    """The step-0 training state: params split into trainable / frozen, optimizer state, RNG."""
+    params_key, rng_key = jax.random.split(key)
+    model = Molmo(model_cfg, rngs=nnx.Rngs(params=params_key))
+    trainable, frozen = opt_lib.split_trainable(nnx.to_pure_dict(nnx.state(model)), frozen_regex)
+    return {"params": trainable, "frozen": frozen, "opt_state": tx.init(trainable),
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
+
+
+def _check_finite(step: int, metrics: Dict[str, float], last_good: Optional[int], ckpt_dir: str) -> None:
+    bad = {k: v for k, v in metrics.items() if (k == "loss" or k.startswith("grad_norm.")) and not math.isfinite(v)}
+    if bad:
+        kept = f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good else "no checkpoint was kept"
+        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {bad}; stopping, {kept}")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          data_iterator: Optional[Iterator[Dict[str, np.ndarray]]] = None,
+          devices: Optional[List[Any]] = None) -> List[Dict[str, float]]:
+    """Trains until config.train.total_steps (or SIGTERM). Returns this run's per-step metrics.
+
+    data_iterator: this process's numpy batches, a grain DatasetIterator (get_state/set_state);
+      by default the pipeline of config.data (data_pipelines.pipeline.make_pipeline).
+    devices: the devices of the mesh (default: all).
+    """
+    # ------------------------------------------------------------------ devices and mesh
+    sharding.initialize_distributed(config.distributed)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    model_cfg = model_config_from(config)
+    tc = config.train
+    sharding.validate_parallelism(model_cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps,
+                                  jax.process_count())
+    log.info("mesh %s on %d devices, %d processes; compute dtype %s", dict(mesh.shape), mesh.size,
+                 jax.process_count(), model_cfg.dtype)
+
+    # ------------------------------------------------------------------ input pipeline
+    own_iterator = data_iterator is None
+    if own_iterator:
+        data_iterator = iter(make_pipeline(config, process_index=jax.process_index(),
+                                           process_count=jax.process_count()))
+
+    # ------------------------------------------------------------------ model, optimizer, shardings
+    abstract_model = nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    specs = sharding.state_specs(abstract_params, mesh)
+    sharding.check_sharded_enough(abstract_params, specs, mesh, config.sharding.max_replicated_fraction)
+    param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
+    frozen_regex = config.optimizer.frozen
+    trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, frozen_regex)
+    tx = opt_lib.make_optimizer(config.optimizer, tc.total_steps, [tuple(p) for p in config.optimizer.groups])
+
+    init_state = functools.partial(init_train_state, model_cfg, tx, frozen_regex)
+    seed_key = jax.random.key(config.seed)
+    abstract_state = jax.eval_shape(init_state, seed_key)
+    replicated = NamedSharding(mesh, P())
+    state_shardings = {"params": trainable_sh, "frozen": frozen_sh,
+                       "opt_state": _opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh),
+                       "step": replicated, "rng": replicated}
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+
+    # ------------------------------------------------------------------ init or resume
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    checkpointer = Checkpointer(ckpt_dir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
+                                async_save=config.checkpoint.async_save)
+    restored = checkpointer.restore_latest(abstract_state, data_iterator)
+    if restored is not None:
+        start_step, state, _ = restored
+        log.info("resumed from step %d of %s", start_step, ckpt_dir)
+    else:
+        start_step = 0
+        state = jax.jit(init_state, out_shardings=state_shardings)(seed_key)
+        if config.init.checkpoint:
+            state = _load_initial_params(config.init.checkpoint, abstract_state, state)
+    last_good = start_step or None
+
+    # ------------------------------------------------------------------ update step
+    step_fn = jax.jit(make_train_step(graphdef, tx, config, tc.grad_accum_steps), donate_argnums=(0,),
+                      out_shardings=(state_shardings, replicated))
+    batch_tokens = tc.global_batch * config.data.seq_len
+    logger = MetricsLogger(workdir, total_steps=tc.total_steps, every=config.log.every,
+                           tensorboard=config.log.tensorboard,
+                           flops_per_step=train_step_flops(model_cfg, tc.global_batch, config.data.seq_len,
+                                                           config.data.max_crops + 1),
+                           examples_per_step=tc.global_batch, tokens_per_step=batch_tokens)
+    preemption = PreemptionWatcher(checkpointer)
+
+    # ------------------------------------------------------------------ loop
+    history: List[Dict[str, float]] = []
+    pending: Optional[Tuple[int, Dict]] = None  # (step, device metrics) not yet read
+    try:
+        for step in range(start_step + 1, tc.total_steps + 1):
+            batch = sharding.make_global_batch(_model_batch(next(data_iterator)), mesh)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:  # read step-1 now that step is queued behind it
+                history.append(logger.write(*pending))
+                _check_finite(pending[0], history[-1], last_good, ckpt_dir)
+            pending = (step, metrics)
+            stop = preemption.should_stop(step)
+            if stop or step % config.checkpoint.every == 0 or step == tc.total_steps:
+                history.append(logger.write(*pending))
+                pending = None
+                _check_finite(step, history[-1], last_good, ckpt_dir)
+                checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
+                                                               "mesh": dict(mesh.shape)})
+                last_good = step
+                logger.pause()
+            if stop:
+                log.warning("stopping at step %d after SIGTERM; checkpoint saved in %s", step, ckpt_dir)
+                break
+        if pending is not None:
+            history.append(logger.write(*pending))
+            _check_finite(pending[0], history[-1], last_good, ckpt_dir)
+    finally:
+        if own_iterator:
+            data_iterator.close()
+        checkpointer.close()
+        logger.close()
+        preemption.restore_handler()
+    return history
+
+
+def _model_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    missing = [k for k in ("input_ids",) + TARGETS if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks {missing}; it has {sorted(batch)}")
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
+
+
+def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, state: Dict) -> Dict:
+    """Params (trainable and frozen) of another run's latest checkpoint (e.g. stage 1 for
+    stage 2); the optimizer state and step stay fresh."""
+    source = Checkpointer(checkpoint_dir, keep=1)
+    restored = source.restore_latest(abstract_state, None)
+    source.close()
+    if restored is None:
+        raise FileNotFoundError(f"config.init.checkpoint: no readable checkpoint in {checkpoint_dir}")
+    step, loaded, _ = restored
+    log.info("initial params from step %d of %s", step, checkpoint_dir)
+    return dict(state, params=loaded["params"], frozen=loaded["frozen"])
