@@ -1,0 +1,107 @@
+"""Molmo wiring: splicing, text-only batches, logical axis names, remat and compute dtype,
+the feed-forward factory."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from molmo_jax.model import config as cfg
+from molmo_jax.model.llm import FeedForward, make_feed_forward
+from molmo_jax.model.molmo import Molmo, splice
+
+LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "vit_embed", "vit_mlp",
+                 "vit_heads", "patch", "expert", "expert_mlp", None}
+TINY = cfg.TINY_QWEN2.replace(vision=cfg.VisionConfig(image_size=(56, 56), width=32, num_heads=2, head_dim=16,
+                                                      mlp_dim=64, num_layers=3, feature_layers=(-1, -3)))
+
+
+@nnx.jit
+def _forward(model, *args):
+    return model(*args)
+
+
+@nnx.jit
+def _loss_and_grad(model, *args):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(*args) ** 2))(model)
+
+
+def test_splice_adds_and_drops_negative_indices():
+    embeds = jnp.ones((2, 5, 3))
+    feats = jnp.arange(2 * 1 * 2 * 3, dtype=jnp.float32).reshape(2, 1, 2, 3)
+    idx = jnp.array([[[1, -100]], [[4, -1]]])
+    out = np.asarray(splice(embeds, feats, idx))
+    np.testing.assert_array_equal(out[0, 1], 1 + np.arange(3))
+    np.testing.assert_array_equal(out[1, 4], 1 + np.arange(6, 9))
+    assert (np.delete(out.reshape(10, 3), [1, 9], axis=0) == 1).all()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Molmo(TINY, rngs=nnx.Rngs(0))
+
+
+def _batch(rng, b=2, crops=2, length=48):
+    q = 4  # 56 px / patch 14 = 4x4 patches, pooled 2x2 -> 4 tokens per crop
+    ids = rng.randint(0, 640, (b, length)).astype(np.int32)
+    ids[1, 40:] = -1
+    images = rng.randn(b, crops, 16, 588).astype(np.float32)
+    images[1, 1] = -1
+    idx = (np.arange(crops * q).reshape(1, crops, q) + 1).repeat(b, 0)
+    idx[1, 1] = -1
+    return ids, images, np.ones((b, crops, 16), np.float32), idx.astype(np.int32)
+
+
+def test_every_param_has_logical_axis_names(model):
+    for path, var in nnx.state(model, nnx.Param).flat_state():
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var[...].ndim, path
+        assert set(names) <= LOGICAL_NAMES, (path, names)
+        if path[1] == "blocks":
+            assert names[0] == "layers", path
+
+
+def test_text_only_batch_equals_image_batch_without_features(model):
+    ids, images, masks, idx = _batch(np.random.RandomState(0))
+    text = _forward(model, ids)
+    no_features = _forward(model, ids, images, masks, np.full_like(idx, -1))
+    np.testing.assert_allclose(np.asarray(text), np.asarray(no_features), atol=1e-6)
+    with pytest.raises(ValueError, match="without image_input_idx"):
+        model(ids, images, masks)
+
+
+def test_remat_policy_keeps_values_and_gradients(model):
+    ids, images, masks, idx = _batch(np.random.RandomState(1))
+    remat = Molmo(TINY.replace(remat_policy="dots_no_batch"), rngs=nnx.Rngs(1))
+    nnx.update(remat, nnx.state(model, nnx.Param))
+    l0, g0 = _loss_and_grad(model, ids, images, masks, idx)
+    l1, g1 = _loss_and_grad(remat, ids, images, masks, idx)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g0, g1)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(model):
+    ids, images, masks, idx = _batch(np.random.RandomState(2))
+    bf16 = Molmo(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(1))
+    nnx.update(bf16, nnx.state(model, nnx.Param))
+    assert all(v[...].dtype == jnp.float32 for _, v in nnx.state(bf16, nnx.Param).flat_state())
+    out, ref = _forward(bf16, ids, images, masks, idx), _forward(model, ids, images, masks, idx)
+    assert out.dtype == jnp.float32
+    valid = ids != -1
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=0.25)
+
+
+def test_feed_forward_factory():
+    assert isinstance(make_feed_forward(cfg.TINY_QWEN2.llm, rngs=nnx.Rngs(0)), FeedForward)
+    bad = cfg.TINY_QWEN2.llm.__class__(**{**cfg.TINY_QWEN2.llm.__dict__, "block_type": "sparse"})
+    with pytest.raises(ValueError, match="unknown block_type 'sparse'"):
+        make_feed_forward(bad, rngs=nnx.Rngs(0))
+
+
+def test_moe_config_runs_through_the_factory():
+    config = cfg.TINY_MOE.replace(vision=TINY.vision)
+    model = Molmo(config, rngs=nnx.Rngs(0))
+    ids, images, masks, idx = _batch(np.random.RandomState(3))
+    logits, aux = nnx.jit(lambda m, *a: m(*a, return_aux=True))(model, ids, images, masks, idx)
+    assert logits.shape == (2, 48, 512) and np.isfinite(np.asarray(logits)).all()
+    assert set(aux) >= {"load_balance_loss", "router_z_loss"}
