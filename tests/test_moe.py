@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from molmo_jax.convert import moe_weights
+from molmo_jax.convert import hf_molmo, moe_weights
 from molmo_jax.model.config import TINY_MOE
 from molmo_jax.model.moe import MoEFeedForward, expert_capacity
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-LLM = TINY_MOE.llm  # d_model 64, 8 experts, top-2, expert width 32
+LLM = TINY_MOE.llm  # d_model 64, 8 experts, top-2, expert width 64
 
 
 def _config(**changes):
@@ -42,6 +42,20 @@ def _load(module: MoEFeedForward, params: dict) -> MoEFeedForward:
     return module
 
 
+def _abstract(config):
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: MoEFeedForward(config, rngs=nnx.Rngs(0))), nnx.Param))
+
+
+def _from_tensors(tensors, layout, prefix="mlp", config=LLM):
+    links = moe_weights.moe_links(config, prefix, (), None, layout)
+    return hf_molmo.tensors_to_params(tensors, links, _abstract(config))
+
+
+def _to_tensors(params, layout, prefix="mlp", config=LLM):
+    links = moe_weights.moe_links(config, prefix, (), None, layout)
+    return hf_molmo.params_to_tensors(params, links, _abstract(config))
+
+
 def _x(b=2, t=7, seed=1):
     return np.random.RandomState(seed).randn(b, t, LLM.d_model).astype(np.float32)
 
@@ -50,9 +64,7 @@ def _x(b=2, t=7, seed=1):
 @pytest.mark.parametrize("dispatch", ["sorted", "capacity"])
 def test_matches_transformers_olmoe_block(renormalize, dispatch):
     block = _hf_block(renormalize)
-    sd = {k: v.numpy() for k, v in block.state_dict().items()}
-    params = moe_weights.moe_from_hf(sd, "", LLM.d_model, LLM.moe_num_experts, LLM.moe_hidden_size)
-    assert not sd, f"unused tensors {sorted(sd)}"
+    params = _from_tensors({f"mlp.{k}": v.numpy() for k, v in block.state_dict().items()}, "fused")
     # Capacity factor E makes C = k*T: nothing can be dropped, so both modes are exact.
     config = _config(moe_renormalize=renormalize, moe_dispatch=dispatch,
                      moe_capacity_factor=float(LLM.moe_num_experts))
@@ -157,23 +169,214 @@ def test_bad_config_and_input_are_named():
 def test_checkpoint_layouts_round_trip():
     module = MoEFeedForward(_config(), rngs=nnx.Rngs(7))
     ours = {n: np.asarray(getattr(module, n)[...]) for n in ("router", "gate", "up", "down")}
-    dims = (LLM.d_model, LLM.moe_num_experts, LLM.moe_hidden_size)
-    hf = moe_weights.moe_to_hf(ours, "model.layers.3.mlp.")
-    assert hf["model.layers.3.mlp.experts.7.down_proj.weight"].shape == (LLM.d_model, LLM.moe_hidden_size)
-    back = moe_weights.moe_from_hf(dict(hf), "model.layers.3.mlp.", *dims)
-    mb = moe_weights.moe_to_megablocks(ours, "transformer.blocks.3.ffn.")
-    assert mb["transformer.blocks.3.ffn.experts.mlp.w2"].shape == (LLM.moe_num_experts * LLM.moe_hidden_size,
-                                                                   LLM.d_model)
-    back_mb = moe_weights.moe_from_megablocks(dict(mb), "transformer.blocks.3.ffn.", *dims)
-    for name in ours:
-        np.testing.assert_array_equal(back[name], ours[name])
-        np.testing.assert_array_equal(back_mb[name], ours[name])
-    # The megablocks w1 rows of expert i are that expert's gate_proj (spec §7.1).
-    np.testing.assert_array_equal(mb["transformer.blocks.3.ffn.experts.mlp.w1"][32:64],
-                                  hf["model.layers.3.mlp.experts.1.gate_proj.weight"])
-    with pytest.raises(ValueError, match="experts.mlp.v1"):
-        bad = dict(mb)
-        bad["transformer.blocks.3.ffn.experts.mlp.v1"] = bad["transformer.blocks.3.ffn.experts.mlp.v1"][:5]
-        moe_weights.moe_from_megablocks(bad, "transformer.blocks.3.ffn.", *dims)
-    with pytest.raises(KeyError, match="experts.0.gate_proj"):
-        moe_weights.moe_from_hf({"p.gate.weight": hf["model.layers.3.mlp.gate.weight"]}, "p.", *dims)
+    e, d, f = LLM.moe_num_experts, LLM.d_model, LLM.moe_hidden_size
+    tensors = {layout: _to_tensors(ours, layout) for layout in moe_weights.LAYOUTS}
+    assert tensors["per_expert"]["mlp.experts.7.down_proj.weight"].shape == (d, f)
+    assert tensors["fused"]["mlp.experts.gate_up_proj"].shape == (e, 2 * f, d)
+    assert tensors["megablocks"]["mlp.experts.mlp.w2"].shape == (e * f, d)
+    for layout, t in tensors.items():
+        back = _from_tensors(dict(t), layout)
+        for name in ours:
+            np.testing.assert_array_equal(back[name], ours[name], err_msg=f"{layout}: {name}")
+    # Expert i's rows of megablocks w1 are its gate_proj, of the fused tensor gate then up (spec §7.1).
+    np.testing.assert_array_equal(tensors["megablocks"]["mlp.experts.mlp.w1"][f:2 * f],
+                                  tensors["per_expert"]["mlp.experts.1.gate_proj.weight"])
+    np.testing.assert_array_equal(tensors["fused"]["mlp.experts.gate_up_proj"][1, f:],
+                                  tensors["per_expert"]["mlp.experts.1.up_proj.weight"])
+    bad = dict(tensors["megablocks"])
+    bad["mlp.experts.mlp.v1"] = bad["mlp.experts.mlp.v1"][:5]
+    with pytest.raises(hf_molmo.CheckpointError, match="experts.mlp.v1"):
+        _from_tensors(bad, "megablocks")
+    missing = dict(tensors["per_expert"])
+    del missing["mlp.experts.3.up_proj.weight"]
+    with pytest.raises(hf_molmo.CheckpointError, match="experts.3.up_proj"):
+        _from_tensors(missing, "per_expert")
+    with pytest.raises(hf_molmo.CheckpointError, match="unknown MoE checkpoint layout"):
+        _from_tensors({}, "grouped")
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "capacity"])
+def test_expert_parallel_train_step_matches_one_device(dispatch):
+    """One SGD step of the tiny MoE LLM: 8 devices (data 2 x expert 4, experts split 4 ways)
+    give the loss, aux values and updated loss of one device."""
+    import optax
+    from molmo_jax import sharding
+    from molmo_jax.model.llm import LLM as Decoder
+
+    config = _config(moe_dispatch=dispatch, moe_capacity_factor=1.0)
+    graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (8, 16)).astype(np.int32)
+    tx = optax.sgd(0.5)
+
+    def loss_fn(params, ids):
+        llm = nnx.merge(graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        logits, _, aux = llm(llm.embed_tokens(ids), positions, token_valid=jnp.ones(ids.shape, bool))
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+        return nll + 0.01 * aux["load_balance_loss"] + 0.001 * aux["router_z_loss"], aux
+
+    def step(params, opt_state, ids):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ids)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, aux, loss_fn(params, ids)[0]
+
+    one = jax.jit(step)(params, tx.init(params), ids)
+
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})
+    specs = sharding.state_specs(params, mesh)
+    assert specs["blocks"]["ffn"]["gate"].get_value() == jax.sharding.PartitionSpec(None, "expert", None, None)
+    sharded = jax.device_put(params, sharding.named_shardings(specs, mesh))
+    with jax.set_mesh(mesh):
+        eight = jax.jit(step)(sharded, tx.init(sharded), jax.device_put(ids, sharding.batch_sharding(mesh)))
+    assert eight[0]["blocks"]["ffn"]["down"].get_value().sharding.spec[1] == "expert"
+    _, _, loss1, aux1, after1 = one
+    _, _, loss8, aux8, after8 = eight
+    np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+    np.testing.assert_allclose(float(after8), float(after1), rtol=1e-5)
+    assert float(after1) < float(loss1)
+    for key in aux1:
+        np.testing.assert_allclose(float(aux8[key]), float(aux1[key]), rtol=1e-5, err_msg=key)
+    if dispatch == "capacity":
+        assert float(aux1["dropped_tokens"]) > 0  # factor 1.0 with a random router drops some
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+@pytest.fixture(scope="module")
+def olmoe_hf(tmp_path_factory):
+    """A random tiny OlmoeForCausalLM shaped like TINY_MOE.llm, and its hub-layout folder."""
+    hf_config = transformers.OlmoeConfig(
+        vocab_size=LLM.embedding_size, hidden_size=LLM.d_model, intermediate_size=LLM.moe_hidden_size,
+        num_hidden_layers=LLM.n_layers, num_attention_heads=LLM.n_heads, num_key_value_heads=LLM.n_kv_heads,
+        rms_norm_eps=LLM.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": LLM.rope_theta},
+        num_experts=LLM.moe_num_experts, num_experts_per_tok=LLM.moe_top_k, norm_topk_prob=False,
+        max_position_embeddings=64, pad_token_id=1, eos_token_id=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.OlmoeForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("olmoe")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _llm_logits(params, config, ids):
+    from molmo_jax.model.llm import LLM as Decoder
+
+    llm = Decoder(config, rngs=nnx.Rngs(0))
+    state = nnx.state(llm, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    pure.update({k: v for k, v in params.items() if k != "embed"})
+    pure["embed"]["embedding"] = params["embed"]["embedding"]
+    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, pure))
+    nnx.update(llm, state)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    logits, _, aux = llm(llm.embed_tokens(jnp.asarray(ids)), positions, token_valid=jnp.ones(ids.shape, bool))
+    return np.asarray(logits), aux
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "capacity"])
+def test_olmoe_llm_matches_transformers(olmoe_hf, dispatch):
+    """transformers OlmoeForCausalLM (random tiny weights) == our LLM after conversion, from
+    the in-memory (fused experts) state dict and from the hub-layout safetensors file."""
+    from safetensors.numpy import load_file
+
+    from molmo_jax.convert import hf_backbones
+
+    model, folder = olmoe_hf
+    config = _config(moe_dispatch=dispatch, moe_capacity_factor=float(LLM.moe_num_experts))
+    fused = hf_backbones.llm_params_from_hf({k: v.numpy() for k, v in model.state_dict().items()}, config)
+    hub = hf_backbones.llm_params_from_hf(load_file(str(folder / "model.safetensors")), config)
+    jax.tree.map(np.testing.assert_array_equal, fused, hub)
+    ids = np.random.RandomState(0).randint(0, LLM.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    logits, aux = _llm_logits(hub, config, ids)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    assert float(aux["dropped_tokens"]) == 0.0
+
+
+def test_olmoe_export_loads_in_transformers(olmoe_hf, tmp_path):
+    """Our tiny MoE LLM written in the hub layout loads into OlmoeForCausalLM with equal logits."""
+    from safetensors.numpy import save_file
+
+    from molmo_jax.convert import hf_backbones, hf_molmo
+    from molmo_jax.model.llm import LLM as Decoder
+
+    model, folder = olmoe_hf
+    llm = Decoder(LLM, rngs=nnx.Rngs(11))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(llm, nnx.Param)))
+    tensors = hf_molmo.params_to_tensors(params, hf_backbones.llm_links_hf(LLM), params)
+    assert "model.layers.1.mlp.experts.7.up_proj.weight" in tensors
+    model.config.save_pretrained(tmp_path)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    reloaded = transformers.OlmoeForCausalLM.from_pretrained(tmp_path).eval()
+    ids = np.random.RandomState(1).randint(0, LLM.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = reloaded(torch.from_numpy(ids)).logits.numpy()
+    logits, _ = _llm_logits(params, LLM, ids)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# The LLM / MoE part of MolmoE-1B-0924's config.json (vision and connector keys as released).
+MOLMOE_CONFIG_JSON = {
+    "block_type": "moe", "d_model": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": None, "head_dim": None,
+    "mlp_ratio": 1, "mlp_hidden_size": None, "vocab_size": 50280, "embedding_size": 50304,
+    "additional_vocab_size": 128, "layer_norm_type": "rms", "layer_norm_eps": 1e-05, "rope_theta": 10000.0,
+    "max_position_embeddings": 32768, "qkv_bias": False, "attention_layer_norm": True, "norm_after": False,
+    "clip_qkv": None, "weight_tying": False, "include_bias": False, "rope_impl": "llama", "activation_type": "swiglu",
+    "moe_num_experts": 64, "moe_top_k": 8, "moe_dropless": True, "moe_capacity_factor": 1.25,
+    "moe_loss_weight": 0.0, "moe_zloss_weight": 0.0, "vit_layers": [-2, -9], "image_pooling_2d": "attention-meanq",
+    "image_pooling_h": 2, "image_pooling_w": 2, "image_padding_embed": "pad_and_partial_pad", "image_projector": "mlp",
+    "vision_backbone": {
+        "image_default_input_size": [336, 336], "image_patch_size": 14, "image_emb_dim": 1024, "image_num_heads": 16,
+        "image_num_key_value_heads": 16, "image_head_dim": 64, "image_num_layers": 23, "image_mlp_dim": 4096,
+        "image_mlp_activations": "quick_gelu", "image_num_pos": 577, "image_norm_eps": 1e-05},
+}
+
+
+def test_molmoe_1b_preset_config_and_parameter_count():
+    from molmo_jax.convert import hf_molmo
+    from molmo_jax.model.config import MOLMOE_1B
+    from molmo_jax.model.molmo import Molmo
+
+    assert hf_molmo.config_from_hf(MOLMOE_CONFIG_JSON) == MOLMOE_1B
+    assert hf_molmo.config_from_hf(hf_molmo.config_to_hf(MOLMOE_1B)) == MOLMOE_1B
+    abstract = nnx.eval_shape(lambda: Molmo(MOLMOE_1B, rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == 7_221_875_712
+    # The official key layout on shapes only: every key once, same total.
+    shapes = {}
+    abstract_pure = hf_molmo.abstract_params(MOLMOE_1B)
+    for link in hf_molmo.molmo_links(MOLMOE_1B):
+        ours = [hf_molmo._layer_shape(abstract_pure, p, link.layer) for p in link.ours]
+        shapes.update(zip(link.hf, link.hf_shapes(*ours)))
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 7_221_875_712
+    assert shapes["lm_head.weight"] == (50304, 2048)
+    assert shapes["model.transformer.blocks.15.attn.att_proj.weight"] == (6144, 2048)
+    assert shapes["model.transformer.blocks.0.mlp.gate.weight"] == (64, 2048)
+    assert shapes["model.transformer.blocks.3.mlp.experts.63.down_proj.weight"] == (2048, 1024)
+    assert shapes["model.transformer.blocks.3.mlp.ff_norm.weight"] == (2048,)
+    assert len([k for k in shapes if ".mlp.experts." in k]) == 16 * 64 * 3
+
+
+def test_molmoe_checkpoint_round_trip(tmp_path):
+    from molmo_jax.convert import hf_molmo
+    from molmo_jax.model.molmo import Molmo
+
+    model = Molmo(TINY_MOE, rngs=nnx.Rngs(2))
+    hf_molmo.save_hf_checkpoint(str(tmp_path), model, TINY_MOE)
+    config, state = hf_molmo.load_hf_checkpoint(str(tmp_path))
+    assert config == TINY_MOE
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(state),
+                 nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = hf_molmo.read_hf_tensors(str(tmp_path))
+    assert {"lm_head.weight", "model.transformer.blocks.1.mlp.experts.7.gate_proj.weight",
+            "model.transformer.blocks.1.attn.q_norm.weight"} <= set(tensors)
+    del tensors["model.transformer.blocks.1.mlp.experts.7.gate_proj.weight"]
+    with pytest.raises(hf_molmo.CheckpointError, match="experts.7.gate_proj"):
+        hf_molmo.hf_to_params(tensors, TINY_MOE)

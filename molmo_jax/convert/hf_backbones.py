@@ -27,6 +27,7 @@ from flax import nnx
 
 from molmo_jax.convert.hf_molmo import (CheckpointError, Link, Path, linear_link, norm_links, same_link,
                                         tensors_to_params, vector_link)
+from molmo_jax.convert.moe_weights import moe_links
 from molmo_jax.model.config import LLMConfig, VisionConfig
 
 
@@ -111,10 +112,11 @@ def vision_params_from_hf(state_dict: Mapping, config: VisionConfig) -> Dict:
     return tensors_to_params(sd, vision_links_hf(config), abstract, dropped=dropped)
 
 
-def llm_links_hf(c: LLMConfig) -> List[Link]:
-    """transformers Qwen2ForCausalLM (pre-norm) / Olmo2ForCausalLM (post-norm) keys -> LLM."""
-    if c.block_type != "dense":
-        raise CheckpointError("MoE backbones (OLMoE) are mapped by the mixture-of-experts converter")
+def llm_links_hf(c: LLMConfig, moe_layout: str = "per_expert") -> List[Link]:
+    """transformers Qwen2ForCausalLM (pre-norm) / Olmo2ForCausalLM (post-norm) /
+    OlmoeForCausalLM (pre-norm, experts in `moe_layout`, see convert/moe_weights.py) keys -> LLM."""
+    if c.block_type not in ("dense", "moe"):
+        raise CheckpointError(f"unknown block_type {c.block_type!r}")
     d, hd, f = c.d_model, c.head_dim, c.mlp_hidden_size // 2
     links = [same_link("model.embed_tokens.weight", ("embed", "embedding")),
              same_link("model.norm.weight", ("ln_f", "scale")),
@@ -132,23 +134,28 @@ def llm_links_hf(c: LLMConfig) -> List[Link]:
         if c.qk_norm:
             links += [same_link(f"{p}.self_attn.q_norm.weight", b + ("attention", "q_norm", "scale"), i),
                       same_link(f"{p}.self_attn.k_norm.weight", b + ("attention", "k_norm", "scale"), i)]
-        mlp = b + ("ffn", "mlp")
         links += [same_link(f"{p}.{attn_norm}.weight", b + ("attn_norm", "scale"), i),
-                  same_link(f"{p}.{ff_norm}.weight", b + ("ff_norm", "scale"), i),
-                  linear_link(f"{p}.mlp.gate_proj.weight", mlp + ("gate", "kernel"), i, (d,), (f,)),
+                  same_link(f"{p}.{ff_norm}.weight", b + ("ff_norm", "scale"), i)]
+        if c.block_type == "moe":
+            links += moe_links(c, f"{p}.mlp", b + ("ffn",), i, moe_layout)
+            continue
+        mlp = b + ("ffn", "mlp")
+        links += [linear_link(f"{p}.mlp.gate_proj.weight", mlp + ("gate", "kernel"), i, (d,), (f,)),
                   linear_link(f"{p}.mlp.up_proj.weight", mlp + ("up", "kernel"), i, (d,), (f,)),
                   linear_link(f"{p}.mlp.down_proj.weight", mlp + ("down", "kernel"), i, (f,), (d,))]
     return links
 
 
 def llm_params_from_hf(state_dict: Mapping, config: LLMConfig) -> Dict:
-    """Qwen2ForCausalLM / Olmo2ForCausalLM state dict -> pure parameter dict of
-    `LLM(config)` without `embed/new_embedding` (no counterpart; keep the model's init)."""
+    """Qwen2ForCausalLM / Olmo2ForCausalLM / OlmoeForCausalLM state dict -> pure parameter dict
+    of `LLM(config)` without `embed/new_embedding` (no counterpart; keep the model's init)."""
     from molmo_jax.model.llm import LLM  # noqa: PLC0415
 
     abstract = _abstract(lambda: LLM(config, rngs=nnx.Rngs(0)))
     del abstract["embed"]["new_embedding"]
-    return tensors_to_params(state_dict, llm_links_hf(config), abstract,
+    # transformers >= 5 fuses the hub's per-expert OLMoE tensors when it loads them.
+    moe_layout = "fused" if any(k.endswith(".mlp.experts.gate_up_proj") for k in state_dict) else "per_expert"
+    return tensors_to_params(state_dict, llm_links_hf(config, moe_layout), abstract,
                              dropped=lambda k: k.endswith("rotary_emb.inv_freq"))
 
 

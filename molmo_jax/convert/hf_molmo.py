@@ -166,8 +166,11 @@ def connector_links(config: MolmoConfig, hf: str, ours: Path) -> List[Link]:
 
 
 def llm_links(c: LLMConfig, hf: str, ours: Path) -> List[Link]:
+    if c.block_type == "moe":  # MolmoE-1B: its own key layout (convert/moe_weights.py)
+        from molmo_jax.convert.moe_weights import molmoe_llm_links  # noqa: PLC0415 (import cycle)
+        return molmoe_llm_links(c, hf, ours)
     if c.block_type != "dense":
-        raise CheckpointError(f"block_type {c.block_type!r}: only dense Molmo checkpoints are mapped here")
+        raise CheckpointError(f"block_type {c.block_type!r}: only dense and MoE Molmo checkpoints are mapped")
     d, nh, nkv, hd, f = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_hidden_size // 2
     links = [same_link(f"{hf}.wte.embedding", ours + ("embed", "embedding")),
              same_link(f"{hf}.wte.new_embedding", ours + ("embed", "new_embedding")),
@@ -331,6 +334,9 @@ def config_from_hf(cfg: Mapping) -> MolmoConfig:
     """The HF Molmo config.json dict -> MolmoConfig. The released checkpoints imply the
     CLIP ViT-L/14-336 vision tower; a `tiny_golden_extension` block overrides vision and
     connector settings (the golden test models)."""
+    if cfg.get("block_type") == "moe":  # MolmoE-1B writes OLMo-style keys (convert/moe_weights.py)
+        from molmo_jax.convert.moe_weights import molmoe_config_from_hf  # noqa: PLC0415 (import cycle)
+        return molmoe_config_from_hf(cfg)
     where = "config.json"
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in cfg:
@@ -387,6 +393,9 @@ _HF_VISION_FIELDS = ("image_size", "patch_size", "width", "num_heads", "head_dim
 def config_to_hf(config: MolmoConfig) -> Dict:
     """MolmoConfig -> an HF Molmo config.json dict that `config_from_hf` reads back equal."""
     c = config.llm
+    if c.block_type == "moe":
+        from molmo_jax.convert.moe_weights import molmoe_config_to_hf  # noqa: PLC0415 (import cycle)
+        return molmoe_config_to_hf(config)
     if c.block_type != "dense" or c.head_dim * c.n_heads != c.d_model:
         raise CheckpointError("the HF Molmo config describes dense models with head_dim = d_model / n_heads only")
     out = {

@@ -201,7 +201,7 @@ TINY_MOE = MolmoConfig(
     llm=LLMConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, mlp_hidden_size=128,
                   vocab_size=500, embedding_size=512, norm_eps=1e-5, rope_theta=10_000.0,
                   qkv_bias=False, qk_norm=True, block_type="moe", moe_num_experts=8, moe_top_k=2,
-                  moe_hidden_size=32),
+                  moe_hidden_size=64),  # = mlp_hidden_size / 2, as in MolmoE
 )
 
 PRESETS = {
