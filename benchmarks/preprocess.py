@@ -5,9 +5,10 @@
 One example = a JPEG (1024x768 or 4000x3000, quality 90, a photo upscaled) with a pointing
 question and answer, through `preprocess_example` (decode, TF-exact resizes, crops, masks,
 chat formatting, tokenization). Times are process CPU time (single-threaded code, so this is
-examples/s per core and stays meaningful on a shared machine), best of `--repeats`. The stage
-columns time the same building blocks one by one; "crops+text" is the rest (patches, masks,
-token layout, formatting, tokenization). Prints one table.
+examples/s per core and stays meaningful on a shared machine), best of `--repeats`. Stage
+columns: "decode" (`load_image`), "resize+pad" (uint8 -> float, both TF-exact resizes of the
+high-res canvas and the global crop, padding, normalisation) and "crops+text", the rest
+(patches, masks, token layout, formatting, tokenization). Prints one table.
 """
 import argparse
 import io
@@ -83,14 +84,11 @@ def main():
     out = run()  # warm-up: caches resize weights and token layouts
     total = cpu_ms(run, args.repeats)
     decoded = images.load_image(data)
-    pixels = images.to_float(decoded)
     layout = multicrop.image_layout(height, width, crop, tok.image_token_ids)
-    canvas = crop.canvas_size(layout.tiling)
+    sizes = [crop.canvas_size(layout.tiling), (crop.crop_size, crop.crop_size)]
     stages = {
         "decode": cpu_ms(lambda: images.load_image(data), args.repeats),
-        "to_float": cpu_ms(lambda: images.to_float(decoded), args.repeats),
-        "hi-res resize": cpu_ms(lambda: images.resize_and_pad(pixels, canvas), args.repeats),
-        "global resize": cpu_ms(lambda: images.resize_and_pad(pixels, (336, 336)), args.repeats),
+        "resize+pad": cpu_ms(lambda: images.resize_and_pad_many(decoded, sizes), args.repeats),
     }
     stages["crops+text"] = total - sum(stages.values())
     rows.append((f"{width}x{height} JPEG", f"{layout.tiling[0]}x{layout.tiling[1]}",

@@ -250,9 +250,8 @@ def preprocess_image(image: np.ndarray, cfg: CropConfig, ids: ImageTokenIds) -> 
   canvas_hw = cfg.canvas_size(layout.tiling)
   crop_hw = (cfg.crop_size, cfg.crop_size)
   kwargs = dict(mean=cfg.mean, std=cfg.std)
-  pixels = images_lib.to_float(image)  # shared by both resizes
-  canvas, box = images_lib.resize_and_pad(pixels, canvas_hw, **kwargs)
-  global_canvas, global_box = images_lib.resize_and_pad(pixels, crop_hw, **kwargs)
+  (canvas, box), (global_canvas, global_box) = images_lib.resize_and_pad_many(
+      image, [canvas_hw, crop_hw], **kwargs)
 
   crops = np.empty((1 + rows * cols, cfg.crop_patches ** 2, cfg.patch_dim), np.float32)
   _patchify(global_canvas, 1, 1, cfg, crops[:1])

@@ -160,3 +160,15 @@ def test_resize_and_pad(rgb):
   np.testing.assert_array_equal(canvas[0, 0], pad)
   np.testing.assert_array_equal(canvas[top + h, 0], pad)
   assert canvas.dtype == np.float32 and canvas.shape == (100, 100, 3)
+
+
+def test_resize_float_input_and_chunking_agree(rgb):
+  """The chunked uint8 path (conversion fused with the row pass) equals resizing the converted
+  float image, for several sizes at once and for tall images spanning many chunks."""
+  tall = np.tile(rgb, (5, 1, 1))  # 240 rows: several conversion chunks
+  sizes = [(100, 30), (37, 64), (240, 64), (500, 9)]
+  from_uint8 = images.resize_many(tall, sizes)
+  from_float = images.resize_many(images.to_float(tall), sizes)
+  for a, b, (h, w) in zip(from_uint8, from_float, sizes):
+    assert a.shape == (h, w, 3)
+    np.testing.assert_array_equal(a, b)
