@@ -31,6 +31,7 @@ from molmo_jax.model.attention import causal_mask, dot_product_attention
 from molmo_jax.model.config import LLMConfig
 from molmo_jax.model.layers import (Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
                                     scan_stack, stacked)
+from molmo_jax.sharding import with_logical_constraint
 
 
 class KVCache(NamedTuple):
@@ -184,6 +185,7 @@ class LLM(nnx.Module):
 
         def body(block, x, xs):
             layer_cache, key = xs
+            x = with_logical_constraint(x, ("act_batch", None, None))  # keeps FSDP from splitting activations on width
             x, layer_cache, aux = block(x, positions, mask, self.dtype, layer_cache, index, key, response_mask)
             return x, (layer_cache, aux)
 

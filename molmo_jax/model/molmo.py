@@ -23,6 +23,7 @@ from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.connector import Connector
 from molmo_jax.model.llm import LLM
 from molmo_jax.model.vit import VisionTransformer
+from molmo_jax.sharding import with_logical_constraint
 
 
 def splice(embeds: jax.Array, features: jax.Array, image_input_idx: jax.Array) -> jax.Array:
@@ -65,12 +66,13 @@ class Molmo(nnx.Module):
               image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None) -> jax.Array:
         """The LLM input: token embeddings (ids -1 looked up as 0) plus the image features
         added at image_input_idx. -> [B, L, E] in the compute dtype."""
-        x = self.llm.embed_tokens(input_ids)
+        x = with_logical_constraint(self.llm.embed_tokens(input_ids), ("act_batch", None, None))
         if images is None:
             return x
         if image_input_idx is None:
             raise ValueError("images were given without image_input_idx")
-        return splice(x, self.encode_images(images, image_masks), image_input_idx)
+        x = splice(x, self.encode_images(images, image_masks), image_input_idx)
+        return with_logical_constraint(x, ("act_batch", None, None))
 
     def __call__(self, input_ids: jax.Array, images: Optional[jax.Array] = None,
                  image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None,

@@ -20,6 +20,7 @@ from flax import nnx
 from molmo_jax.model.attention import MultiHeadAttention
 from molmo_jax.model.config import VisionConfig
 from molmo_jax.model.layers import Dense, LayerNorm, activation, normal, param, scan_stack, stacked
+from molmo_jax.sharding import with_logical_constraint
 
 
 class ViTBlock(nnx.Module):
@@ -83,7 +84,7 @@ class VisionTransformer(nnx.Module):
             x = self.pre_ln(x)
 
         def body(block, h, _):
-            return block(h, self.dtype), None
+            return block(with_logical_constraint(h, ("act_batch", None, None)), self.dtype), None
 
         # Scan segment by segment up to each wanted block: a constant number of scans
         # regardless of depth, and nothing after the deepest wanted block is computed.
