@@ -447,6 +447,12 @@ def _open_safetensors(path: str):
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def is_hf_folder(folder: str) -> bool:
+    """config.json plus model.safetensors or a sharded index."""
+    return os.path.exists(os.path.join(folder, "config.json")) and any(
+        os.path.exists(os.path.join(folder, name)) for name in (SAFETENSORS, INDEX))
+
+
 def read_hf_tensors(folder: str) -> Dict[str, np.ndarray]:
     """All tensors of model.safetensors or of the shards named in model.safetensors.index.json."""
     from safetensors import SafetensorError  # noqa: PLC0415
