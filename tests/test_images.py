@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import images
+from data_pipelines import images, resize
 from data_pipelines.images import ImageDecodeError
 
 
@@ -141,13 +141,13 @@ def test_scaled_size_float32_truncation():
 
 def test_resize_weights_rows_sum_to_one():
   for n_in, n_out in [(1, 7), (7, 1), (100, 13), (13, 100), (2000, 336), (336, 336)]:
-    w = images.resize_weights(n_in, n_out).toarray()
+    w = resize.resize_weights(n_in, n_out).toarray()
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
     assert np.all(w >= 0)
 
 
 def test_resize_same_size_is_conversion(rgb):
-  out = images.resize(rgb, rgb.shape[:2])
+  out = resize.resize(rgb, rgb.shape[:2])
   np.testing.assert_array_equal(out, rgb.astype(np.float32) * np.float32(1 / 255))
 
 
@@ -167,8 +167,8 @@ def test_resize_float_input_and_chunking_agree(rgb):
   float image, for several sizes at once and for tall images spanning many chunks."""
   tall = np.tile(rgb, (5, 1, 1))  # 240 rows: several conversion chunks
   sizes = [(100, 30), (37, 64), (240, 64), (500, 9)]
-  from_uint8 = images.resize_many(tall, sizes)
-  from_float = images.resize_many(images.to_float(tall), sizes)
+  from_uint8 = resize.resize_many(tall, sizes)
+  from_float = resize.resize_many(resize.to_float(tall), sizes)
   for a, b, (h, w) in zip(from_uint8, from_float, sizes):
     assert a.shape == (h, w, 3)
     np.testing.assert_array_equal(a, b)

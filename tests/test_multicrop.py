@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipelines import images, multicrop, tokenizer
+from data_pipelines import images, multicrop, resize, tokenizer
 
 IDS = multicrop.ImageTokenIds(im_start=152064, im_end=152065, im_patch=152066, im_col=152067)
 BOS = 151643
@@ -168,14 +168,14 @@ def test_invalid_config():
 def test_whole_pixel_conversion_bit_exact(golden_dir, monkeypatch):
   """Large images are converted as 4-byte pixels (4th channel carried through the resize and
   dropped); force that path on the goldens: still bit-identical."""
-  monkeypatch.setattr(images, "_WHOLE_PIXELS_FROM", 0)
+  monkeypatch.setattr(resize, "_WHOLE_PIXELS_FROM", 0)
   for key, png in [("chelsea_300x451_mc12", "chelsea_300x451.png"),
                    ("hubble_1080x1920_mc12", "hubble_1080x1920.png")]:
     image = images.load_image(golden_dir / "preprocess" / png)
-    assert images.to_float(image).shape[2] == 4  # PIL's RGB is stored as RGBX
+    assert resize.to_float(image).shape[2] == 4  # PIL's RGB is stored as RGBX
     gold = np.load(golden_dir / "preprocess" / f"{key}.npz")
     out = multicrop.preprocess_image(image, multicrop.CropConfig(max_crops=12), IDS)
     assert hashlib.sha256(out["images"].astype("<f4").tobytes()).hexdigest() == str(
         gold["images_sha256"]), key
     # A plain contiguous array takes the 3-channel path.
-    assert images.to_float(np.ascontiguousarray(image)).shape[2] == 3
+    assert resize.to_float(np.ascontiguousarray(image)).shape[2] == 3
