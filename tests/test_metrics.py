@@ -160,3 +160,14 @@ def test_record_errors_name_the_field():
     with pytest.raises(ValueError, match="mask_key"):
         score_record("pointing", {"prediction": "(1.0, 1.0)", "image_wh": [4, 4],
                                   "gt_points_px": [[1, 1]], "mask_key": "k"})
+
+
+def test_math_vista_fallback():
+    mc = {"question_type": "multi_choice", "answer_type": "text", "choices": ["cat", "dog", "bird"]}
+    assert score_record("math_vista", {**mc, "prediction": "B", "answer": "dog"})["score"] == 1.0
+    assert score_record("math_vista", {**mc, "prediction": "dgo", "answer": "dog"})["extracted"] == "cat"
+    num = {"question_type": "free_form", "answer_type": "float", "precision": 2.0, "choices": None}
+    assert score_record("math_vista", {**num, "prediction": "3.14159", "answer": "3.14"})["score"] == 1.0
+    assert score_record("math_vista", {**num, "prediction": "about 3", "answer": "3.14"})["extracted"] is None
+    integer = {"question_type": "free_form", "answer_type": "integer", "precision": None}
+    assert score_record("math_vista", {**integer, "prediction": "7.0", "answer": "7"})["score"] == 1.0

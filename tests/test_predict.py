@@ -21,10 +21,11 @@ def train_tiny_tokenizer(folder):
     """A small sentencepiece model (ids < 512, EOS = 1 like the golden tiny models)."""
     import sentencepiece
     corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(["point to the cat", "how many dogs are there", "what is in the image",
+    corpus.write_text("\n".join(["User: point to the cat Assistant:", "how many dogs are there",
+                                 "User: chart_qa: what is in the image Assistant:", "vqa2: a_okvqa_mc: pointing:",
                                  "a red circle and a blue square", "the clock shows ten past three"] * 40))
     sentencepiece.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=80, model_type="bpe",
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=120, model_type="bpe", character_coverage=1.0,
         bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
     corpus.unlink()
 

@@ -14,13 +14,15 @@ Metric -> record fields (an alternative name in parentheses):
   clock:                                  prediction, hour, minute, second, is_test (default false)
   pointing:                               prediction, image_wh, gt_points_px, masks (bool[N, H, W]
                                           nested lists) or mask_key into the masks file
+  math_vista (no-judge fallback):         prediction, answer, question_type, answer_type,
+                                          choices, precision
 """
 import random
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from molmo_jax.evaluation import counting, mmmu, pointing, vqa_metrics
+from molmo_jax.evaluation import counting, mathvista, mmmu, pointing, vqa_metrics
 
 
 class RecordError(ValueError):
@@ -141,6 +143,13 @@ def _pointing(record, masks):
     return {"score": result["f1"], **result}
 
 
+def _math_vista(record, masks):
+    return mathvista.math_vista_score(
+        _prediction(record), str(_field(record, "answer")), _field(record, "question_type"),
+        _field(record, "answer_type"), _field(record, "choices", default=None) or (),
+        _field(record, "precision", default=None))
+
+
 METRICS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray] | None], dict]] = {
     "vqa_score": _vqa,
     "anls": _anls,
@@ -153,6 +162,7 @@ METRICS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray] | None]
     "point_count": _point_count,
     "clock": _clock,
     "pointing": _pointing,
+    "math_vista": _math_vista,
 }
 
 
