@@ -1,6 +1,7 @@
 """Tokenizer: the released 7B-D files (vocab + merges, no tokenizer.json), HF tokenizer.json and
 sentencepiece behind one interface; Molmo's special-token id rule."""
 import json
+import pickle
 
 import pytest
 
@@ -39,6 +40,12 @@ def test_qwen2_matches_transformers(qwen2, golden_dir):
     assert qwen2.decode(ids, skip_special_tokens=False) == ref.decode(ids), text
 
 
+def test_pickles_for_worker_processes(qwen2):
+  copy = pickle.loads(pickle.dumps(qwen2))
+  assert copy.encode(" User: hi") == qwen2.encode(" User: hi")
+  assert copy.image_token_ids == qwen2.image_token_ids and copy.bos_id == qwen2.bos_id
+
+
 def test_decode_drops_special(qwen2):
   ids = [qwen2.bos_id, qwen2.image_token_ids.im_start] + qwen2.encode(" a cat") + [qwen2.eos_id]
   assert qwen2.decode(ids) == " a cat"
@@ -74,6 +81,7 @@ def test_sentencepiece(tmp_path):
   assert loaded.image_token_ids.im_start == 64 and loaded.image_prompt_id == 68
   ids = loaded.encode("point to the red cat")
   assert loaded.decode(ids + [loaded.eos_id, 66]) == "point to the red cat"
+  assert pickle.loads(pickle.dumps(loaded)).encode("point to the red cat") == ids  # grain workers
 
 
 def test_missing_files(tmp_path):
