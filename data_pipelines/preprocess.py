@@ -14,7 +14,7 @@ after the image for each conversation. The packing module pads these to fixed sh
 
 Command line (prints the tiling and the token counts):
   python -m data_pipelines.preprocess IMAGE --preset molmo-7b-d [--max-crops N]
-      [--out FILE.npz] [--show FILE.png]
+      [--out FILE.npz] [--show FILE.png [--points MODEL_OUTPUT]]
 """
 import argparse
 import dataclasses
@@ -154,8 +154,9 @@ def _summary(name: str, image: np.ndarray, out: dict, cfg: multicrop.CropConfig)
   ])
 
 
-def _show(path: str, out: dict, cfg: multicrop.CropConfig) -> None:
-  """Draws the crop grid over the resized high-res canvas, the global crop on its right."""
+def _show(path: str, out: dict, cfg: multicrop.CropConfig, points: np.ndarray) -> None:
+  """Draws the crop grid over the resized high-res canvas, the global crop on its right, and
+  `points` (float[N, 2] percent of the image, as the model writes them) on both."""
   from PIL import Image, ImageDraw
   rows, cols = (int(v) for v in out["tiling"])
   n, p = cfg.crop_patches, cfg.patch_size
@@ -185,6 +186,12 @@ def _show(path: str, out: dict, cfg: multicrop.CropConfig) -> None:
   top, left, sh, sw = (int(v) for v in out["hires_box"])
   draw.rectangle([left, top, left + sw - 1, top + sh - 1], outline="white")
   draw.text((canvas.shape[1] + 20, 4), "crop 0 (global)", fill="red")
+  gtop, gleft, gh, gw = (int(v) for v in out["global_box"])
+  for x, y in points:
+    for (t, l, h, w_), dx in (((top, left, sh, sw), 0),
+                              ((gtop, gleft, gh, gw), canvas.shape[1] + 16)):
+      cx, cy = dx + l + x / 100 * w_, t + y / 100 * h
+      draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline="white", fill="red")
   sheet.save(path)
 
 
@@ -197,6 +204,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", help="write image_tokens, image_input_idx, image_masks, tiling, "
                                     "images (+ geometry) to this .npz")
   parser.add_argument("--show", help="draw the crops over the resized image into this .png")
+  parser.add_argument("--points", default="",
+                      help="with --show: points to draw, as model output text (<point x=.. y=..>, "
+                           "<points ...>, (x, y); percent of the image)")
   args = parser.parse_args(argv)
   preset = PRESETS[args.preset]
   cfg = preset.crop
@@ -218,7 +228,7 @@ def main(argv=None) -> int:
              global_scaled_hw=out["global_box"][2:], global_pad_top_left=out["global_box"][:2])
     print(f"wrote {args.out}")
   if args.show:
-    _show(args.show, out, cfg)
+    _show(args.show, out, cfg, formatting.parse_points(args.points))
     print(f"wrote {args.show}")
   return 0
 

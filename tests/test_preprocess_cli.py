@@ -21,7 +21,8 @@ def qwen2(golden_dir):
 def test_cli_out_matches_golden(golden_dir, tmp_path, capsys):
   out, show = tmp_path / "x.npz", tmp_path / "x.png"
   rc = preprocess.main([str(golden_dir / "preprocess" / f"{CASE}.png"), "--preset", "molmo-7b-d",
-                        "--max-crops", "12", "--out", str(out), "--show", str(show)])
+                        "--max-crops", "12", "--out", str(out), "--show", str(show),
+                        "--points", '<point x="50.0" y="50.0" alt="cat">cat</point>'])
   assert rc == 0
   printed = capsys.readouterr().out
   assert "tiling           1x2" in printed and "image tokens     412 (384 receive" in printed
@@ -37,6 +38,9 @@ def test_cli_out_matches_golden(golden_dir, tmp_path, capsys):
                                 gold["sample_values"])
   with Image.open(show) as drawn:
     assert drawn.size[0] > 560 and drawn.size[1] == 336
+    # The point lands at the centre of the resized image: (left + 50 % of width, 50 % of 336).
+    left, width = int(ours["hires_pad_top_left"][1]), int(ours["hires_scaled_hw"][1])
+    assert drawn.getpixel((left + width // 2, 168)) == (255, 0, 0)
 
 
 def test_cli_bad_file(tmp_path, capsys):
