@@ -12,8 +12,8 @@ so a numpy RandomState with the same seed makes the same choices:
   2. `randint(0, n)` among the most frequent answers when `answers` is a list;
   3. the prefix: `random()` for demo styles under "demo_or_style" (also in debug mode), or
      `random()` and, if > 0.1, `normal(scale=25)` for "style_and_length" in training.
-With `rng=None` (inference) choices are deterministic: first template, no prefix for demo
-styles, first most frequent answer.
+With `rng=None` choices are deterministic: first template, no prefix for demo styles, first
+most frequent answer, exact caption-length hint.
 
 `parse_points` reads points back from model output in every format Molmo models write.
 """
@@ -194,6 +194,8 @@ def _template(style: str, label: str | None, cfg: FormatConfig, rng) -> str:
 def user_prompt(example: dict, cfg: FormatConfig, *, for_inference: bool, rng,
                 image_hw=None) -> tuple[str, str | None, dict]:
   """(user prompt, answer or None, extra metadata) of a single-turn example dict."""
+  if cfg.prompt_templates not in ("uber_model", "none"):
+    raise ValueError(f"prompt_templates must be 'uber_model' or 'none', got {cfg.prompt_templates!r}")
   style = example.get("style")
   answer, metadata = None, {}
   if "prompt" in example:  # a complete prompt given (eval sets)
@@ -201,9 +203,11 @@ def user_prompt(example: dict, cfg: FormatConfig, *, for_inference: bool, rng,
   elif style in ("pointing", "point_count"):
     if "question" in example:
       prompt = example["question"]
-    else:
+    elif "label" in example or "label_cased" in example:
       label = example["label"].lower() if "label" in example else example["label_cased"]
       prompt = label if cfg.prompt_templates == "none" else _template(style, label, cfg, rng)
+    else:
+      raise ValueError(f"{style} example needs a 'label' or a 'question'; keys: {sorted(example)}")
     if "points" in example:
       answer = format_points(example, image_hw)
   elif style == "long_caption" and cfg.prompt_templates == "uber_model":
@@ -212,8 +216,6 @@ def user_prompt(example: dict, cfg: FormatConfig, *, for_inference: bool, rng,
     answer, prompt, metadata = format_options(example)
   else:
     prompt = example.get("question", "")
-  if cfg.prompt_templates not in ("uber_model", "none"):
-    raise ValueError(f"prompt_templates must be 'uber_model' or 'none', got {cfg.prompt_templates!r}")
 
   if answer is None and not for_inference:
     if "answers" in example:
@@ -255,8 +257,9 @@ def style_prefix(style: str | None, cfg: FormatConfig, *, for_inference: bool, a
     if for_inference:
       n = cfg.default_inference_len
       return f"{style} {n}:" if n is not None and str(n) else f"{style} :"
-    if rng.random() > 0.1:
-      n = len(answer) + int(rng.normal(scale=25))  # int() truncates toward zero
+    if rng is None or rng.random() > 0.1:
+      noise = 0 if rng is None else int(rng.normal(scale=25))  # int() truncates toward zero
+      n = len(answer) + noise
       return f"{style} {n // 15}:"
     return f"{style} :"
   raise ValueError(f"unknown system_prompt {cfg.system_prompt!r}")

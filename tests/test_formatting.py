@@ -157,11 +157,20 @@ def test_deterministic_inference_without_rng():
   assert conversations == [[f" User: {prompt_templates.POINTING[0].format(label='cats')} Assistant:"]]
 
 
+def test_caption_length_hint_without_rng():
+  caption = "x" * 150
+  conversations, _ = formatting.format_example({"style": "long_caption", "caption": caption},
+                                               formatting.CAPTIONER)
+  assert conversations == [[" long_caption 10:", " " + caption]]
+
+
 def test_errors_name_the_problem():
   with pytest.raises(ValueError, match="no answer"):
     formatting.format_example({"style": "vqa2", "question": "Why?"})
   with pytest.raises(ValueError, match="zero points"):
     formatting.format_points({"style": "other", "label": "x", "points": []}, (10, 10))
+  with pytest.raises(ValueError, match="needs a 'label' or a 'question'"):
+    formatting.format_example({"style": "pointing", "points": []})
   with pytest.raises(ValueError, match="image_hw"):
     formatting.format_points({"style": "pointing", "label": "x", "points": [[1, 2]]})
 
