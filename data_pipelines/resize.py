@@ -71,22 +71,22 @@ def _whole_pixels(image: np.ndarray) -> np.ndarray | None:
 
 def _convert_rows(image: np.ndarray, whole: np.ndarray | None, start: int, stop: int,
                   out: np.ndarray) -> None:
-  """out[start:stop] = image[start:stop] * float32(1/255), through `whole` pixels if given."""
+  """out[:stop - start] = image[start:stop] * float32(1/255), through `whole` pixels if given."""
   scale = np.float32(1.0 / 255.0)
   if whole is None:
-    np.multiply(image[start:stop], scale, out=out[start:stop], dtype=np.float32)
+    np.multiply(image[start:stop], scale, out=out[:stop - start], dtype=np.float32)
     return
   last = image.shape[0] - 1
   if start < min(stop, last):
-    np.multiply(whole[start:min(stop, last)], scale, out=out[start:min(stop, last)],
+    np.multiply(whole[start:min(stop, last)], scale, out=out[:min(stop, last) - start],
                 dtype=np.float32)
   if stop > last:
-    np.multiply(image[last], scale, out=out[last, :, :3], dtype=np.float32)
-    out[last, :, 3] = 0.0
+    np.multiply(image[last], scale, out=out[last - start, :, :3], dtype=np.float32)
+    out[last - start, :, 3] = 0.0
 
 
-def _float_buffer(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-  """(empty float32[H, W, C'] for the converted image, whole-pixel view or None).
+def _float_buffer(image: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """(empty float32[rows, W, C'] for converted image rows, whole-pixel view or None).
 
   C' is 4 (a 4th channel to ignore) for large 3-channel views of 4-byte pixels: converting
   whole pixels is about 2.5x faster than gathering 3 of every 4 bytes, which outweighs carrying
@@ -96,13 +96,13 @@ def _float_buffer(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
   h, w = image.shape[:2]
   whole = _whole_pixels(image) if h * w >= _WHOLE_PIXELS_FROM else None
   channels = image.shape[2] if whole is None else 4
-  return np.empty((h, w, channels), np.float32), whole
+  return np.empty((rows, w, channels), np.float32), whole
 
 
 def to_float(image: np.ndarray) -> np.ndarray:
   """uint8[H, W, C] -> float32[H, W, C'] in [0, 1] exactly as `tf.image.convert_image_dtype`
   (x * float32(1/255), a multiplication, not a division); C' may be 4, see `_float_buffer`."""
-  pixels, whole = _float_buffer(image)
+  pixels, whole = _float_buffer(image, image.shape[0])
   _convert_rows(image, whole, 0, image.shape[0], pixels)
   return pixels
 
@@ -137,25 +137,33 @@ def _row_pass(image: np.ndarray, out_heights: list[int]) -> list[np.ndarray]:
   """float32[out_h, W, C'] for every out_h: output row y = sum over its input rows k, in order,
   of weight(y, k) * row k (scipy's CSR product adds a row's nonzeros one by one, like TF's loop).
 
-  A uint8 image is converted to float a chunk of rows at a time, and every output row is
-  computed as soon as its input rows are converted, while they are still in cache.
+  A uint8 image is converted to float a chunk of rows at a time into a small sliding window,
+  and every output row is computed as soon as its input rows are in it: the converted rows are
+  used while still in cache and the float image (200 MB for 12 megapixels) never exists whole.
   """
   h, w = image.shape[:2]
   if image.dtype != np.uint8:
     flat = np.ascontiguousarray(image, np.float32).reshape(h, -1)
     return [(resize_weights(h, n) @ flat).reshape(n, w, -1) for n in out_heights]
-  pixels, whole = _float_buffer(image)
-  flat = pixels.reshape(h, -1)
-  outs = [np.empty((n, flat.shape[1]), np.float32) for n in out_heights]
   plans = [_row_plan(h, n) for n in out_heights]
+  reach = max(hi - lo for plan in plans for _, _, lo, hi, _ in plan)
+  window, whole = _float_buffer(image, reach + _CONVERT_ROWS)
+  flat = window.reshape(len(window), -1)
+  outs = [np.empty((n, flat.shape[1]), np.float32) for n in out_heights]
   done = [0] * len(plans)
+  base = 0  # window row i holds image row base + i
   for start in range(0, h, _CONVERT_ROWS):
     stop = min(start + _CONVERT_ROWS, h)
-    _convert_rows(image, whole, start, stop, pixels)
+    # Keep only rows that a pending output row still reads (its block's `lo` onwards).
+    keep = min([start] + [plan[d][2] for plan, d in zip(plans, done) if d < len(plan)])
+    if keep > base:
+      flat[:start - keep] = flat[keep - base:start - base].copy()
+      base = keep
+    _convert_rows(image, whole, start, stop, window[start - base:])
     for t, plan in enumerate(plans):
       while done[t] < len(plan) and plan[done[t]][3] <= stop:
         y0, y1, lo, hi, weights = plan[done[t]]
-        outs[t][y0:y1] = weights @ flat[lo:hi]
+        outs[t][y0:y1] = weights @ flat[lo - base:hi - base]
         done[t] += 1
   return [out.reshape(n, w, -1) for out, n in zip(outs, out_heights)]
 
