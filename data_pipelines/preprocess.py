@@ -11,6 +11,9 @@ at inference the input is `[BOS] + sequence` and the target is shifted with a fi
 masks are 1 on assistant tokens and their EOS. Several conversations about one image
 (`message_list`) get subsegment ids 1, 2, ... (image and BOS: 10000) and positions that restart
 after the image for each conversation. The packing module pads these to fixed shapes.
+Text-only examples get the same shifted form with a BOS (the official preprocessor returns
+inputs equal to targets without a BOS there, which would train the model to copy its input;
+that quirk is deliberately not reproduced).
 
 Command line (prints the tiling and the token counts):
   python -m data_pipelines.preprocess IMAGE --preset molmo-7b-d [--max-crops N]
