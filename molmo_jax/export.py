@@ -1,0 +1,49 @@
+"""Export a trained checkpoint to Hugging Face / PyTorch.
+
+  python -m molmo_jax.export --checkpoint RUN/checkpoints --out HF_DIR --tokenizer TOK [--step N]
+      [--format hf|torch-backbones] [--dtype float32|bfloat16] [--shard-size 5GB] [--force]
+
+--format hf writes the official Molmo folder (loads where Molmo-7B-D-0924 etc. load);
+torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
+(CLIPVisionModel). The output appears only when complete (see molmo_jax/convert/export.py).
+"""
+import argparse
+import logging
+import signal
+import sys
+
+from molmo_jax.convert.export import DTYPES, FORMATS, ExportError, export_checkpoint, parse_size
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m molmo_jax.export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="trainer checkpoint folder (<workdir>/checkpoints)")
+    p.add_argument("--step", type=int, help="step to export (default: the latest)")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
+    p.add_argument("--format", default="hf", choices=FORMATS)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer", help="tokenizer folder or file the model was trained with")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"interrupted by signal {signum}; no output written")
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGTERM, _stop)  # unwinds, so the temporary folder is removed
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, step=args.step, fmt=args.format, dtype=args.dtype,
+                                max_shard_bytes=parse_size(args.shard_size), tokenizer=args.tokenizer,
+                                force=args.force)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
