@@ -12,7 +12,7 @@ from PIL import Image
 from molmo_jax import predict as predict_cli
 from molmo_jax.inference.drawing import PointGroup, draw_points, find_points
 from molmo_jax.inference.generate import GenerationConfig
-from molmo_jax.inference.predict import Predictor, Request, collate, load_orbax_model
+from molmo_jax.inference.predict import Predictor, Request, collate, crop_bucket, load_orbax_model
 
 MAX_NEW = 5
 
@@ -88,6 +88,8 @@ def test_collate_pads_prompts_and_crops(predictor, image_path):
     assert (batch["input_ids"][1, len(b["input_tokens"]):] == -1).all()
     assert batch["images"].shape[:2] == (2, a["images"].shape[0])
     assert (batch["images"][1] == -1).all() and (batch["image_input_idx"][1] == -1).all()
+    assert [crop_bucket(c, 12) for c in (1, 2, 3, 5, 8, 9, 13)] == [1, 2, 4, 8, 8, 13, 13]
+    assert collate([a, b], max_crops=12)["images"].shape[1] == crop_bucket(a["images"].shape[0], 12)
 
 
 def test_find_and_draw_points():

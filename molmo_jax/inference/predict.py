@@ -58,10 +58,17 @@ def read_image_source(source: Any) -> Any:
     return source
 
 
-def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
+def crop_bucket(crops: int, max_crops: int) -> int:
+    """Crops (global included) padded to the next power of two, at most 1 + max_crops: a handful
+    of compiled shapes instead of one per tiling, for little extra ViT work."""
+    return min(1 << max(0, crops - 1).bit_length(), max(crops, max_crops + 1))
+
+
+def collate(examples: Sequence[dict], max_crops: Optional[int] = None) -> dict[str, np.ndarray]:
     """Right-pad preprocessed examples into a batch: input_ids with -1 to the longest prompt,
-    crops with -1 to the most crops (as the official collator). Text-only batches get no images;
-    a mix of image and text-only examples gives the text-only ones all-padding crops."""
+    crops with -1 to the most crops (as the official collator), rounded up by `crop_bucket` when
+    max_crops is given. Text-only batches get no images; a mix of image and text-only examples
+    gives the text-only ones all-padding crops."""
     length = max(len(e["input_tokens"]) for e in examples)
     ids = np.full((len(examples), length), -1, np.int32)
     for row, e in enumerate(examples):
@@ -70,6 +77,8 @@ def collate(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     with_images = [e for e in examples if "images" in e]
     if with_images:
         crops = max(e["images"].shape[0] for e in with_images)
+        if max_crops is not None:
+            crops = crop_bucket(crops, max_crops)
         for key in CROP_KEYS:
             ref = with_images[0][key]
             out = np.full((len(examples), crops, *ref.shape[1:]), -1, ref.dtype)
@@ -172,10 +181,13 @@ class Predictor:
         return preprocess.preprocess_example(example, self.tokenizer, self.crop,
                                              format_cfg=formatting.FINETUNED, for_inference=True)
 
-    def generate_batch(self, examples: Sequence[dict], config: GenerationConfig) -> list[Answer]:
-        """Prepared examples -> answers (one generate call)."""
+    def generate_batch(self, examples: Sequence[dict], config: GenerationConfig,
+                       max_crops: Optional[int] = None) -> list[Answer]:
+        """Prepared examples -> answers (one generate call). max_crops: of their preprocessing
+        (default: this predictor's), bounds the crop padding."""
         config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) or (self.tokenizer.eos_id,))
-        out = self.generator(collate(examples), config, self.tokenizer.decode)
+        batch = collate(examples, max_crops or self.crop.max_crops)
+        out = self.generator(batch, config, self.tokenizer.decode)
         return [Answer(text.strip(), find_points(text), tokens[tokens >= 0])
                 for text, tokens in zip(out.texts, out.tokens)]
 
