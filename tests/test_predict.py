@@ -121,3 +121,22 @@ def test_orbax_checkpoint(predictor, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="neither an HF Molmo folder"):
         load_orbax_model(str(tmp_path / "nothing"))
+
+
+def test_image_from_url(image_path):
+    """--image accepts http(s) URLs (served here from 127.0.0.1)."""
+    import functools
+    import http.server
+    import threading
+    from molmo_jax.inference.predict import read_image_source
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{image_path.name}"
+        assert read_image_source(url) == image_path.read_bytes()
+        assert read_image_source(str(image_path)) == str(image_path)
+    finally:
+        server.shutdown()
+        server.server_close()
