@@ -117,7 +117,6 @@ class MolmoConfig:
     # Numerics and compilation. Parameters are always float32.
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
-    scan_layers: bool = True
 
     @property
     def projector_hidden(self) -> int:

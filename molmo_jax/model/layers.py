@@ -185,7 +185,9 @@ class Embedding(nnx.Module):
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotate-half RoPE in float32 ("llama" style, spec §2.6).
 
-    x: [B, T, N, H]; positions: int32[B, T].
+    x: [B, T, N, H]; positions: int32[B, T]. The angles are computed from the positions
+    directly, giving the same values as the official sin/cos table of
+    max_position_embeddings rows (which simply fails past its end).
     """
     head_dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
