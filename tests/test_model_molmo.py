@@ -105,3 +105,20 @@ def test_moe_config_runs_through_the_factory():
     logits, aux = nnx.jit(lambda m, *a: m(*a, return_aux=True))(model, ids, images, masks, idx)
     assert logits.shape == (2, 48, 512) and np.isfinite(np.asarray(logits)).all()
     assert set(aux) >= {"load_balance_loss", "router_z_loss"}
+
+
+def test_siglip_odd_grid_is_zero_padded_before_pooling():
+    """A 3x3 patch grid (SigLIP-style, no CLS) pools to 2x2 windows over a zero-padded 4x4 grid."""
+    vision = cfg.VisionConfig(kind="siglip", image_size=(42, 42), width=16, num_heads=2, head_dim=8, mlp_dim=32,
+                              num_layers=2, activation="gelu_tanh", norm_eps=1e-6, use_cls_token=False, pre_ln=False,
+                              patch_bias=True, feature_layers=(-1, -2))
+    model = Molmo(TINY.replace(vision=vision), rngs=nnx.Rngs(0))
+    assert model.connector.tokens_per_crop == 4
+    images = np.random.RandomState(5).randn(1, 2, 9, 588).astype(np.float32)
+    feats, inter = model.encode_images(images, np.ones((1, 2, 9), np.float32), return_intermediates=True)
+    assert feats.shape == (1, 2, 4, 64) and inter["pooled"].shape == (1, 2, 4, 16)
+    # The last window holds one real patch and three zero pads: its keys include zeros.
+    grid = jnp.concatenate(inter["vit_layers"], axis=-1)[0, 0].reshape(3, 3, 32)
+    window = jnp.stack([grid[2, 2], jnp.zeros(32), jnp.zeros(32), jnp.zeros(32)])[None]
+    pooled = model.connector.pooling(window.mean(axis=1, keepdims=True), window, jnp.float32)
+    np.testing.assert_allclose(np.asarray(inter["pooled"])[0, 0, 3], np.asarray(pooled)[0, 0], atol=1e-5)
