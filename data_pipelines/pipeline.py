@@ -106,6 +106,8 @@ class ExampleTransform:
     max_points: int = 40
     prepare: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
 
+    skips_seen: int = 0     # in this process; only the first few and then every 1000th are logged
+
     def __call__(self, index: int) -> Dict[str, Any]:
         index = int(index)
         d, element = self.mixture[index]
@@ -119,13 +121,23 @@ class ExampleTransform:
             if n_points > self.max_points:
                 raise TooManyPoints(f"{n_points} points > max_points={self.max_points}")
             tokenized = self.preprocess(example, rng)
+        except Exception as error:  # noqa: BLE001 -- classified in _skip, bugs are re-raised
+            return self._skip(error, d, element, index)
+        try:
+            # Other packing errors (crops or shapes that do not fit the config) are bugs.
             return packing.pack_example(tokenized, self.pack, weight=float(example.get("weight", 1.0)))
-        except Exception as error:  # noqa: BLE001 -- classified below, bugs are re-raised
-            cause = skip_cause(error)
-            if cause is None:
-                raise
-            logging.warning("skipping %s[%d] (global index %d): %s: %s", self.names[d], element, index, cause, error)
-            return {"skip": np.int32(SKIP_CAUSES.index(cause))}
+        except packing.ExampleTooLong as error:
+            return self._skip(error, d, element, index)
+
+    def _skip(self, error: Exception, d: int, element: int, index: int) -> Dict[str, Any]:
+        cause = skip_cause(error)
+        if cause is None:
+            raise error
+        self.skips_seen += 1
+        if self.skips_seen <= 20 or self.skips_seen % 1000 == 0:
+            logging.warning("skipping %s[%d] (global index %d; skip %d in this process): %s: %s",
+                            self.names[d], element, index, self.skips_seen, cause, error)
+        return {"skip": np.int32(SKIP_CAUSES.index(cause))}
 
 
 class _SkipAccountingIterator(grain.DatasetIterator):
@@ -295,6 +307,7 @@ SYNTHETIC = {
     "synthetic_counting": ("shapes", dict(task="counting")),
     "synthetic_clocks": ("clocks", {}),
     "synthetic_captions": ("captions", {}),
+    "synthetic_charts": ("charts", {}),
 }
 
 

@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from data_pipelines.sources.synthetic import CaptionSource, ClockSource, ShapesSource, make_synthetic, render_clock_row
+from data_pipelines.sources.synthetic import (CaptionSource, ChartSource, ClockSource, ShapesSource, make_synthetic,
+                                              render_clock_row)
 from data_pipelines.sources.synthetic.captions import NUMBER_WORDS
 from data_pipelines.sources.synthetic.clocks import (WITH_AM_PM, WITHOUT_AM_PM, ClockFace, clock_answer, draw_clock,
                                                      hand_angles)
 from data_pipelines.sources.synthetic.shapes import COLORS, SHAPES
 
 SOURCES = [ClockSource(50, 112, seed=3), ShapesSource(50, 112, seed=3, task="pointing"),
-           ShapesSource(50, (96, 128), seed=3, task="mixed"), CaptionSource(50, 112, seed=3)]
+           ShapesSource(50, (96, 128), seed=3, task="mixed"), CaptionSource(50, 112, seed=3),
+           ChartSource(50, 160, seed=3)]
 
 
 def _equal(a, b):
@@ -145,7 +147,27 @@ def test_captions_count_every_shape():
         assert sum(groups) == total > 0, caption
 
 
+def test_chart_answers_follow_the_drawn_data():
+    src = ChartSource(30, 168, seed=5, questions=1)
+    for i in range(len(src)):
+        ex = src[i]
+        chart = ex["metadata"]
+        values = dict(zip(chart["labels"], chart["values"]))
+        q, a = ex["question"], ex["answer"]
+        assert ex["style"] == "pixmo_docs_charts" and chart["answers"] == [a]
+        if q.startswith("What is the value of "):
+            assert int(a) == values[q[len("What is the value of "):-1]]
+        elif q == "Which bar has the highest value?":
+            assert values[a] == max(values.values())
+        elif q == "Which bar has the lowest value?":
+            assert values[a] == min(values.values())
+        elif q == "How many bars are there?":
+            assert int(a) == len(values)
+    packed = ChartSource(3, 168, seed=5, questions=3)[0]["message_list"]
+    assert len(packed) == 3 and len({m["question"] for m in packed}) == 3
+
+
 def test_make_synthetic_rejects_unknown_kind():
     assert isinstance(make_synthetic("clocks", 3, 64), ClockSource)
-    with pytest.raises(KeyError, match="charts"):
-        make_synthetic("charts", 3)
+    with pytest.raises(KeyError, match="tables"):
+        make_synthetic("tables", 3)
