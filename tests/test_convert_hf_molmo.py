@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from molmo_jax.convert import hf_molmo
@@ -132,3 +133,13 @@ def test_unsupported_config_fields_are_named(real_7b_d):
         hf_molmo.config_from_hf(dict(config_json, clip_qkv=8.0))
     with pytest.raises(hf_molmo.CheckpointError, match="missing required key 'hidden_size'"):
         hf_molmo.config_from_hf({k: v for k, v in config_json.items() if k != "hidden_size"})
+
+
+def test_bfloat16_checkpoint_loads_as_float32_params(olmo_state, tmp_path):
+    config, sd, params = olmo_state
+    hf_molmo.save_hf_checkpoint(str(tmp_path), params, config, dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.bfloat16 for v in hf_molmo.read_hf_tensors(str(tmp_path)).values())
+    _, state = hf_molmo.load_hf_checkpoint(str(tmp_path))
+    loaded = nnx.to_pure_dict(state)
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32), params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == np.float32 and np.array_equal(a, b), loaded, rounded))

@@ -305,8 +305,10 @@ def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
 
 def params_to_hf(params, config: MolmoConfig) -> Dict[str, jax.Array]:
     """Our parameters (pure nested dict, nnx.State or a Molmo) -> official tensors with the
-    `model.` prefix, PyTorch layout, same dtype as the parameters."""
-    return params_to_tensors(pure_params(params), molmo_links(config), abstract_params(config))
+    `model.` prefix, numpy arrays in PyTorch layout and the parameters' dtype (abstract
+    under jax.eval_shape)."""
+    params = jax.tree.map(lambda a: a if isinstance(a, jax.core.Tracer) else np.asarray(a), pure_params(params))
+    return params_to_tensors(params, molmo_links(config), abstract_params(config))
 
 
 def pure_params(params) -> Dict:
@@ -526,7 +528,6 @@ def save_hf_checkpoint(folder: str, params, config: MolmoConfig, *, dtype=None,
     """Writes config.json and model.safetensors (or shards + index above max_shard_bytes)."""
     from safetensors.numpy import save_file  # noqa: PLC0415
 
-    params = jax.tree.map(np.asarray, pure_params(params))
     tensors = {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
                for k, v in params_to_hf(params, config).items()}
     os.makedirs(folder, exist_ok=True)
