@@ -10,9 +10,9 @@ Counts 2 FLOPs per multiply-add of every matmul the model needs, as in PaLM's ap
             attention (L x L, counted in full: the XLA program computes the whole masked
             matrix), LM head.
 Norms, RoPE, softmax, embedding lookups and the loss are left out (not matmuls; < 1%).
-A training step is 3 forward passes' worth (forward + 2x for the backward). Rematerialised
-recomputation is hardware work, not model work, and is not counted: `cost_analysis()` of a
-remat'ed step reports up to one more forward pass than this.
+A training step (molmo_jax.train.metrics_logging.train_step_flops) is 3 forward passes' worth
+for trained parts. Rematerialised recomputation is hardware work, not model work, and is not
+counted.
 """
 from __future__ import annotations
 
@@ -69,11 +69,6 @@ def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) ->
 
     total = vit + connector + llm_flops
     return {"vit": float(vit), "connector": float(connector), "llm": float(llm_flops), "total": float(total)}
-
-
-def train_step_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) -> float:
-    """Model FLOPs of one optimizer step over a global batch (every part is trained)."""
-    return 3.0 * forward_flops(cfg, batch, seq_len, num_crops)["total"]
 
 
 def params_count(cfg: MolmoConfig) -> Dict[str, int]:

@@ -1,0 +1,462 @@
+"""Compile the training step for a TPU topology on a CPU machine and report
+per-chip memory and FLOPs: check a configuration before paying for the pod.
+
+    python -m molmo_jax.tools.aot --config configs/molmo_72b.py:sft --topology v5p-256
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:pretrain --topology v5e-256 --slices 2
+    python -m molmo_jax.tools.aot --config configs/demo.py --topology v5p-8 --mesh fsdp=2,tensor=2
+    python -m molmo_jax.tools.aot --table docs/scaling.json    # the sweep of docs/scaling.md
+
+Needs only the `libtpu` wheel (`pip install -e ".[tpu]"`), no TPU: the devices come from
+`jax.experimental.topologies` and are compile-only, so CPU stays JAX's default backend.
+The step is the trainer's own (molmo_jax.train), lowered on the mesh and shardings the
+trainer would build from the same config, on abstract arrays (nothing is allocated).
+
+Exit status: 0 when the step fits in the chip's HBM, 1 when it does not (or the compiler
+reports running out of memory), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Dict, Iterator, Optional, Sequence
+
+# libtpu looks for a TPU VM's metadata when it loads; these tell it there is none, which
+# silences its warnings. It also takes a machine-wide lock file meant for processes that
+# own TPU chips; compiling only, several processes may load it at once. (Set before the
+# first topology is built.)
+_LIBTPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+               "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public per-chip figures of a TPU generation (Cloud TPU system architecture pages)."""
+
+    name: str
+    topology_prefix: str  # generation name in jax.experimental.topologies
+    chip_config: str  # "megacore": one JAX device per chip (both TensorCores)
+    hbm_bytes: int
+    peak_bf16_flops: float
+    dims: int  # 3D torus (v4, v5p) or 2D (v5e, v6e)
+    cores_per_chip: int  # what the accelerator-type number counts per chip
+
+
+CHIPS = {
+    "v4": Chip("v4", "v4", "megacore", 32 * GiB, 275e12, 3, 2),
+    "v5p": Chip("v5p", "v5", "megacore", 95 * GiB, 459e12, 3, 2),
+    "v5e": Chip("v5e", "v5e", "default", 16 * GiB, 197e12, 2, 1),
+    "v6e": Chip("v6e", "v6e", "default", 32 * GiB, 918e12, 2, 1),
+}
+
+# Chip grids of the slice shapes Cloud TPU offers (chips -> grid).
+GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+            256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    chip: Chip
+    grid: tuple
+    slices: int = 1
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def num_chips(self) -> int:
+        return self.chips_per_slice * self.slices
+
+    @property
+    def name(self) -> str:
+        size = self.chips_per_slice * self.chip.cores_per_chip
+        return f"{self.chip.name}-{size}" + (f" x{self.slices}" if self.slices > 1 else "")
+
+    def devices(self) -> list:
+        """Compile-only TPU devices of the whole (multi-slice) topology."""
+        for key, value in _LIBTPU_ENV.items():
+            os.environ.setdefault(key, value)
+        from jax.experimental import topologies  # noqa: PLC0415 (after the env is set)
+        # Wrap-around links: 3D slices from a full 4x4x4 cube up, and the 16-chip-long
+        # dimensions of v5e/v6e slices.
+        if self.chip.dims == 3:
+            wrap = (min(self.grid) >= 4,) * 3
+        else:
+            wrap = tuple(n == 16 for n in self.grid)
+        name = f"{self.chip.topology_prefix}:{'x'.join(map(str, self.grid))}"
+        host = (2, 2, 1) if self.chips_per_slice >= 4 else (1, 1, 1)
+        desc = topologies.get_topology_desc(
+            topology_name=name, platform="tpu", chip_config_name=self.chip.chip_config,
+            chips_per_host_bounds=host, wrap=wrap + (False,) * (3 - len(wrap)), num_slices=self.slices)
+        return list(desc.devices)
+
+
+def parse_topology(name: str, slices: int = 1) -> Topology:
+    """'v5p-256' (accelerator type as gcloud names it: TensorCores for v4/v5p, chips for
+    v5e/v6e) -> Topology."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name)
+    if not m:
+        raise ValueError(f"unknown topology {name!r}; expected e.g. v5p-256, v5e-16, v6e-64, v4-32")
+    chip = CHIPS[m.group(1)]
+    size = int(m.group(2))
+    chips = size // chip.cores_per_chip
+    grids = GRIDS_3D if chip.dims == 3 else GRIDS_2D
+    if size % chip.cores_per_chip or chips not in grids:
+        sizes = sorted(n * chip.cores_per_chip for n in grids)
+        raise ValueError(f"{name}: no {chip.name} slice of that size; sizes are {sizes}")
+    if slices < 1:
+        raise ValueError(f"--slices must be >= 1, got {slices}")
+    return Topology(chip, grids[chips], slices)
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass
+class Report:
+    topology: Topology
+    step: str
+    mesh: Dict[str, int]
+    remat_policy: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    generated_code_bytes: int
+    xla_flops_per_chip: float
+    analytic_flops: float  # whole step, all chips
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM estimate per chip: inputs + outputs (minus donated buffers reused as
+        outputs) + temporaries + program (MaxText's formula; XLA may overestimate)."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.generated_code_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.topology.chip.hbm_bytes
+
+    def step_seconds(self, mfu: float) -> float:
+        return self.analytic_flops / (self.topology.num_chips * self.topology.chip.peak_bf16_flops * mfu)
+
+    def format(self, mfu: float) -> str:
+        chip = self.topology.chip
+
+        def size(n: int) -> str:
+            return f"{n / GiB:9.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:9.2f} MiB"
+
+        xla_total = self.xla_flops_per_chip * self.topology.num_chips
+        lines = [
+            f"{self.step} step on {self.topology.name} ({self.topology.num_chips} chips, "
+            f"mesh {self.mesh}, remat {self.remat_policy}), compiled in {self.compile_seconds:.0f} s",
+            "per-chip memory:",
+            f"  arguments     {size(self.argument_bytes)}",
+            f"  outputs       {size(self.output_bytes)}  (of which {self.alias_bytes / GiB:.2f} GiB "
+            "reuse donated arguments)",
+            f"  temporaries   {size(self.temp_bytes)}",
+            f"  program       {size(self.generated_code_bytes)}",
+            f"  total         {size(self.total_bytes)}  of {chip.hbm_bytes / GiB:.0f} GiB HBM "
+            f"({chip.name}): {'fits' if self.fits else 'DOES NOT FIT'}",
+            "FLOPs per step:",
+            f"  XLA           {xla_total:.4g}  ({self.xla_flops_per_chip:.4g} per chip; includes "
+            "rematerialised recomputation)",
+            f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.flops)",
+            f"  est. step time at {mfu:.0%} MFU: {self.step_seconds(mfu):.2f} s "
+            f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
+        ]
+        return "\n".join(lines)
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    text = str(error).lower()
+    return "resource_exhausted" in text or "out of memory" in text or "hbm" in text
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def load_config(spec: str):
+    """'configs/x.py:arg' -> the experiment ConfigDict (`get_config(arg)` of that file)."""
+    import importlib.util  # noqa: PLC0415
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {spec!r}: no such file {path!r}")
+    module_spec = importlib.util.spec_from_file_location(f"aot_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def prepare_config(exp, *, mesh: Optional[Dict[str, int]] = None, remat: Optional[str] = None,
+                   batch: Optional[int] = None, grad_accum: Optional[int] = None):
+    """A copy of the experiment config with command-line changes; compute dtype "auto"
+    becomes bfloat16, what the trainer picks on TPU."""
+    exp = exp.copy_and_resolve_references()
+    if exp.model.dtype == "auto":
+        exp.model.dtype = "bfloat16"
+    if mesh is not None:
+        exp.mesh = dict(mesh)
+    if remat is not None:
+        exp.model.remat_policy = remat
+    if batch is not None:
+        exp.train.global_batch = batch
+    if grad_accum is not None:
+        exp.train.grad_accum_steps = grad_accum
+    return exp
+
+
+def compile_report(exp, topology: Topology) -> Report:
+    """Compiles the trainer's step of `exp` for `topology`; raises the compiler's error
+    (RESOURCE_EXHAUSTED when it runs out of HBM)."""
+    import jax  # noqa: PLC0415
+    from molmo_jax import sharding  # noqa: PLC0415
+
+    mesh = sharding.make_mesh(dict(exp.mesh), topology.devices())
+    step, args, analytic = build_train_step(exp, mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    return Report(topology, "train", dict(mesh.shape), exp.model.remat_policy, mem.argument_size_in_bytes,
+                  mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
+                  mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)), analytic, seconds)
+
+
+def abstract_batch(cfg, mesh, batch: int, seq_len: int, crops: int) -> dict:
+    """ShapeDtypeStructs of one global batch as data_pipelines.pipeline emits it, split over
+    the batch axes (sharding.batch_sharding, what the trainer uses)."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from molmo_jax import sharding  # noqa: PLC0415
+    v, c = cfg.vision, cfg.connector
+    tokens = -(-v.grid[0] // c.pool_h) * -(-v.grid[1] // c.pool_w)  # pooled tokens per crop
+    text = (batch, seq_len)
+    shapes = {
+        "input_ids": (text, jnp.int32), "target_tokens": (text, jnp.int32), "loss_masks": (text, jnp.float32),
+        "position_ids": (text, jnp.int32), "subsegment_ids": (text, jnp.int32),
+        "images": ((batch, crops, v.num_patches, v.patch_dim), jnp.float32),
+        "image_masks": ((batch, crops, v.num_patches), jnp.float32),
+        "image_input_idx": ((batch, crops, tokens), jnp.int32),
+    }
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
+
+
+def build_train_step(exp, mesh):
+    """(jitted step, abstract (state, batch), analytic FLOPs): the trainer's update step
+    (molmo_jax.train.trainer.make_train_step, dropout and gradient accumulation included) with
+    the state shardings train() builds, on ShapeDtypeStructs."""
+    import functools  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
+    from molmo_jax import sharding  # noqa: PLC0415
+    from molmo_jax.model.molmo import Molmo  # noqa: PLC0415
+    from molmo_jax.train import optimizer as opt_lib, trainer  # noqa: PLC0415
+    from molmo_jax.train.metrics_logging import train_step_flops  # noqa: PLC0415
+
+    cfg = trainer.model_config_from(exp)
+    tc, groups = exp.train, [tuple(p) for p in exp.optimizer.groups]
+    sharding.validate_parallelism(cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps, 1)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Molmo(cfg, rngs=nnx.Rngs(0))))
+    specs = sharding.state_specs(abstract_params, mesh)
+    param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
+    trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, exp.optimizer.frozen)
+    tx = opt_lib.make_optimizer(exp.optimizer, tc.total_steps, groups)
+    abstract_state = jax.eval_shape(functools.partial(trainer.init_train_state, cfg, tx, exp.optimizer.frozen),
+                                    jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": trainable_sh, "frozen": frozen_sh,
+                 "opt_state": trainer._opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh),  # noqa: SLF001
+                 "step": replicated, "rng": replicated}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    step = jax.jit(trainer.make_train_step(graphdef, tx, exp, tc.grad_accum_steps), donate_argnums=(0,),
+                   out_shardings=(shardings, replicated))
+    crops = exp.data.max_crops + 1
+    batch = abstract_batch(cfg, mesh, tc.global_batch, exp.data.seq_len, crops)
+    return step, (state, batch), train_step_flops(cfg, tc.global_batch, exp.data.seq_len, crops)
+
+
+# --------------------------------------------------------------------------- sweep (--table)
+
+RELEASES = (("MolmoE-1B", "configs/molmoe_1b.py"), ("Molmo-7B-O", "configs/molmo_7b_o.py"),
+            ("Molmo-7B-D", "configs/molmo_7b_d.py"), ("Molmo-72B", "configs/molmo_72b.py"))
+STAGES = ("pretrain", "sft")
+# Slice sizes tried, smallest first: (accelerator type, slices). Past one v5e/v6e pod (256
+# chips) the sweep adds slices joined over the data-center network.
+SWEEP_SLICES = {
+    "v5p": [(f"v5p-{n}", 1) for n in (8, 16, 32, 64, 128, 256, 512, 1024)],
+    "v6e": [(f"v6e-{n}", 1) for n in (4, 8, 16, 32, 64, 128, 256)] + [("v6e-256", 2), ("v6e-256", 4)],
+    "v5e": [(f"v5e-{n}", 1) for n in (4, 8, 16, 32, 64, 128, 256)] + [("v5e-256", 2), ("v5e-256", 4)],
+}
+
+
+def sweep_candidates(exp, topology: Topology):
+    """(mesh, grad_accum) pairs to try on one slice, cheapest in memory last: FSDP inside each
+    slice, data parallelism across slices, tensor parallelism only as far as needed for the
+    batch to cover the chips; then gradient accumulation down to one example per chip."""
+    batch, chips = exp.train.global_batch, topology.num_chips
+    tensor = 1
+    while chips // tensor > batch or batch % (chips // tensor):
+        tensor *= 2
+        if tensor > 8 or chips % tensor:
+            return []
+    mesh = {"data": topology.slices, "fsdp": topology.chips_per_slice // tensor, "tensor": tensor, "expert": 1}
+    per_chip = batch // (chips // tensor)
+    return [(mesh, 1)] + ([(mesh, per_chip)] if per_chip > 1 else [])
+
+
+def state_bytes_per_chip(exp, chips: int) -> float:
+    """Lower bound of the per-chip HBM: float32 params + two AdamW moments of the trainable
+    ones, evenly split. A slice below it cannot fit, so the sweep does not compile there."""
+    from molmo_jax import flops  # noqa: PLC0415
+    from molmo_jax.train.trainer import model_config_from  # noqa: PLC0415
+    n = flops.params_count(model_config_from(exp))["total"]
+    return 12.0 * n / chips
+
+
+def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]:
+    """Fills `results` (key "model|stage|gen" -> row dict) for every release x stage x
+    generation not in it yet: the smallest slice of SWEEP_SLICES where the step fits.
+    Yields each key once its row is in, so the caller can save progress."""
+    for gen in generations:
+        for model, path in RELEASES:
+            for stage in STAGES:
+                key = f"{model}|{stage}|{gen}"
+                if key in results:
+                    continue
+                base = load_config(f"{path}:{stage}")
+                tried = []
+                for accelerator, slices in SWEEP_SLICES[gen]:
+                    topology = parse_topology(accelerator, slices)
+                    if state_bytes_per_chip(base, topology.num_chips) > topology.chip.hbm_bytes:
+                        tried.append(f"{topology.name}: state alone exceeds HBM")
+                        continue
+                    for mesh, accum in sweep_candidates(base, topology):
+                        exp = prepare_config(base, mesh=mesh, grad_accum=accum)
+                        log(f"[{key}] compiling on {topology.name}, mesh {mesh}, grad_accum {accum} ...")
+                        try:
+                            report = compile_report(exp, topology)
+                        except Exception as e:  # noqa: BLE001 (only out-of-memory is expected)
+                            if not is_out_of_memory(e):
+                                raise
+                            tried.append(f"{topology.name} accum {accum}: compiler out of HBM")
+                            continue
+                        if not report.fits:
+                            tried.append(f"{topology.name} accum {accum}: {report.total_bytes / GiB:.1f} GiB")
+                            continue
+                        results[key] = dict(model=model, stage=stage, gen=gen, slice=topology.name,
+                                            chips=topology.num_chips, mesh=report.mesh, remat=report.remat_policy,
+                                            grad_accum=accum, batch=exp.train.global_batch,
+                                            seq_len=exp.data.seq_len, crops=exp.data.max_crops + 1,
+                                            total_gib=report.total_bytes / GiB,
+                                            hbm_gib=topology.chip.hbm_bytes / GiB,
+                                            xla_flops=report.xla_flops_per_chip * topology.num_chips,
+                                            analytic_flops=report.analytic_flops,
+                                            peak_flops=topology.chip.peak_bf16_flops,
+                                            compile_s=report.compile_seconds, tried=tried)
+                        log(f"[{key}] fits: {report.total_bytes / GiB:.1f} GiB per chip")
+                        break
+                    if key in results:
+                        break
+                else:
+                    results[key] = dict(model=model, stage=stage, gen=gen, slice=None, tried=tried)
+                yield key
+
+
+def table_markdown(results: dict, generations: Sequence[str], mfu: float) -> str:
+    """The docs/scaling.md table: one row per release x stage x generation."""
+    head = ("| model | stage | TPU | smallest slice that fits | mesh (data, fsdp, tensor) | remat | grad accum "
+            "| HBM per chip (of) | XLA / analytic FLOPs | est. step time |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for gen in generations:
+        for model, _ in RELEASES:
+            for stage in STAGES:
+                r = results.get(f"{model}|{stage}|{gen}")
+                if r is None:
+                    rows.append(f"| {model} | {stage} | {gen} | not computed | | | | | | |")
+                elif r["slice"] is None:
+                    rows.append(f"| {model} | {stage} | {gen} | none up to {SWEEP_SLICES[gen][-1][0]} "
+                                f"x{SWEEP_SLICES[gen][-1][1]} | | | | | | |")
+                else:
+                    m = r["mesh"]
+                    seconds = r["analytic_flops"] / (r["chips"] * r["peak_flops"] * mfu)
+                    rows.append(f"| {model} | {stage} | {gen} | {r['slice']} ({r['chips']} chips) "
+                                f"| {m['data']}, {m['fsdp']}, {m['tensor']} | {r['remat']} | {r['grad_accum']} "
+                                f"| {r['total_gib']:.1f} GiB ({r['hbm_gib']:.0f}) "
+                                f"| {r['xla_flops'] / r['analytic_flops']:.2f} | {seconds:.2f} s |")
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m molmo_jax.tools.aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="experiment config, e.g. configs/molmo_72b.py:sft")
+    parser.add_argument("--topology", help="accelerator type, e.g. v5p-256, v5e-64, v6e-16")
+    parser.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network")
+    parser.add_argument("--mesh", default=None,
+                        help="mesh axis sizes, e.g. data=2,fsdp=-1,tensor=4 (default: the config's)")
+    parser.add_argument("--remat", default=None, help="remat policy (default: the config's)")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+    parser.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step-time estimate")
+    parser.add_argument("--table", default=None, metavar="RESULTS_JSON",
+                        help="sweep every release (results cached in this JSON) and print the table")
+    parser.add_argument("--generations", default="v5p,v6e,v5e", help="TPU generations of the sweep")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    if args.table:
+        import json  # noqa: PLC0415
+        gens = args.generations.split(",")
+        unknown = [g for g in gens if g not in SWEEP_SLICES]
+        if unknown:
+            print(f"error: unknown generation(s) {unknown}; choose from {sorted(SWEEP_SLICES)}", file=sys.stderr)
+            return 2
+        results = json.load(open(args.table)) if os.path.exists(args.table) else {}
+        for _ in sweep(results, gens, log=lambda m: print(m, file=sys.stderr, flush=True)):
+            with open(args.table, "w") as f:
+                json.dump(results, f, indent=1, sort_keys=True)
+        print(table_markdown(results, gens, args.mfu))
+        return 0
+
+    try:
+        if not args.config or not args.topology:
+            raise ValueError("give --config and --topology (or --table)")
+        mesh = None
+        if args.mesh:
+            mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+        topology = parse_topology(args.topology, args.slices)
+        exp = prepare_config(load_config(args.config), mesh=mesh, remat=args.remat, batch=args.batch,
+                             grad_accum=args.grad_accum)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = compile_report(exp, topology)
+    except Exception as e:  # noqa: BLE001
+        if not is_out_of_memory(e):
+            raise
+        print(f"train step does not fit on {topology.name}: {e}", file=sys.stderr)
+        return 1
+    print(report.format(args.mfu))
+    if not report.fits:
+        print(f"train step does not fit on {topology.name}: {report.total_bytes / GiB:.1f} GiB per chip > "
+              f"{topology.chip.hbm_bytes / GiB:.0f} GiB HBM", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""AOT compilation for TPU topologies on CPU (libtpu wheel, no TPU) and the analytic FLOPs."""
+import dataclasses
+
+import pytest
+
+from molmo_jax import flops
+from molmo_jax.model import config as cfg
+from molmo_jax.tools import aot
+
+
+def test_parameter_count_matches_the_official_checkpoint():
+    # model.safetensors.index.json of Molmo-7B-D-0924: metadata.total_parameters.
+    assert flops.params_count(cfg.MOLMO_7B_D)["total"] == 8_021_025_280
+
+
+def test_forward_flops_by_hand_for_the_llm():
+    c = cfg.TINY_QWEN2
+    llm = c.llm
+    per_token = llm.n_layers * (2 * llm.d_model * (llm.n_heads + 2 * llm.n_kv_heads) * llm.head_dim
+                                + 2 * llm.n_heads * llm.head_dim * llm.d_model
+                                + 2 * llm.d_model * llm.mlp_hidden_size + llm.mlp_hidden_size * llm.d_model)
+    per_token += 2 * llm.d_model * llm.embedding_size
+    attention = llm.n_layers * 4 * 16 * 16 * llm.n_heads * llm.head_dim
+    f = flops.forward_flops(c, batch=3, seq_len=16, num_crops=0)
+    assert f["vit"] == f["connector"] == 0
+    assert f["llm"] == f["total"] == 3 * (16 * per_token + attention)
+
+
+def test_vit_flops_stop_at_the_deepest_feature_layer():
+    deeper = cfg.MOLMO_7B_D.replace(vision=dataclasses.replace(cfg.MOLMO_7B_D.vision, feature_layers=(-1, -9)))
+    one = flops.forward_flops(cfg.MOLMO_7B_D, 1, 8, 1)["vit"]
+    assert flops.vit_blocks_used(cfg.MOLMO_7B_D) == 22 and flops.vit_blocks_used(deeper) == 23
+    assert flops.forward_flops(deeper, 1, 8, 1)["vit"] > one
+
+
+@pytest.mark.parametrize("name, slices, chips, grid", [
+    ("v5p-8", 1, 4, (2, 2, 1)), ("v5p-256", 1, 128, (4, 4, 8)), ("v5e-256", 2, 512, (16, 16)),
+    ("v6e-16", 1, 16, (4, 4)), ("v4-32", 1, 16, (2, 2, 4)),
+])
+def test_topology_names(name, slices, chips, grid):
+    t = aot.parse_topology(name, slices)
+    assert (t.num_chips, t.grid) == (chips, grid)
+
+
+@pytest.mark.parametrize("name, message", [("v7-8", "unknown topology"), ("v5p-12", "sizes are"),
+                                           ("v5e-3", "sizes are")])
+def test_bad_topology_is_named(name, message):
+    with pytest.raises(ValueError, match=message):
+        aot.parse_topology(name)
+
+
+def test_compile_only_devices_beside_cpu():
+    import jax
+    devices = aot.parse_topology("v5e-16", slices=2).devices()
+    assert len(devices) == 32 and {d.platform for d in devices} == {"tpu"}
+    assert jax.default_backend() == "cpu" and len(jax.devices()) == 8  # CPU stays the default
+
+
+def test_demo_train_step_compiles_for_v5p_8(capsys):
+    # The trainer's real step (dropout, AdamW groups, z-loss) of the demo config, 4 chips.
+    assert aot.main(["--config", "configs/demo.py:pretrain", "--topology", "v5p-8"]) == 0
+    out = capsys.readouterr().out
+    assert "train step on v5p-8 (4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}" in out
+    assert "of 95 GiB HBM (v5p): fits" in out
+    xla = float(out.split("  XLA ")[1].split()[0])
+    analytic = float(out.split("  analytic ")[1].split()[0])
+    assert xla > 0 and analytic > 0
+
+
+def test_a_step_that_does_not_fit_exits_non_zero(capsys):
+    # Molmo-7B-D stage 2 (batch 256, 13 crops x 2304 tokens) on the 4 chips of a v5e-4.
+    assert aot.main(["--config", "configs/molmo_7b_d.py:sft", "--topology", "v5e-4", "--mesh", "fsdp=4"]) == 1
+    assert "does not fit on v5e-4" in capsys.readouterr().err
