@@ -94,8 +94,9 @@ def test_missing_and_unexpected_keys_are_named(olmo_state):
     config, sd, _ = olmo_state
     bad = {k: v for k, v in sd.items() if k != "model.transformer.blocks.0.q_norm.weight"}
     bad["model.transformer.blocks.0.att_proj.bias"] = np.zeros(288, np.float32)
-    with pytest.raises(hf_molmo.CheckpointError, match=r"missing \['model\.transformer\.blocks\.0\.q_norm\.weight'\]"
-                                                      r".*unexpected \['model\.transformer\.blocks\.0\.att_proj\.bias'\]"):
+    pattern = (r"missing \['model\.transformer\.blocks\.0\.q_norm\.weight'\]"
+               r".*unexpected \['model\.transformer\.blocks\.0\.att_proj\.bias'\]")
+    with pytest.raises(hf_molmo.CheckpointError, match=pattern):
         hf_molmo.hf_to_params(bad, config)
 
 

@@ -402,7 +402,8 @@ def config_to_hf(config: MolmoConfig) -> Dict:
         raise CheckpointError("the HF Molmo config describes dense models with head_dim = d_model / n_heads only")
     out = {
         "architectures": ["MolmoForCausalLM"], "model_type": "molmo",
-        "auto_map": {"AutoConfig": "config_molmo.MolmoConfig", "AutoModelForCausalLM": "modeling_molmo.MolmoForCausalLM"},
+        "auto_map": {"AutoConfig": "config_molmo.MolmoConfig",
+                     "AutoModelForCausalLM": "modeling_molmo.MolmoForCausalLM"},
         "vocab_size": c.vocab_size, "embedding_size": c.embedding_size, "hidden_size": c.d_model,
         "intermediate_size": c.mlp_hidden_size, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
