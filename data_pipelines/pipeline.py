@@ -10,6 +10,7 @@ Built on grain's dataset API, per JAX process (host):
     SkipAccounting                          drops skip records, counts them on the next example
     .batch(batch_per_host)                  fixed shapes (see packing.py)
     .mp_prefetch(num_workers)               worker processes, each on a slice; batches round-robin
+                                            (no workers: a prefetch thread)
   PipelineIterator                          sums skip counts, enforces max_skip_rate,
                                             get_state / set_state for exact resume
 
@@ -30,11 +31,13 @@ skips after the last full batch are not counted.
 (defaults in brackets): mixture (a name in mixtures.MIXTURES or one dataset name), tokenizer,
 seq_len, max_crops, seed, num_workers, prefetch [2], overlap_margins [(4, 4)], num_examples
 [unbounded], shuffle_messages [True], annotation_weighting ["root_subsegments" for sft, else
-None], format ["captioner" for pretrain, else "finetuned"], max_points [40], max_skip_rate [0.05], skip_check_after [256], synthetic_image_size [168],
-synthetic_examples [100_000], pixmo_dir, image_dir [""], split ["train"], clock_image_size [336].
+None], format ["captioner" for pretrain, else "finetuned"], max_points [40], max_skip_rate
+[0.05], skip_check_after [256], synthetic_image_size [168], synthetic_examples [100_000],
+pixmo_dir, image_dir [""], split ["train"], clock_image_size [336].
 The batch size per host is `config.train.global_batch // process_count`.
 
-This module never imports JAX: the trainer turns the numpy batches into global arrays.
+Numpy only (grain imports jax for its own profiler, nothing here uses it): the trainer turns the
+numpy batches into global arrays.
 """
 from __future__ import annotations
 
@@ -51,8 +54,7 @@ from data_pipelines.mixtures import MixtureIndex, get_mixture, mixture_datasets,
 from data_pipelines.sources import synthetic
 
 SKIP_CAUSES = ("corrupt_image", "missing_file", "too_many_points", "too_long", "malformed")
-BATCH_KEYS = ("input_ids", "target_tokens", "loss_masks", "position_ids", "subsegment_ids", "images",
-              "image_masks", "image_input_idx")
+BATCH_KEYS = packing.TEXT_KEYS + ("images", "image_masks", "image_input_idx")
 # Preprocess: (example dict, np.random.RandomState) -> tokenized example (see packing.pack_example).
 Preprocess = Callable[[Dict[str, Any], np.random.RandomState], Dict[str, np.ndarray]]
 
@@ -72,7 +74,8 @@ def _count_points(example: Mapping[str, Any]) -> int:
 
 def skip_cause(error: Exception) -> Optional[str]:
     """The SKIP_CAUSES entry of an exception raised while making one example, None for bugs."""
-    if isinstance(error, FileNotFoundError) or (isinstance(error, ImageDecodeError) and "unreadable file" in str(error)):
+    unreadable = isinstance(error, ImageDecodeError) and "unreadable file" in str(error)
+    if isinstance(error, FileNotFoundError) or unreadable:
         return "missing_file"
     if isinstance(error, ImageDecodeError):
         return "corrupt_image"
@@ -244,6 +247,9 @@ def build_dataset(transform: ExampleTransform, *, num_examples: int, batch_size:
     if num_workers > 0:
         _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
+    elif prefetch > 0:
+        # a background thread prepares the next batches while the training step runs
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
 
 

@@ -22,5 +22,5 @@ def make_synthetic(kind: str, num_examples: int, image_size=168, seed: int = 0, 
     return GENERATORS[kind](num_examples, image_size, seed, **kwargs)
 
 
-__all__ = ["CaptionSource", "ChartSource", "ClockSource", "GENERATORS", "ShapesSource", "SyntheticSource", "make_synthetic",
-           "render_clock_row"]
+__all__ = ["CaptionSource", "ChartSource", "ClockSource", "GENERATORS", "ShapesSource", "SyntheticSource",
+           "make_synthetic", "render_clock_row"]

@@ -167,7 +167,8 @@ def draw_clock(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, f
             _hand(draw, cx, cy, hands[name] + rotation, r * length, r * tail,
                   max(r * width, min_width), color, shape)
     dot = max(r * 0.05, min_width)
-    draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=face.second_color if hands.get("second") is not None else face.ink)
+    hub = face.second_color if hands.get("second") is not None else face.ink
+    draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=hub)
 
 
 def hand_angles(hour: int, minute: int, second: int, visible: Tuple[bool, bool, bool]) -> Dict[str, Optional[float]]:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipelines.sources.synthetic.base import ImageSize, SyntheticSource, image_hw, paint_background
+from data_pipelines.sources.synthetic.base import ImageSize, SyntheticSource, paint_background
 
 COLORS = {
     "red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 80, 220), "yellow": (245, 200, 20),
@@ -105,7 +105,8 @@ def shape_masks(height: int, width: int, shapes: Sequence[Shape]) -> np.ndarray:
     return masks
 
 
-def sample_query(rng: np.random.Generator, shapes: Sequence[Shape], absent_rate: float) -> Tuple[str | None, str | None]:
+def sample_query(rng: np.random.Generator, shapes: Sequence[Shape],
+                 absent_rate: float) -> Tuple[str | None, str | None]:
     """A (colour, kind) query; None means "any". Absent categories come with `absent_rate`."""
     if rng.random() < absent_rate:
         present = {(s.color, s.kind) for s in shapes}
