@@ -146,3 +146,23 @@ def test_unexpected_errors_are_not_hidden(tokenizer):
     # an unsupported image object is a bad example (ImageDecodeError), not a crash
     it = iter(parts_pipeline(tokenizer, source, seed=0, batch_size=1, num_examples=2, shuffle=False))
     assert len(list(it)) == 1 and it.stats.skipped["corrupt_image"] == 1
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_demo_config_builds_its_pipeline(tokenizer, stage):
+    from configs import demo
+    config = demo.get_config(stage)
+    it = iter(pipeline.make_pipeline(config, tokenizer=tokenizer))
+    batch = next(it)
+    it.close()
+    d = config.data
+    crop = pipeline.crop_config(config)
+    assert batch["input_ids"].shape == (config.train.global_batch, d.seq_len)
+    assert batch["images"].shape == (config.train.global_batch, 1 + d.max_crops, crop.crop_patches ** 2,
+                                     crop.patch_dim)
+    assert (batch["loss_masks"] > 0).any(axis=1).all()     # every example trains on something
+    texts = [tokenizer.decode(row[row >= 0]) for row in batch["input_ids"]]
+    if stage == "pretrain":   # captioner format: length-hinted caption prompts, no chat roles
+        assert all("long_caption" in t and "User:" not in t for t in texts), texts
+    else:
+        assert all("User:" in t and "Assistant:" in t for t in texts), texts
