@@ -162,9 +162,10 @@ def molmoe_config_to_hf(config: MolmoConfig) -> Dict:
                               "no top-k renormalisation")
     dense = config_to_hf(config.replace(llm=dataclasses.replace(c, block_type="dense")))
     ext = dense.pop("tiny_golden_extension", {})
-    out = {
+    return {
         "architectures": ["OLMoForCausalLM"], "model_type": "molmo",
-        "auto_map": {"AutoConfig": "config_molmoe.MolmoConfig", "AutoModelForCausalLM": "modeling_molmoe.MolmoForCausalLM"},
+        "auto_map": {"AutoConfig": "config_molmoe.MolmoConfig",
+                     "AutoModelForCausalLM": "modeling_molmoe.MolmoForCausalLM"},
         "d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
         "head_dim": None, "mlp_ratio": c.mlp_hidden_size // c.d_model if c.mlp_hidden_size % c.d_model == 0 else None,
         "mlp_hidden_size": None if c.mlp_hidden_size % c.d_model == 0 else c.mlp_hidden_size,
@@ -177,4 +178,3 @@ def molmoe_config_to_hf(config: MolmoConfig) -> Dict:
                                  "attention_layer_norm", "torch_dtype")},
         **ext,  # vision / connector fields, only where they differ from the release (CLIP ViT-L/14-336)
     }
-    return out
