@@ -10,7 +10,8 @@ Expert layouts understood by `moe_links` (PyTorch `nn.Linear.weight` is [out, in
   "fused"       transformers >= 5 in memory (`OlmoeExperts`; its loader fuses the hub tensors):
                 {p}.gate.weight [E, D]; {p}.experts.gate_up_proj [E, 2F, D] (gate rows, then up);
                 {p}.experts.down_proj [E, D, F]
-  "megablocks"  official training checkpoints (spec §7.1, [M] `convert_hf_to_molmo.py`):
+  "megablocks"  official training checkpoints (spec §7.1, [M] `convert_hf_to_molmo.py`; the
+                inverse of transformers' `convert_olmoe_weights_to_hf.py`):
                 {p}.router.layer.weight [E, D]; {p}.experts.mlp.w1 [E*F, D] (gate_proj of
                 expert 0, 1, ...); {p}.experts.mlp.v1 [E*F, D] (up_proj); {p}.experts.mlp.w2
                 [E*F, D] (down_proj transposed)

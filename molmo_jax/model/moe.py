@@ -7,10 +7,11 @@
 Routing follows transformers `OlmoeTopKRouter` and the official MolmoE remote code
 (`MolmoeSparseMoeBlock`): softmax in float32 over all experts, top-k of the
 probabilities, and the top-k weights renormalised to sum to 1 only when
-`config.moe_renormalize` (OLMoE's `norm_topk_prob`). OLMoE-1B-7B-0924 and MolmoE-1B-0924
-ship `norm_topk_prob = false` (transformers' `OlmoeConfig` default, documented against
-that checkpoint; the MolmoE remote code has no renormalisation at all), so the
-presets keep `moe_renormalize=False`: the weights sum to less than 1.
+`config.moe_renormalize` (OLMoE's `norm_topk_prob`). Neither release renormalises: the
+MolmoE-1B-0924 remote code has no renormalisation at all, and transformers'
+`convert_olmoe_weights_to_hf.py`, which wrote the OLMoE-1B-7B-0924 HF config, leaves
+`norm_topk_prob` at its default False. So the presets keep `moe_renormalize=False`: the
+top-k weights sum to less than 1.
 
 Two dispatch modes (`config.moe_dispatch`):
   "sorted"   dropless: the T*k (token, expert) assignments are sorted by expert and the
