@@ -6,8 +6,11 @@ Two geometries, both on the synthetic mixture (render + multi-crop + format + to
   demo: configs/demo.py (sft): 112 px images and crops, 2 crops, seq_len 256, batch 8;
   7B-D: configs/molmo_7b_d.py (sft) geometry: 336 px crops, max_crops 12, seq_len 2304, batch 4,
         on 672x896 synthetic images (tiling 3x4, so every example fills all 12 + 1 crops).
-The first batch (worker start-up, caches) is excluded; the clock is wall time over the next
-`--batches` batches, so the numbers depend on what else runs on the machine. Prints one table.
+The first batch (worker start-up, caches) is excluded; batches/s and examples/s are wall time
+over the next `--batches` batches, so they depend on what else runs on the machine. Without
+workers the pipeline runs with no prefetch thread and "examples/cpu-s" divides by this
+process's CPU time instead (all work runs in it), which stays comparable on a shared machine.
+Prints one table.
 """
 import argparse
 import os
@@ -40,19 +43,22 @@ def geometries():
 
 def measure(config, tokenizer, workers: int, batches: int):
     config.data.num_workers = workers
+    # Without workers, no prefetch thread: work done ahead would escape the timed window.
+    config.data.prefetch = 2 if workers else 0
     it = iter(pipeline.make_pipeline(config, tokenizer=tokenizer))
     try:
         first = next(it)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(batches):
             next(it)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         it.close()
     batch_size = first["input_ids"].shape[0]
     mbytes = sum(v.nbytes for v in first.values()) / 2 ** 20
     crops = int((first["image_input_idx"].max(axis=-1) >= 0).sum(axis=-1).mean())
-    return batch_size, first["input_ids"].shape[1], crops, mbytes, batches / seconds
+    per_cpu = f"{batches * batch_size / cpu:.1f}" if workers == 0 else "-"
+    return batch_size, first["input_ids"].shape[1], crops, mbytes, batches / seconds, per_cpu
 
 
 def main(argv=None) -> int:
@@ -68,13 +74,15 @@ def main(argv=None) -> int:
     rows = []
     for name, config in geometries().items():
         for workers in (int(w) for w in args.workers.split(",")):
-            batch, seq_len, crops, mbytes, rate = measure(config, tokenizer, workers, args.batches)
-            rows.append((name, workers, batch, seq_len, crops, mbytes, rate, rate * batch))
-    header = ("geometry", "workers", "batch", "seq_len", "crops/ex", "MB/batch", "batches/s", "examples/s")
+            batch, seq_len, crops, mbytes, rate, per_cpu = measure(config, tokenizer, workers, args.batches)
+            rows.append((name, workers, batch, seq_len, crops, mbytes, rate, rate * batch, per_cpu))
+    header = ("geometry", "workers", "batch", "seq_len", "crops/ex", "MB/batch", "batches/s", "examples/s",
+              "examples/cpu-s")
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
-    for name, workers, batch, seq_len, crops, mbytes, rate, examples in rows:
-        print(f"{name} | {workers} | {batch} | {seq_len} | {crops} | {mbytes:.1f} | {rate:.2f} | {examples:.1f}")
+    for name, workers, batch, seq_len, crops, mbytes, rate, examples, per_cpu in rows:
+        print(f"{name} | {workers} | {batch} | {seq_len} | {crops} | {mbytes:.1f} | {rate:.2f} | {examples:.1f} | "
+              f"{per_cpu}")
     return 0
 
 
