@@ -48,8 +48,15 @@ def imported(request, golden_dir, tmp_path_factory):
     return hf, ckpt
 
 
+@pytest.fixture(scope="module")
+def qwen2_checkpoint(golden_dir, tmp_path_factory):
+    hf = os.path.join(golden_dir, "model", "qwen2_style")
+    ckpt = str(tmp_path_factory.mktemp("qwen2") / "ckpt")
+    export.import_hf(hf, ckpt, train_config(read_hf_config(hf)))
+    return hf, ckpt
+
+
 def test_import_writes_the_trainer_layout(imported):
-    hf, ckpt = imported
     """What the trainer's init.checkpoint does: restore the whole state onto abstract targets."""
     hf, ckpt = imported
     config = read_hf_config(hf)
@@ -92,8 +99,8 @@ def test_round_trip_is_byte_identical(imported, tokenizer_dir, tmp_path):
     assert not mismatch and not errors
 
 
-def test_bfloat16_is_the_rounding_of_float32(imported, tokenizer_dir, tmp_path):
-    hf, ckpt = imported
+def test_bfloat16_is_the_rounding_of_float32(qwen2_checkpoint, tokenizer_dir, tmp_path):
+    hf, ckpt = qwen2_checkpoint
     out = str(tmp_path / "bf16")
     export.export_checkpoint(ckpt, out, tokenizer=tokenizer_dir, dtype="bfloat16", max_shard_bytes=SHARD)
     golden, ours = read_hf_tensors(hf), read_hf_tensors(out)
@@ -108,17 +115,17 @@ def subtree_like(full, part):
 
 
 def save_tiny_checkpoint(directory, devices):
-    """The tiny Molmo's training state, sharded by the logical rules over `devices`."""
+    """A tiny Molmo training state (random weights), sharded by the logical rules over `devices`."""
     mesh = sharding.make_mesh({"fsdp": len(devices)}, devices)
-    model = Molmo(TINY_QWEN2, rngs=nnx.Rngs(11))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     abstract = nnx.state(nnx.eval_shape(lambda: Molmo(TINY_QWEN2, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = nnx.to_pure_dict(sharding.named_shardings(sharding.state_specs(abstract, mesh), mesh))
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), nnx.to_pure_dict(abstract))
     state = export.training_state(TINY_QWEN2, params, common.base_config("sft").optimizer, 10, 0)
     replicated = NamedSharding(mesh, P())
-    for part in ("params", "frozen"):
-        state[part] = jax.tree.map(jax.device_put, state[part], subtree_like(shardings, state[part]))
-    state = {k: (v if k in ("params", "frozen") else jax.device_put(v, replicated)) for k, v in state.items()}
+    targets = {k: (subtree_like(shardings, v) if k in ("params", "frozen") else jax.tree.map(lambda _: replicated, v))
+               for k, v in state.items()}
+    state = jax.device_put(state, targets)
     ck = Checkpointer(directory, async_save=False)
     ck.save(3, state, None, {"step": 3, "model": TINY_QWEN2.to_dict(), "mesh": dict(mesh.shape)})
     ck.close()
@@ -152,9 +159,9 @@ cli.main(sys.argv[2:])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_interrupted_export_leaves_no_output(imported, tokenizer_dir, tmp_path, sig):
+def test_interrupted_export_leaves_no_output(qwen2_checkpoint, tokenizer_dir, tmp_path, sig):
     """The export CLI in a subprocess, paused after its first shard, then killed."""
-    _, ckpt = imported
+    _, ckpt = qwen2_checkpoint
     out, flag = tmp_path / "out", tmp_path / "first_shard_written"
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_EXPORT, str(flag), "--checkpoint", ckpt, "--out", str(out),
@@ -179,8 +186,8 @@ def test_interrupted_export_leaves_no_output(imported, tokenizer_dir, tmp_path, 
     assert os.path.exists(out / INDEX) and [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
 
 
-def test_bad_inputs_are_named(imported, tokenizer_dir, tmp_path):
-    _, ckpt = imported
+def test_bad_inputs_are_named(qwen2_checkpoint, tokenizer_dir, tmp_path):
+    _, ckpt = qwen2_checkpoint
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(export.ExportError, match="not empty; pass --force"):

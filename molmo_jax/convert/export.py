@@ -538,10 +538,10 @@ def training_state(config: MolmoConfig, params: Dict, optimizer_config: Mapping,
 
     patterns = [tuple(p) for p in optimizer_config["groups"]]
     tx = opt_lib.make_optimizer(optimizer_config, total_steps, patterns)
-    trainable, frozen = opt_lib.split_trainable(jax.tree.map(jnp.asarray, params), optimizer_config["frozen"])
+    trainable, frozen = opt_lib.split_trainable(jax.device_put(params), optimizer_config["frozen"])
     _, rng_key = jax.random.split(jax.random.key(seed))
-    return {"params": trainable, "frozen": frozen, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(rng_key)}
+    return {"params": trainable, "frozen": frozen, "opt_state": jax.jit(tx.init)(trainable),
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
 
 
 def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) -> str:
