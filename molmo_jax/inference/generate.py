@@ -112,45 +112,48 @@ def _pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
     return padded
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy", "top_k"))
+def _prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, greedy, top_k):
+    """-> (first new token int32[B], cache, position of that token int32[B], logits [B, V])."""
+    model = nnx.merge(graphdef, state)
+    ids = prompt["input_ids"]
+    valid = ids != -1
+    embeds = model.embed(ids, prompt.get("images"), prompt.get("image_masks"), prompt.get("image_input_idx"))
+    cache = model.llm.init_cache(ids.shape[0], cache_len)
+    logits, cache, _ = model.llm(embeds, default_positions(ids), token_valid=valid, cache=cache)
+    lengths = jnp.sum(valid, axis=-1)
+    last_logits = logits[jnp.arange(ids.shape[0]), jnp.maximum(lengths - 1, 0)]
+    token = sample_tokens(last_logits, key, temperature, top_p, greedy=greedy, top_k=top_k)
+    return token, cache, lengths.astype(jnp.int32), last_logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k"), donate_argnames=("cache",))
+def _decode(graphdef, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k):
+    """Feed `token` at `position` and sample `steps` more tokens.
+    -> (tokens int32[B, steps], logits float32[B, steps, V], cache, next position)."""
+    model = nnx.merge(graphdef, state)
+    ones = jnp.ones((token.shape[0], 1), bool)
+
+    def step(carry, step_key):
+        token, cache, position = carry
+        logits, cache, _ = model.llm(model.llm.embed_tokens(token[:, None]), position[:, None],
+                                     token_valid=ones, cache=cache)
+        logits = logits[:, 0]
+        token = sample_tokens(logits, step_key, temperature, top_p, greedy=greedy, top_k=top_k)
+        return (token, cache, position + 1), (token, logits)
+
+    (_, cache, position), (tokens, logits) = jax.lax.scan(step, (token, cache, position),
+                                                          jax.random.split(key, steps))
+    return tokens.T, jnp.swapaxes(logits, 0, 1), cache, position
+
+
 class Generator:
-    """Compiled prefill and decode programs for one model (compile once, reuse across calls)."""
+    """Generation for one model. The compiled programs are keyed by the model's structure
+    (graphdef) and the shapes, so every Generator of the same architecture shares them; the
+    parameters are those of the model when the Generator was made."""
 
     def __init__(self, model: Molmo):
         self.graphdef, self.state = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames=("self", "cache_len", "greedy", "top_k"))
-    def _prefill(self, state, prompt, key, temperature, top_p, *, cache_len, greedy, top_k):
-        """-> (first new token int32[B], cache, position of that token int32[B], logits [B, V])."""
-        model = nnx.merge(self.graphdef, state)
-        ids = prompt["input_ids"]
-        valid = ids != -1
-        embeds = model.embed(ids, prompt.get("images"), prompt.get("image_masks"), prompt.get("image_input_idx"))
-        cache = model.llm.init_cache(ids.shape[0], cache_len)
-        logits, cache, _ = model.llm(embeds, default_positions(ids), token_valid=valid, cache=cache)
-        lengths = jnp.sum(valid, axis=-1)
-        last_logits = logits[jnp.arange(ids.shape[0]), jnp.maximum(lengths - 1, 0)]
-        token = sample_tokens(last_logits, key, temperature, top_p, greedy=greedy, top_k=top_k)
-        return token, cache, lengths.astype(jnp.int32), last_logits
-
-    @functools.partial(jax.jit, static_argnames=("self", "steps", "greedy", "top_k"),
-                       donate_argnames=("cache",))
-    def _decode(self, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k):
-        """Feed `token` at `position` and sample `steps` more tokens.
-        -> (tokens int32[B, steps], logits float32[B, steps, V], cache, next position)."""
-        model = nnx.merge(self.graphdef, state)
-        ones = jnp.ones((token.shape[0], 1), bool)
-
-        def step(carry, step_key):
-            token, cache, position = carry
-            logits, cache, _ = model.llm(model.llm.embed_tokens(token[:, None]), position[:, None],
-                                         token_valid=ones, cache=cache)
-            logits = logits[:, 0]
-            token = sample_tokens(logits, step_key, temperature, top_p, greedy=greedy, top_k=top_k)
-            return (token, cache, position + 1), (token, logits)
-
-        (_, cache, position), (tokens, logits) = jax.lax.scan(step, (token, cache, position),
-                                                              jax.random.split(key, steps))
-        return tokens.T, jnp.swapaxes(logits, 0, 1), cache, position
 
     def __call__(self, batch: Mapping[str, np.ndarray], config: GenerationConfig = GenerationConfig(),
                  decode: Optional[Callable[[Sequence[int]], str]] = None, *,
@@ -170,16 +173,16 @@ class Generator:
         key = jax.random.key(config.seed)
 
         key, sub = jax.random.split(key)
-        token, cache, position, logits = self._prefill(self.state, prompt, sub, temperature, top_p,
-                                                       cache_len=cache_len, **sampling)
+        token, cache, position, logits = _prefill(self.graphdef, self.state, prompt, sub, temperature, top_p,
+                                                  cache_len=cache_len, **sampling)
         tokens, all_logits = [np.asarray(token)[:, None]], [np.asarray(logits)[:, None]]
         stop_ids = np.asarray(config.stop_token_ids, np.int32)
         while sum(t.shape[1] for t in tokens) < config.max_new_tokens:
             if self._finished(np.concatenate(tokens, 1), stop_ids, config.stop_strings, decode).all():
                 break
             key, sub = jax.random.split(key)
-            chunk, logits, cache, position = self._decode(self.state, token, cache, position, sub, temperature,
-                                                          top_p, steps=config.chunk_size, **sampling)
+            chunk, logits, cache, position = _decode(self.graphdef, self.state, token, cache, position, sub,
+                                                     temperature, top_p, steps=config.chunk_size, **sampling)
             token = chunk[:, -1]
             tokens.append(np.asarray(chunk))
             all_logits.append(np.asarray(logits))
