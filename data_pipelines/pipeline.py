@@ -308,7 +308,7 @@ class Preprocessor:
 
 # Synthetic datasets: name -> (generator, constructor arguments).
 SYNTHETIC = {
-    "synthetic_points": ("shapes", dict(task="mixed")),
+    "synthetic_points": ("shapes", dict(task="mixed", annotations=(1, 3))),
     "synthetic_pointing": ("shapes", dict(task="pointing")),
     "synthetic_counting": ("shapes", dict(task="counting")),
     "synthetic_clocks": ("clocks", {}),
