@@ -2,7 +2,7 @@
 CPU devices, joined by jax.distributed (gloo collectives on CPU).
 
     python -m launch.local --hosts 2 --devices 2 -- \
-        python -m molmo_jax.train.trainer --config configs/demo.py --config.workdir=/tmp/run
+        python -m molmo_jax.train --config=configs/demo.py:pretrain --workdir=/tmp/run
 
 Process i gets
   JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=<devices>  (JAX reads them)
@@ -70,7 +70,8 @@ def launch(command: Sequence[str], hosts: int, devices: int, log_dir: pathlib.Pa
     if hosts < 1 or devices < 1:
         raise ValueError(f"--hosts and --devices must be >= 1, got {hosts} and {devices}")
     if not command:
-        raise ValueError("give the command to run after `--`, e.g. -- python -m molmo_jax.train.trainer ...")
+        raise ValueError("give the command to run after `--`, "
+                         "e.g. -- python -m molmo_jax.train --config=... --workdir=...")
     log_dir.mkdir(parents=True, exist_ok=True)
     coordinator = f"127.0.0.1:{free_port()}"
     env = process_env(devices)

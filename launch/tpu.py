@@ -4,7 +4,7 @@
     python -m launch.tpu sync   --name molmo --zone us-east5-a --project my-proj
     python -m launch.tpu run    --name molmo --zone us-east5-a --project my-proj --run exp1 \
         --cache-dir gs://my-bucket/jax-cache -- \
-        python -m molmo_jax.train.trainer --config configs/molmo_72b.py:sft
+        python -m molmo_jax.train --config=configs/molmo_72b.py:sft --workdir=gs://my-bucket/runs/exp1
     python -m launch.tpu logs   --name molmo --zone us-east5-a --project my-proj --run exp1 --worker 0
     python -m launch.tpu stop   --name molmo --zone us-east5-a --project my-proj
     python -m launch.tpu delete --name molmo --zone us-east5-a --project my-proj
@@ -173,7 +173,7 @@ def run_script(t: Target, args) -> List[str]:
     writing its own log (named after its hostname) under ~/molmo-jax/logs/<run>/."""
     if not args.command:
         raise ValueError("run: give the command to start after `--`, e.g. "
-                         "-- python -m molmo_jax.train.trainer --config configs/demo.py")
+                         "-- python -m molmo_jax.train --config=configs/demo.py")
     command = list(args.command)
     if command[0] == "python":  # the workers' interpreter is the venv that `sync` made
         command[0] = ".venv/bin/python"

@@ -5,7 +5,8 @@ from launch import tpu
 
 V5P = ["--name", "molmo", "--zone", "us-east5-a", "--project", "proj", "--dry-run"]
 V5E_2 = ["--name", "molmo", "--slices", "2", "--zone", "us-west4-a", "--project", "proj", "--dry-run"]
-TRAIN = ["--", "python", "-m", "molmo_jax.train.trainer", "--config", "configs/molmo_72b.py:sft"]
+TRAIN = ["--", "python", "-m", "molmo_jax.train", "--config=configs/molmo_72b.py:sft",
+         "--workdir=gs://bkt/runs/sft1"]
 
 KILL = ("sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | xargs -r sudo kill -9; "
         "sudo rm -f /tmp/libtpu_lockfile")
@@ -40,7 +41,8 @@ def test_v5p_64_single_slice(capsys):
         "gcloud compute tpus tpu-vm ssh molmo --worker=all --zone=us-east5-a --project=proj "
         f"--command='{KILL}; cd ~/molmo-jax && mkdir -p logs/sft1 || exit 1; {LIBTPU}"
         'export JAX_COMPILATION_CACHE_DIR="gs://bkt/jax-cache"; '
-        "setsid nohup .venv/bin/python -m molmo_jax.train.trainer --config configs/molmo_72b.py:sft "
+        "setsid nohup .venv/bin/python -m molmo_jax.train --config=configs/molmo_72b.py:sft "
+        "--workdir=gs://bkt/runs/sft1 "
         "> logs/sft1/$(hostname).log 2>&1 < /dev/null &'"]
     assert dry(["logs", *V5P, "--run", "sft1", "--worker", "3"], capsys) == [
         "gcloud compute tpus tpu-vm ssh molmo --worker=3 --zone=us-east5-a --project=proj "
@@ -66,7 +68,8 @@ def test_v5e_256_two_slices(capsys):
         "gcloud compute tpus queued-resources ssh molmo --node=all --worker=all --zone=us-west4-a "
         f"--project=proj --command='{KILL}; cd ~/molmo-jax && mkdir -p logs/pt || exit 1; {LIBTPU}"
         'export TPU_STDERR_LOG_LEVEL="0"; '
-        "setsid nohup .venv/bin/python -m molmo_jax.train.trainer --config configs/molmo_72b.py:sft "
+        "setsid nohup .venv/bin/python -m molmo_jax.train --config=configs/molmo_72b.py:sft "
+        "--workdir=gs://bkt/runs/sft1 "
         "> logs/pt/$(hostname).log 2>&1 < /dev/null &'"]
     assert dry(["logs", *V5E_2, "--run", "pt", "--worker", "all", "--follow"], capsys) == [
         "gcloud compute tpus queued-resources ssh molmo --node=all --worker=all --zone=us-west4-a "
