@@ -166,3 +166,13 @@ def test_demo_config_builds_its_pipeline(tokenizer, stage):
         assert all("long_caption" in t and "User:" not in t for t in texts), texts
     else:
         assert all("User:" in t and "Assistant:" in t for t in texts), texts
+
+
+def test_pixmo_clocks_rows_get_drawn():
+    row = dict(example_id="c1", watchface_id="w9", watch_time="19:57:39", time_format="With AM/PM",
+               shows_seconds=True, hour_visible=7, minute_visible=57, second_visible=39, text="7:57:39 PM")
+    example = {"style": "clocks", "question": "What time is being shown?", "answer": row["text"], "metadata": row}
+    drawn = pipeline.DrawClocks(image_size=96, seed=0)(example)
+    assert drawn["image"].shape == (96, 96, 3) and drawn["answer"] == row["text"]
+    with_image = dict(example, image=np.zeros((8, 8, 3), np.uint8))
+    assert pipeline.DrawClocks(image_size=96, seed=0)(with_image) is with_image
