@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from molmo_jax.model import config as cfg
-from molmo_jax.model.llm import FeedForward, make_feed_forward
+from molmo_jax.model.attention import default_positions
+from molmo_jax.model.llm import LLM, FeedForward, make_feed_forward
 from molmo_jax.model.molmo import Molmo, splice
 
 LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "vit_embed", "vit_mlp",
@@ -21,9 +22,7 @@ def _forward(model, *args):
     return model(*args)
 
 
-@nnx.jit
-def _loss_and_grad(model, *args):
-    return nnx.value_and_grad(lambda m: jnp.mean(m(*args) ** 2))(model)
+
 
 
 def test_splice_adds_and_drops_negative_indices():
@@ -71,11 +70,19 @@ def test_text_only_batch_equals_image_batch_without_features(model):
 
 
 def test_remat_policy_keeps_values_and_gradients(model):
-    ids, images, masks, idx = _batch(np.random.RandomState(1))
-    remat = Molmo(TINY.replace(remat_policy="dots_no_batch"), rngs=nnx.Rngs(1))
-    nnx.update(remat, nnx.state(model, nnx.Param))
-    l0, g0 = _loss_and_grad(model, ids, images, masks, idx)
-    l1, g1 = _loss_and_grad(remat, ids, images, masks, idx)
+    """Remat recomputes the scanned LLM blocks in the backward pass: same loss, same grads."""
+    ids = np.random.RandomState(1).randint(0, 640, (2, 16)).astype(np.int32)
+    remat = LLM(TINY.llm, remat_policy="dots_no_batch", rngs=nnx.Rngs(1))
+    nnx.update(remat, nnx.state(model.llm, nnx.Param))
+
+    @nnx.jit
+    def loss_and_grad(llm):
+        def loss(m):
+            return jnp.mean(m(m.embed_tokens(ids), default_positions(ids), token_valid=ids != -1)[0] ** 2)
+        return nnx.value_and_grad(loss)(llm)
+
+    l0, g0 = loss_and_grad(model.llm)
+    l1, g1 = loss_and_grad(remat)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g0, g1)
 
@@ -115,7 +122,8 @@ def test_siglip_odd_grid_is_zero_padded_before_pooling():
     model = Molmo(TINY.replace(vision=vision), rngs=nnx.Rngs(0))
     assert model.connector.tokens_per_crop == 4
     images = np.random.RandomState(5).randn(1, 2, 9, 588).astype(np.float32)
-    feats, inter = model.encode_images(images, np.ones((1, 2, 9), np.float32), return_intermediates=True)
+    encode = nnx.jit(lambda m, *a: m.encode_images(*a, return_intermediates=True))
+    feats, inter = encode(model, images, np.ones((1, 2, 9), np.float32))
     assert feats.shape == (1, 2, 4, 64) and inter["pooled"].shape == (1, 2, 4, 16)
     # The last window holds one real patch and three zero pads: its keys include zeros.
     grid = jnp.concatenate(inter["vit_layers"], axis=-1)[0, 0].reshape(3, 3, 32)
