@@ -12,7 +12,8 @@ from PIL import Image
 from molmo_jax import predict as predict_cli
 from molmo_jax.inference.drawing import PointGroup, draw_points, find_points
 from molmo_jax.inference.generate import GenerationConfig
-from molmo_jax.inference.predict import Predictor, Request, collate, crop_bucket, load_orbax_model
+from molmo_jax.inference.predict import (Predictor, Request, collate, crop_bucket, with_compute_dtype,
+                                         load_orbax_model)
 
 MAX_NEW = 5
 
@@ -78,6 +79,22 @@ def test_batch_equals_single_requests(predictor, checkpoint, image_path, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == [batched[0].text, batched[1].text]
     assert rows[0]["id"] == "a" and rows[1]["points"] == []
+
+
+def test_padded_last_batch_and_bfloat16(predictor, checkpoint):
+    requests = [Request("how many dogs are there"), Request("point to the cat")]
+    config = GenerationConfig(max_new_tokens=2)
+    padded = predictor.generate_batch([predictor.prepare(r) for r in requests[:1]], config, batch_size=2)
+    [alone] = predictor.predict(requests[:1], config)
+    assert len(padded) == 1 and np.array_equal(padded[0].tokens, alone.tokens)
+
+    bf16 = Predictor.from_checkpoint(str(checkpoint), dtype="bfloat16")
+    assert bf16.model.config.dtype == "bfloat16"
+    assert len(bf16.predict(requests[:1], config)) == 1
+    converted = with_compute_dtype(predictor.model, "bfloat16")
+    assert converted.config.dtype == "bfloat16"
+    for a, b in zip(jax.tree.leaves(nnx.state(converted)), jax.tree.leaves(nnx.state(predictor.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # params stay float32
 
 
 def test_collate_pads_prompts_and_crops(predictor, image_path):

@@ -102,7 +102,7 @@ def evaluate_task(predictor: Predictor, task: Task, data_dir: str | pathlib.Path
                 except images_lib.ImageDecodeError as e:
                     log.warning("task %s, example %s: %s; skipped", task.name, example.id, e)
                     out.write(json.dumps({"id": example.id, "error": str(e)}) + "\n")
-            answers = predictor.generate_batch(prepared, config, task.max_crops) if prepared else []
+            answers = predictor.generate_batch(prepared, config, task.max_crops, batch_size) if prepared else []
             for example, inputs, answer in zip(ready, prepared, answers):
                 record = {**example.record, "prediction": answer.text, "mask_key": example.id}
                 masks = {example.id: example.masks} if example.masks is not None else None

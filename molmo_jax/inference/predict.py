@@ -169,7 +169,7 @@ class Predictor:
         else:
             model = load_orbax_model(path)
             if dtype:
-                model = _with_dtype(model, dtype)
+                model = with_compute_dtype(model, dtype)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
         return cls(model, tok, multicrop.CropConfig(max_crops=max_crops))
 
@@ -182,25 +182,27 @@ class Predictor:
                                              format_cfg=formatting.FINETUNED, for_inference=True)
 
     def generate_batch(self, examples: Sequence[dict], config: GenerationConfig,
-                       max_crops: Optional[int] = None) -> list[Answer]:
+                       max_crops: Optional[int] = None, batch_size: Optional[int] = None) -> list[Answer]:
         """Prepared examples -> answers (one generate call). max_crops: of their preprocessing
-        (default: this predictor's), bounds the crop padding."""
+        (default: this predictor's), bounds the crop padding. batch_size: pad a smaller (last)
+        batch with copies of its first example, so it reuses the full batch's compiled program."""
         config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) or (self.tokenizer.eos_id,))
-        batch = collate(examples, max_crops or self.crop.max_crops)
-        out = self.generator(batch, config, self.tokenizer.decode)
+        padded = list(examples) + [examples[0]] * max(0, (batch_size or 0) - len(examples))
+        out = self.generator(collate(padded, max_crops or self.crop.max_crops), config, self.tokenizer.decode)
         return [Answer(text.strip(), find_points(text), tokens[tokens >= 0])
-                for text, tokens in zip(out.texts, out.tokens)]
+                for text, tokens in zip(out.texts[:len(examples)], out.tokens[:len(examples)])]
 
     def predict(self, requests: Sequence[Request], config: GenerationConfig = GenerationConfig(max_new_tokens=200),
                 batch_size: int = 8) -> list[Answer]:
         answers = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
-            answers += self.generate_batch([self.prepare(r) for r in chunk], config)
+            answers += self.generate_batch([self.prepare(r) for r in chunk], config,
+                                           batch_size=batch_size if len(requests) > batch_size else None)
         return answers
 
 
-def _with_dtype(model: Molmo, dtype: str) -> Molmo:
+def with_compute_dtype(model: Molmo, dtype: str) -> Molmo:
     """The same parameters in a model that computes in `dtype`."""
     graphdef, state = nnx.split(model)
     new = nnx.eval_shape(lambda: Molmo(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
