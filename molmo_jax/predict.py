@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer file/folder (default: the checkpoint folder)")
     p.add_argument("--image", help="image path or URL")
     p.add_argument("--prompt", help="the question / instruction")
-    p.add_argument("--style", default="user_qa", help="formatting style (user_qa: no prefix; e.g. vqa2, pointing)")
+    p.add_argument("--style", help="formatting style (default user_qa: no prefix; e.g. vqa2, pointing; "
+                                   "long_caption with --captioner)")
+    p.add_argument("--captioner", action="store_true",
+                   help="a stage-1 captioning checkpoint: prompt ' long_caption 65:' without chat roles "
+                        "(--prompt '' for a plain caption)")
     p.add_argument("--requests", help="JSONL of requests (batch mode)")
     p.add_argument("--out", help="JSONL of answers (batch mode; default: stdout)")
     p.add_argument("--draw", help="PNG for the drawn points (single request)")
@@ -52,14 +56,15 @@ def _draw(image_source, groups, path: str) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if bool(args.requests) == bool(args.prompt):
+    if (args.requests is None) == (args.prompt is None):
         raise SystemExit("give either --prompt (with an optional --image) or --requests FILE.jsonl")
+    style = args.style or ("long_caption" if args.captioner else "user_qa")
     predictor = Predictor.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, max_crops=args.max_crops,
-                                          dtype=args.dtype)
+                                          dtype=args.dtype, captioner=args.captioner)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
-    if args.prompt:
-        [answer] = predictor.predict([Request(args.prompt, args.image, args.style)], config)
+    if args.prompt is not None:
+        [answer] = predictor.predict([Request(args.prompt, args.image, style)], config)
         print(answer.text)
         if answer.points and args.image:
             stem = os.path.splitext(os.path.basename(args.image.split("?")[0]))[0] or "image"
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
         if "prompt" not in record:
             raise ValueError(f"{args.requests}:{number}: request has no 'prompt'")
         records.append(record)
-    requests = [Request(r["prompt"], r.get("image"), r.get("style", args.style)) for r in records]
+    requests = [Request(r["prompt"], r.get("image"), r.get("style", style)) for r in records]
     answers = predictor.predict(requests, config, batch_size=args.batch_size)
     if args.draw_dir:
         os.makedirs(args.draw_dir, exist_ok=True)

@@ -109,6 +109,17 @@ def test_collate_pads_prompts_and_crops(predictor, image_path):
     assert collate([a, b], max_crops=12)["images"].shape[1] == crop_bucket(a["images"].shape[0], 12)
 
 
+def test_prompt_formats(predictor, checkpoint):
+    """Chat prompts as the HF processor builds them; stage-1 captioners get " long_caption 65:"."""
+    from data_pipelines import formatting
+    decode = predictor.tokenizer.decode
+    chat = predictor.prepare(Request("point to the cat"))["input_tokens"]
+    assert chat[0] == predictor.tokenizer.bos_id and decode(chat).strip() == "User: point to the cat Assistant:"
+    captioner = Predictor(predictor.model, predictor.tokenizer, predictor.crop, formatting.CAPTIONER)
+    tokens = captioner.prepare(Request("", style="long_caption"))["input_tokens"]
+    assert "User" not in decode(tokens) and decode(tokens).strip().startswith("long")
+
+
 def test_find_and_draw_points():
     answer = ('<points x1="10.0" y1="20.0" x2="90.0" y2="80.0" alt="two cats">two cats</points> and '
               '<point x="50.0" y="50.0" alt="dog">dog</point>')

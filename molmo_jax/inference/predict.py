@@ -154,15 +154,18 @@ class Predictor:
     """A model, its tokenizer and crop geometry, with compiled generation."""
 
     def __init__(self, model: Molmo, tokenizer: tokenizer_lib.Tokenizer,
-                 crop: multicrop.CropConfig = multicrop.CropConfig()):
-        self.model, self.tokenizer, self.crop = model, tokenizer, crop
+                 crop: multicrop.CropConfig = multicrop.CropConfig(),
+                 format_cfg: formatting.FormatConfig = formatting.FINETUNED):
+        """format_cfg: FINETUNED (released chat models) or CAPTIONER (stage-1 checkpoints, which
+        expect " long_caption 65:" and no chat roles; use style "long_caption")."""
+        self.model, self.tokenizer, self.crop, self.format_cfg = model, tokenizer, crop, format_cfg
         self.generator = Generator(model)
 
     @classmethod
     def from_checkpoint(cls, path: str, *, tokenizer: Optional[str] = None, max_crops: int = 12,
-                        dtype: Optional[str] = None) -> "Predictor":
+                        dtype: Optional[str] = None, captioner: bool = False) -> "Predictor":
         """path: HF folder or orbax checkpoint; tokenizer: file/folder (default: the checkpoint's);
-        dtype: compute dtype override ("bfloat16" for speed)."""
+        dtype: compute dtype override ("bfloat16" for speed); captioner: a stage-1 checkpoint."""
         changes = {"dtype": dtype} if dtype else {}
         if _is_hf_folder(path):
             model = hf_molmo.load_hf_model(path, **changes)
@@ -171,7 +174,8 @@ class Predictor:
             if dtype:
                 model = with_compute_dtype(model, dtype)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
-        return cls(model, tok, multicrop.CropConfig(max_crops=max_crops))
+        return cls(model, tok, multicrop.CropConfig(max_crops=max_crops),
+                   formatting.CAPTIONER if captioner else formatting.FINETUNED)
 
     def prepare(self, request: Request) -> dict:
         """One request -> unbatched model inputs (see `preprocess.preprocess_example`)."""
@@ -179,7 +183,7 @@ class Predictor:
         if request.image is not None:
             example["image"] = read_image_source(request.image)
         return preprocess.preprocess_example(example, self.tokenizer, self.crop,
-                                             format_cfg=formatting.FINETUNED, for_inference=True)
+                                             format_cfg=self.format_cfg, for_inference=True)
 
     def generate_batch(self, examples: Sequence[dict], config: GenerationConfig,
                        max_crops: Optional[int] = None, batch_size: Optional[int] = None) -> list[Answer]:
