@@ -61,8 +61,9 @@ def _vqa(record, masks):
 
 def _anls(record, masks):
     pred = _prediction(record)
-    scores = [vqa_metrics.anls(ref, pred) for ref in _references(record, "references", "answers")]
-    return {"score": max(scores), "parsed_prediction": pred}
+    references = _references(record, "references", "answers")
+    return {"score": max(vqa_metrics.anls(ref, pred) for ref in references),
+            "em": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _relaxed(record, masks):
