@@ -1,5 +1,9 @@
 """launch.local: N processes on 127.0.0.1 behave as N hosts of one JAX program."""
+import json
 import sys
+
+import numpy as np
+import pytest
 
 from launch import local
 
@@ -28,9 +32,9 @@ def test_two_hosts_two_devices_form_one_program(tmp_path):
 
 
 def test_config_overrides_name_the_process():
-    cmds = local.process_commands(["python", "-m", "molmo_jax.train.trainer", "--config", "configs/demo.py"],
+    cmds = local.process_commands(["python", "-m", "molmo_jax.train", "--config=configs/demo.py", "--workdir=w"],
                                   hosts=2, coordinator="127.0.0.1:1234", config_overrides=True)
-    assert cmds[1] == [sys.executable, "-m", "molmo_jax.train.trainer", "--config", "configs/demo.py",
+    assert cmds[1] == [sys.executable, "-m", "molmo_jax.train", "--config=configs/demo.py", "--workdir=w",
                        "--config.distributed.enabled=True",
                        "--config.distributed.coordinator_address=127.0.0.1:1234",
                        "--config.distributed.num_processes=2", "--config.distributed.process_id=1"]
@@ -44,3 +48,46 @@ def test_a_failing_host_stops_the_others(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "process 1 of 2 failed" in err and "host 1 broke" in err
+
+
+CONFIG = '''
+from configs import demo
+
+def get_config(arg=None):
+    c = demo.get_config("pretrain")
+    c.data.tokenizer = {tokenizer!r}
+    c.data.synthetic_examples = 16
+    c.model.llm.response_residual_dropout = 0.0  # dropout masks follow the process layout
+    c.train.total_steps = 3
+    c.mesh = dict(data=1, fsdp=4, tensor=1, expert=1)
+    c.checkpoint.every = 3
+    c.log.every = 1
+    return c
+'''
+
+
+def losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+
+def test_demo_trains_the_same_on_two_hosts_as_on_one(tmp_path):
+    import sentencepiece as spm
+    words = "a the red blue circle square points to at top left how many clock time image shows one two".split()
+    rng = np.random.default_rng(0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words, 10)) for _ in range(300)),
+        model_prefix=str(tmp_path / "spm"), vocab_size=320, model_type="bpe", byte_fallback=True,
+        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
+    (tmp_path / "exp.py").write_text(CONFIG.format(tokenizer=str(tmp_path / "spm.model")))
+    runs = {}
+    for hosts, devices in ((1, 4), (2, 2)):
+        workdir = tmp_path / f"{hosts}x{devices}"
+        code = local.launch(["python", "-m", "molmo_jax.train", f"--config={tmp_path / 'exp.py'}",
+                             f"--workdir={workdir}"], hosts=hosts, devices=devices,
+                            log_dir=tmp_path / f"logs_{hosts}x{devices}", config_overrides=hosts > 1, timeout=900)
+        assert code == 0
+        runs[hosts] = losses(workdir)
+    assert sorted(runs[1]) == sorted(runs[2]) == [1, 2, 3]
+    for step, loss in runs[1].items():
+        assert runs[2][step] == pytest.approx(loss, rel=2e-5), step
