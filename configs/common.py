@@ -69,6 +69,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         skip_check_after=256,
         pixmo_dir="",
         image_dir="",
+        custom="",                 # JSONL/parquet file of your own data (docs/custom_data.md): mixture "custom"
         split="train",
         synthetic_image_size=168,
         synthetic_examples=100_000,

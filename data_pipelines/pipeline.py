@@ -319,11 +319,12 @@ SYNTHETIC = {
 
 def known_datasets() -> List[str]:
     from data_pipelines.sources import pixmo
-    return sorted(SYNTHETIC) + sorted(pixmo.SOURCES)
+    return sorted(SYNTHETIC) + sorted(pixmo.SOURCES) + ["custom"]
 
 
 def build_source(name: str, data: Any, seed: int):
-    """The random-access source of dataset `name` (synthetic_* or a PixMo set of sources.pixmo)."""
+    """The random-access source of dataset `name`: synthetic_*, a PixMo set of sources.pixmo, or
+    "custom" (the user's own file `data.custom`, sources.custom)."""
     if name in SYNTHETIC:
         kind, kwargs = SYNTHETIC[name]
         return synthetic.make_synthetic(kind, data.get("synthetic_examples", 100_000),
@@ -333,6 +334,11 @@ def build_source(name: str, data: Any, seed: int):
         if not data.get("pixmo_dir"):
             raise ValueError(f"dataset {name}: set config.data.pixmo_dir to the folder of the PixMo parquet files")
         return pixmo.load(name, data.pixmo_dir, data.get("split", "train"), image_dir=data.get("image_dir") or None)
+    if name == "custom":
+        if not data.get("custom"):
+            raise ValueError("dataset custom: set config.data.custom to your JSONL/parquet file (docs/custom_data.md)")
+        from data_pipelines.sources.custom import CustomSource
+        return CustomSource(data.custom)
     raise KeyError(f"no source for dataset {name!r}; known: {known_datasets()} (academic sets are not built here)")
 
 
