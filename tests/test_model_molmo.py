@@ -130,3 +130,15 @@ def test_siglip_odd_grid_is_zero_padded_before_pooling():
     window = jnp.stack([grid[2, 2], jnp.zeros(32), jnp.zeros(32), jnp.zeros(32)])[None]
     pooled = model.connector.pooling(window.mean(axis=1, keepdims=True), window, jnp.float32)
     np.testing.assert_allclose(np.asarray(inter["pooled"])[0, 0, 3], np.asarray(pooled)[0, 0], atol=1e-5)
+
+
+def test_misshaped_inputs_are_named(model):
+    ids, images, masks, idx = _batch(np.random.RandomState(6))
+    with pytest.raises(ValueError, match=r"images has shape \(2, 2, 16, 500\), expected \(\*, \*, 16, 588\)"):
+        model.embed(ids, images[..., :500], masks, idx)
+    with pytest.raises(ValueError, match=r"image_input_idx has shape \(2, 2, 3\), expected \(2, 2, 4\)"):
+        model.embed(ids, images, masks, idx[..., :3])
+    with pytest.raises(ValueError, match=r"image_masks has shape \(2, 2, 15\)"):
+        model.embed(ids, images, masks[..., :15], idx)
+    with pytest.raises(ValueError, match=r"position_ids has shape \(2, 47\), expected \(2, 48\)"):
+        model(ids, position_ids=ids[:, :47])

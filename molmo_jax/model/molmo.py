@@ -39,6 +39,14 @@ def splice(embeds: jax.Array, features: jax.Array, image_input_idx: jax.Array) -
     return embeds.at[rows, idx].add(feats, mode="drop")
 
 
+def _check_shape(name: str, array, expected) -> None:
+    """`expected`: a tuple of ints or None (any size); a mismatch names the input and both shapes."""
+    shape = tuple(array.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for s, e in zip(shape, expected)):
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} has shape {shape}, expected ({want})")
+
+
 class Molmo(nnx.Module):
     def __init__(self, config: MolmoConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -52,7 +60,11 @@ class Molmo(nnx.Module):
         """images: float32[B, C, P, D] (crops of all -1 are batch padding) -> features
         [B, C, Q, E]; with return_intermediates also {"vit_layers": [...] each
         [B, C, P+1, W], "pooled": [B, C, Q, W]}."""
+        vc = self.config.vision
+        _check_shape("images", images, (None, None, vc.num_patches, vc.patch_dim))
         b, c, p, d = images.shape
+        if image_masks is not None:
+            _check_shape("image_masks", image_masks, (b, c, p))
         crop_valid = ~jnp.all(images == -1, axis=(2, 3))
         layers = self.vision(images.reshape(b * c, p, d))
         layers = [h.reshape(b, c, *h.shape[1:]) for h in layers]
@@ -66,11 +78,15 @@ class Molmo(nnx.Module):
               image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None) -> jax.Array:
         """The LLM input: token embeddings (ids -1 looked up as 0) plus the image features
         added at image_input_idx. -> [B, L, E] in the compute dtype."""
+        _check_shape("input_ids", input_ids, (None, None))
         x = with_logical_constraint(self.llm.embed_tokens(input_ids), ("act_batch", None, None))
         if images is None:
             return x
         if image_input_idx is None:
             raise ValueError("images were given without image_input_idx")
+        b, c = images.shape[:2]
+        _check_shape("images", images, (input_ids.shape[0], None, None, None))
+        _check_shape("image_input_idx", image_input_idx, (b, c, self.connector.tokens_per_crop))
         x = splice(x, self.encode_images(images, image_masks), image_input_idx)
         return with_logical_constraint(x, ("act_batch", None, None))
 
@@ -89,6 +105,10 @@ class Molmo(nnx.Module):
         Returns logits float32[B, L, V] (and the FFN aux dict when return_aux).
         """
         token_valid = input_ids != -1
+        for name, value in (("position_ids", position_ids), ("subsegment_ids", subsegment_ids),
+                            ("response_mask", response_mask)):
+            if value is not None:
+                _check_shape(name, value, tuple(input_ids.shape))
         if position_ids is None:
             position_ids = (default_positions(input_ids) if subsegment_ids is None
                             else subsegment_positions(token_valid, subsegment_ids))
