@@ -127,10 +127,12 @@ def _prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, gre
     return token, cache, lengths.astype(jnp.int32), last_logits
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k"), donate_argnames=("cache",))
-def _decode(graphdef, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "keep_logits"),
+                   donate_argnames=("cache",))
+def _decode(graphdef, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k,
+            keep_logits):
     """Feed `token` at `position` and sample `steps` more tokens.
-    -> (tokens int32[B, steps], logits float32[B, steps, V], cache, next position)."""
+    -> (tokens int32[B, steps], logits float32[B, steps, V] or None, cache, next position)."""
     model = nnx.merge(graphdef, state)
     ones = jnp.ones((token.shape[0], 1), bool)
 
@@ -140,11 +142,11 @@ def _decode(graphdef, state, token, cache, position, key, temperature, top_p, *,
                                      token_valid=ones, cache=cache)
         logits = logits[:, 0]
         token = sample_tokens(logits, step_key, temperature, top_p, greedy=greedy, top_k=top_k)
-        return (token, cache, position + 1), (token, logits)
+        return (token, cache, position + 1), (token, logits if keep_logits else None)
 
     (_, cache, position), (tokens, logits) = jax.lax.scan(step, (token, cache, position),
                                                           jax.random.split(key, steps))
-    return tokens.T, jnp.swapaxes(logits, 0, 1), cache, position
+    return tokens.T, None if logits is None else jnp.swapaxes(logits, 0, 1), cache, position
 
 
 class Generator:
@@ -175,17 +177,20 @@ class Generator:
         key, sub = jax.random.split(key)
         token, cache, position, logits = _prefill(self.graphdef, self.state, prompt, sub, temperature, top_p,
                                                   cache_len=cache_len, **sampling)
-        tokens, all_logits = [np.asarray(token)[:, None]], [np.asarray(logits)[:, None]]
+        tokens = [np.asarray(token)[:, None]]
+        all_logits = [np.asarray(logits)[:, None]] if return_logits else []
         stop_ids = np.asarray(config.stop_token_ids, np.int32)
         while sum(t.shape[1] for t in tokens) < config.max_new_tokens:
             if self._finished(np.concatenate(tokens, 1), stop_ids, config.stop_strings, decode).all():
                 break
             key, sub = jax.random.split(key)
             chunk, logits, cache, position = _decode(self.graphdef, self.state, token, cache, position, sub,
-                                                     temperature, top_p, steps=config.chunk_size, **sampling)
+                                                     temperature, top_p, steps=config.chunk_size,
+                                                     keep_logits=return_logits, **sampling)
             token = chunk[:, -1]
             tokens.append(np.asarray(chunk))
-            all_logits.append(np.asarray(logits))
+            if return_logits:
+                all_logits.append(np.asarray(logits))
         tokens = np.concatenate(tokens, 1)[:, :config.max_new_tokens]
         tokens = self._cut_at_stop(tokens, stop_ids)
         out = GenerationOutput(tokens)
