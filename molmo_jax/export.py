@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="step to export (default: the latest)")
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --force)")
     p.add_argument("--format", default="hf", choices=FORMATS)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", help="tokenizer folder or file the model was trained with")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -35,6 +35,7 @@ def _stop(signum, frame):
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax notes that the checkpoint is opened read-only
     signal.signal(signal.SIGTERM, _stop)  # unwinds, so the temporary folder is removed
     try:
         out = export_checkpoint(args.checkpoint, args.out, step=args.step, fmt=args.format, dtype=args.dtype,

@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import common
 from molmo_jax import sharding
 from molmo_jax.convert import export
-from molmo_jax.convert.hf_molmo import INDEX, hf_to_params, read_hf_config, read_hf_tensors
-from molmo_jax.model.config import TINY_QWEN2, MolmoConfig
+from molmo_jax.convert.hf_molmo import INDEX, _get, hf_to_params, load_hf_checkpoint, read_hf_config, read_hf_tensors
+from molmo_jax.model.config import TINY_MOE, TINY_QWEN2, MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import Checkpointer
 
@@ -114,22 +114,36 @@ def subtree_like(full, part):
     return {k: subtree_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in part.items()}
 
 
-def save_tiny_checkpoint(directory, devices):
+def save_tiny_checkpoint(directory, devices, config=TINY_QWEN2):
     """A tiny Molmo training state (random weights), sharded by the logical rules over `devices`."""
     mesh = sharding.make_mesh({"fsdp": len(devices)}, devices)
-    abstract = nnx.state(nnx.eval_shape(lambda: Molmo(TINY_QWEN2, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = nnx.state(nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0))), nnx.Param)
     shardings = nnx.to_pure_dict(sharding.named_shardings(sharding.state_specs(abstract, mesh), mesh))
     rng = np.random.RandomState(0)
     params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), nnx.to_pure_dict(abstract))
-    state = export.training_state(TINY_QWEN2, params, common.base_config("sft").optimizer, 10, 0)
+    state = export.training_state(config, params, common.base_config("sft").optimizer, 10, 0)
     replicated = NamedSharding(mesh, P())
     targets = {k: (subtree_like(shardings, v) if k in ("params", "frozen") else jax.tree.map(lambda _: replicated, v))
                for k, v in state.items()}
     state = jax.device_put(state, targets)
     ck = Checkpointer(directory, async_save=False)
-    ck.save(3, state, None, {"step": 3, "model": TINY_QWEN2.to_dict(), "mesh": dict(mesh.shape)})
+    ck.save(3, state, None, {"step": 3, "model": config.to_dict(), "mesh": dict(mesh.shape)})
     ck.close()
     return state
+
+
+def test_moe_model_round_trips_through_the_molmoe_layout(tokenizer_dir, tmp_path):
+    """A MolmoE-style checkpoint (run workdir given) -> HF folder -> our reader: same parameters."""
+    state = save_tiny_checkpoint(str(tmp_path / "run" / "checkpoints"), jax.devices()[:1], TINY_MOE)
+    export.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "hf"), tokenizer=tokenizer_dir)
+    config, params = load_hf_checkpoint(str(tmp_path / "hf"))
+    assert config.llm == TINY_MOE.llm
+    got = nnx.to_pure_dict(params)
+    leaves = [leaf for part in ("params", "frozen") for leaf in jax.tree_util.tree_flatten_with_path(state[part])[0]]
+    assert len(leaves) == len(jax.tree.leaves(got))
+    for path, value in leaves:
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(_get(got, tuple(k.key for k in path))),
+                                      err_msg=str(path))
 
 
 def test_export_from_8_devices_equals_export_from_1(tokenizer_dir, tmp_path):

@@ -6,11 +6,12 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from safetensors.torch import load_file
 
+torch = pytest.importorskip("torch")  # the "torch" extra
 transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
 
 from configs import common  # noqa: E402
 from molmo_jax.convert import export  # noqa: E402

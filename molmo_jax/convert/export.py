@@ -16,35 +16,26 @@ so an interrupted export leaves no output folder; a non-empty target needs `forc
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
 import shutil
-import struct
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from molmo_jax.convert.hf_molmo import (PREFIX, CheckpointError, Link, Path, abstract_params, config_to_hf,
-                                        molmo_links, read_hf_config, read_hf_tensors, hf_to_params)
-from molmo_jax.convert import hf_backbones
+from molmo_jax.convert import export_formats as formats
+from molmo_jax.convert.export_formats import ExportError
+from molmo_jax.convert.hf_molmo import (CheckpointError, Path, _get, _set, abstract_params, hf_to_params,
+                                        molmo_links, read_hf_config, read_hf_tensors)
+from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.model.config import MolmoConfig
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "torch-backbones")
-DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", None)}  # bf16 numpy type from ml_dtypes
-INDEX = "model.safetensors.index.json"
+DTYPES = ("float32", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.model", "spm.model", "chat_template.jinja")
-# transformers loads the official remote code from these repositories (auto_map "repo--module.Class").
-OFFICIAL_CODE = {"dense": "allenai/Molmo-7B-D-0924", "olmo": "allenai/Molmo-7B-O-0924", "moe": "allenai/MolmoE-1B-0924"}
-
-
-class ExportError(ValueError):
-    """Bad export/import input: the message names the folder, file, step or flag."""
 
 
 def parse_size(text: str) -> int:
@@ -63,8 +54,9 @@ def parse_size(text: str) -> int:
 
 
 def numpy_dtype(dtype: str):
+    """'float32' / 'bfloat16' -> the numpy type (bfloat16 from ml_dtypes)."""
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: choose from {sorted(DTYPES)}")
+        raise ExportError(f"--dtype {dtype!r}: choose from {DTYPES}")
     if dtype == "bfloat16":
         import ml_dtypes  # noqa: PLC0415
 
@@ -88,6 +80,8 @@ class CheckpointParams:
         self._ocp = ocp
         if not os.path.isdir(directory):
             raise ExportError(f"--checkpoint {directory}: not a folder")
+        if os.path.isdir(os.path.join(directory, "checkpoints")):  # a run's workdir
+            directory = os.path.join(directory, "checkpoints")
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True),
             item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -145,266 +139,6 @@ def _has(tree, path: Path) -> bool:
             return False
         tree = tree[p]
     return True
-
-
-def _get(tree, path: Path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: Dict, path: Path, value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclasses.dataclass
-class Group:
-    """Links that share parameters: their arrays are read together, once."""
-
-    paths: List[Path]
-    links: List[Link]
-
-
-def group_links(links: Sequence[Link]) -> List[Group]:
-    """Connected components of links over shared parameter paths, in first-appearance order."""
-    owner: Dict[Path, int] = {}
-    groups: List[Optional[Group]] = []
-    for link in links:
-        hits = sorted({owner[p] for p in link.ours if p in owner})
-        if not hits:
-            groups.append(Group([], []))
-            hits = [len(groups) - 1]
-        target = groups[hits[0]]
-        for i in hits[1:]:  # a link joining two groups merges them
-            target.paths += groups[i].paths
-            target.links += groups[i].links
-            for p in groups[i].paths:
-                owner[p] = hits[0]
-            groups[i] = None
-        target.links.append(link)
-        for p in link.ours:
-            if p not in owner:
-                owner[p] = hits[0]
-                target.paths.append(p)
-    return [g for g in groups if g is not None]
-
-
-def _layer_shapes(link: Link, abstract: Mapping) -> List[Tuple[int, ...]]:
-    shapes = [tuple(_get(abstract, p).shape) for p in link.ours]
-    return shapes if link.layer is None else [s[1:] for s in shapes]
-
-
-def plan_tensors(groups: Sequence[Group], abstract: Mapping) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(key, shape) of every output tensor, in the order the groups produce them."""
-    return [(key, tuple(shape)) for g in groups for link in g.links
-            for key, shape in zip(link.hf, link.hf_shapes(*_layer_shapes(link, abstract)))]
-
-
-def constant_link(key: str, value: np.ndarray) -> Link:
-    """A tensor the target format needs but Molmo does not have (e.g. CLIP's post_layernorm)."""
-    return Link((key,), (), None, lambda: [], lambda: [value], lambda: [value.shape])
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-class ShardedSafetensorsWriter:
-    """Writes tensors, in a planned order, into safetensors shards + model.safetensors.index.json.
-
-    Shard boundaries and every header are fixed up front from the plan, so each tensor is
-    appended as it arrives and nothing else is held in memory.
-    """
-
-    def __init__(self, folder: str, plan: Sequence[Tuple[str, Tuple[int, ...]]], dtype: str, max_shard_bytes: int,
-                 on_shard_done: Callable[[str], None] = lambda name: None):
-        self.folder, self.dtype, self.code = folder, numpy_dtype(dtype), DTYPES[dtype][0]
-        self.itemsize = np.dtype(self.dtype).itemsize
-        shards: List[List[Tuple[str, Tuple[int, ...]]]] = [[]]
-        size = 0
-        for key, shape in plan:
-            nbytes = math.prod(shape) * self.itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, shape))
-            size += nbytes
-        self.shards = [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
-        self.order = iter([(name, key, shape) for name, s in self.shards for key, shape in s])
-        self.total_size = sum(math.prod(shape) * self.itemsize for _, shape in plan)
-        self.total_parameters = sum(math.prod(shape) for _, shape in plan)
-        self.on_shard_done = on_shard_done
-        self._file = None
-        self._name = None
-        self._pending = {name: len(s) for name, s in self.shards}
-
-    def _open(self, name: str) -> None:
-        header: Dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key, shape in dict(self.shards)[name]:
-            end = offset + math.prod(shape) * self.itemsize
-            header[key] = {"dtype": self.code, "shape": list(shape), "data_offsets": [offset, end]}
-            offset = end
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self._file = open(os.path.join(self.folder, name), "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._name = name
-
-    def write(self, key: str, array: np.ndarray) -> None:
-        name, expected_key, shape = next(self.order)
-        if key != expected_key or tuple(array.shape) != shape:
-            raise RuntimeError(f"tensor {key} {tuple(array.shape)} arrived out of plan (expected {expected_key} "
-                               f"{shape})")
-        if name != self._name:
-            self._open(name)
-        self._file.write(np.ascontiguousarray(array.astype(self.dtype, copy=False)).tobytes())
-        self._pending[name] -= 1
-        if self._pending[name] == 0:
-            self._file.close()
-            self._file, self._name = None, None
-            self.on_shard_done(name)
-
-    def write_index(self) -> None:
-        unwritten = [n for n, c in self._pending.items() if c]
-        if unwritten:
-            raise RuntimeError(f"shards {unwritten} are incomplete")
-        weight_map = {key: name for name, s in self.shards for key, _ in s}
-        index = {"metadata": {"total_size": self.total_size, "total_parameters": self.total_parameters},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(os.path.join(self.folder, INDEX), index)
-
-
-def stream_tensors(params: CheckpointParams, links: Sequence[Link], writer: ShardedSafetensorsWriter) -> None:
-    """Reads each group of parameters once and writes every tensor it feeds."""
-    groups = group_links(links)
-    for group in groups:
-        arrays = params.read(group.paths) if group.paths else {}
-        for link in group.links:
-            inputs = [arrays[p] if link.layer is None else arrays[p][link.layer] for p in link.ours]
-            for key, value in zip(link.hf, link.to_hf(*inputs)):
-                writer.write(key, np.asarray(value))
-        del arrays
-
-
-def write_safetensors(folder: str, params: CheckpointParams, links: Sequence[Link], dtype: str,
-                      max_shard_bytes: int, on_shard_done=lambda name: None) -> None:
-    plan = plan_tensors(group_links(links), params.abstract)
-    writer = ShardedSafetensorsWriter(folder, plan, dtype, max_shard_bytes, on_shard_done)
-    stream_tensors(params, links, writer)
-    writer.write_index()
-
-
-def _write_json(path: str, data) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-
-
-# ----------------------------------------------------------------------------- formats
-
-
-def _prefixed(links: Sequence[Link], hf_prefix: str, ours_prefix: Path) -> List[Link]:
-    return [dataclasses.replace(link, hf=tuple(hf_prefix + k for k in link.hf),
-                                ours=tuple(ours_prefix + p for p in link.ours)) for link in links]
-
-
-def molmo_config_json(config: MolmoConfig, dtype: str) -> Dict:
-    """The official config.json, with auto_map pointing at the official remote code on the hub."""
-    out = config_to_hf(config)
-    c = config.llm
-    repo = OFFICIAL_CODE["moe" if c.block_type == "moe" else "olmo" if c.norm_after else "dense"]
-    out["auto_map"] = {k: f"{repo}--{v}" for k, v in out.get("auto_map", {}).items()}
-    out["torch_dtype"] = dtype
-    return out
-
-
-def preprocessor_config_json(config: MolmoConfig) -> Dict:
-    """The official preprocessor_config.json (release crop settings: 12 crops, margins 4/4)."""
-    vc, cc = config.vision, config.connector
-    repo = OFFICIAL_CODE["moe" if config.llm.block_type == "moe" else "olmo" if config.llm.norm_after else "dense"]
-    return {
-        "auto_map": {"AutoImageProcessor": f"{repo}--image_preprocessing_molmo.MolmoImageProcessor",
-                     "AutoProcessor": f"{repo}--preprocessing_molmo.MolmoProcessor"},
-        "base_image_input_size": list(vc.image_size), "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "image_padding_mask": True, "image_patch_size": vc.patch_size,
-        "image_processor_type": "MolmoImageProcessor",
-        "image_token_length_h": -(-vc.grid[0] // cc.pool_h), "image_token_length_w": -(-vc.grid[1] // cc.pool_w),
-        "max_crops": 12, "overlap_margins": [4, 4], "processor_class": "MolmoProcessor",
-    }
-
-
-def clip_vision_config_json(config: MolmoConfig, dtype: str) -> Dict:
-    vc = config.vision
-    if not (vc.use_cls_token and vc.pre_ln and not vc.patch_bias and vc.image_size[0] == vc.image_size[1]
-            and vc.num_heads * vc.head_dim == vc.width):
-        raise ExportError(f"--format torch-backbones: the ViT ({vc.kind}) is not a CLIP vision tower (needs a CLS "
-                          f"token, pre-LN, no patch bias, square images, heads * head_dim = width)")
-    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[vc.activation]
-    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_size": vc.width,
-            "intermediate_size": vc.mlp_dim, "num_attention_heads": vc.num_heads, "num_hidden_layers": vc.num_layers,
-            "image_size": vc.image_size[0], "patch_size": vc.patch_size, "num_channels": 3, "hidden_act": act,
-            "layer_norm_eps": vc.norm_eps, "attention_dropout": 0.0, "projection_dim": vc.width,
-            "torch_dtype": dtype}
-
-
-def clip_vision_links(config: MolmoConfig) -> List[Link]:
-    """CLIPVisionModel keys; Molmo drops CLIP's post_layernorm, exported as the identity
-    (hidden_states are unaffected, last_hidden_state/pooler_output see an untrained LN)."""
-    w = config.vision.width
-    links = _prefixed(hf_backbones.vision_links_hf(config.vision), "vision_model.", ("vision",))
-    return links + [constant_link("vision_model.post_layernorm.weight", np.ones((w,), np.float32)),
-                    constant_link("vision_model.post_layernorm.bias", np.zeros((w,), np.float32))]
-
-
-def causal_lm_config_json(config: MolmoConfig, dtype: str) -> Dict:
-    """Qwen2 (pre-norm dense), OLMo2 (post-norm, QK-norm) or OLMoE (MoE) config.json."""
-    c = config.llm
-    common = {"vocab_size": c.embedding_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
-              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-              "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
-              "rope_theta": c.rope_theta, "tie_word_embeddings": False, "attention_dropout": 0.0,
-              "torch_dtype": dtype}
-    if c.block_type == "moe":
-        if c.norm_after or not c.qk_norm or c.qkv_bias:
-            raise ExportError("--format torch-backbones: an MoE LLM exports as OLMoE, which is pre-norm with "
-                              "QK-norm and no q/k/v bias")
-        return {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", **common,
-                "intermediate_size": c.moe_hidden_size, "num_experts": c.moe_num_experts,
-                "num_experts_per_tok": c.moe_top_k, "norm_topk_prob": c.moe_renormalize, "clip_qkv": None,
-                "attention_bias": False, "router_aux_loss_coef": c.moe_load_balance_weight}
-    if c.norm_after:
-        if c.qkv_bias:
-            raise ExportError("--format torch-backbones: a post-norm LLM exports as OLMo2, which has no q/k/v bias")
-        return {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", **common,
-                "intermediate_size": c.mlp_hidden_size // 2, "attention_bias": False}
-    if c.qk_norm:
-        raise ExportError("--format torch-backbones: a pre-norm dense LLM with full-width QK-norm has no "
-                          "transformers counterpart (Qwen2 has no QK-norm, OLMo2 is post-norm)")
-    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
-            "intermediate_size": c.mlp_hidden_size // 2, "use_sliding_window": False}
-
-
-def causal_lm_links(config: MolmoConfig) -> List[Link]:
-    """Our LLM as a transformers CausalLM. The 128 `new_embedding` rows (image/special tokens)
-    have no place in a text-only model and are left out; tensors the architecture always has
-    but this model lacks are written as their identity values (zero biases, unit QK-norms)."""
-    c = config.llm
-    links = _prefixed(hf_backbones.llm_links_hf(c, "per_expert"), "", ("llm",))
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}.self_attn"
-        if not c.qkv_bias and not c.norm_after and c.block_type == "dense":  # Qwen2 always has q/k/v biases
-            links += [constant_link(f"{p}.{n}_proj.bias", np.zeros((heads * c.head_dim,), np.float32))
-                      for n, heads in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads))]
-        if c.norm_after and not c.qk_norm:  # OLMo2 always normalises q and k
-            links += [constant_link(f"{p}.q_norm.weight", np.ones((c.n_heads * c.head_dim,), np.float32)),
-                      constant_link(f"{p}.k_norm.weight", np.ones((c.n_kv_heads * c.head_dim,), np.float32))]
-    return links
 
 
 # ----------------------------------------------------------------------------- folders
@@ -495,30 +229,33 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose from {FORMATS}")
-    numpy_dtype(dtype)
+    np_dtype = numpy_dtype(dtype)
     params = CheckpointParams(checkpoint, step)
     try:
         tokenizer = tokenizer or params.meta.get("tokenizer")
         if not tokenizer:
             raise ExportError(f"{checkpoint}: the checkpoint does not record its tokenizer; pass --tokenizer with "
                               f"the tokenizer folder or file the model was trained with")
+        config = params.config
+        if fmt == "hf":
+            folders = {"": (molmo_links(config), {"config.json": formats.molmo_config_json(config, dtype),
+                                                  "generation_config.json": {"_from_model_config": True},
+                                                  "preprocessor_config.json": formats.preprocessor_config_json(config)})}
+        else:
+            folders = {"llm": (formats.causal_lm_links(config),
+                               {"config.json": formats.causal_lm_config_json(config, dtype)}),
+                       "vision": (formats.clip_vision_links(config),
+                                  {"config.json": formats.clip_vision_config_json(config, dtype)})}
         with AtomicFolder(out, force) as tmp:
-            config = params.config
-            if fmt == "hf":
-                _write_json(os.path.join(tmp, "config.json"), molmo_config_json(config, dtype))
-                _write_json(os.path.join(tmp, "generation_config.json"), {"_from_model_config": True})
-                _write_json(os.path.join(tmp, "preprocessor_config.json"), preprocessor_config_json(config))
-                copy_tokenizer(tokenizer, tmp)
-                write_safetensors(tmp, params, molmo_links(config), dtype, max_shard_bytes, on_shard_done)
-            else:
-                llm, vision = os.path.join(tmp, "llm"), os.path.join(tmp, "vision")
-                os.makedirs(llm)
-                os.makedirs(vision)
-                _write_json(os.path.join(llm, "config.json"), causal_lm_config_json(config, dtype))
-                _write_json(os.path.join(vision, "config.json"), clip_vision_config_json(config, dtype))
-                copy_tokenizer(tokenizer, llm)
-                write_safetensors(llm, params, causal_lm_links(config), dtype, max_shard_bytes, on_shard_done)
-                write_safetensors(vision, params, clip_vision_links(config), dtype, max_shard_bytes, on_shard_done)
+            for sub, (links, jsons) in folders.items():
+                folder = os.path.join(tmp, sub)
+                os.makedirs(folder, exist_ok=True)
+                for name, content in jsons.items():
+                    write_json(os.path.join(folder, name), content)
+                if sub in ("", "llm"):
+                    copy_tokenizer(tokenizer, folder)
+                write_safetensors(folder, params.read, links, params.abstract, np_dtype, max_shard_bytes,
+                                  on_shard_done)
     finally:
         params.close()
     return os.path.abspath(out)

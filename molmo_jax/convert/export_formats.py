@@ -1,0 +1,122 @@
+"""What an exported folder says about the model: config.json files and the key links of the
+official Molmo layout and of the transformers backbones (Qwen2 / OLMo2 / OLMoE CausalLM and
+CLIPVisionModel). Keys and layouts: spec §7; the links themselves live in hf_molmo /
+hf_backbones and run in both directions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from molmo_jax.convert import hf_backbones
+from molmo_jax.convert.hf_molmo import CheckpointError, Link, Path, config_to_hf
+from molmo_jax.convert.safetensors_stream import constant_link
+from molmo_jax.model.config import MolmoConfig
+
+# transformers loads the official remote code from these repositories (auto_map "repo--module.Class").
+OFFICIAL_CODE = {"dense": "allenai/Molmo-7B-D-0924", "olmo": "allenai/Molmo-7B-O-0924", "moe": "allenai/MolmoE-1B-0924"}
+
+
+class ExportError(CheckpointError):
+    """Bad export/import input: the message names the folder, file, step or flag."""
+
+
+def _prefixed(links: Sequence[Link], hf_prefix: str, ours_prefix: Path) -> List[Link]:
+    return [dataclasses.replace(link, hf=tuple(hf_prefix + k for k in link.hf),
+                                ours=tuple(ours_prefix + p for p in link.ours)) for link in links]
+
+
+def molmo_config_json(config: MolmoConfig, dtype: str) -> Dict:
+    """The official config.json, with auto_map pointing at the official remote code on the hub."""
+    out = config_to_hf(config)
+    c = config.llm
+    repo = OFFICIAL_CODE["moe" if c.block_type == "moe" else "olmo" if c.norm_after else "dense"]
+    out["auto_map"] = {k: f"{repo}--{v}" for k, v in out.get("auto_map", {}).items()}
+    out["torch_dtype"] = dtype
+    return out
+
+
+def preprocessor_config_json(config: MolmoConfig) -> Dict:
+    """The official preprocessor_config.json (release crop settings: 12 crops, margins 4/4)."""
+    vc, cc = config.vision, config.connector
+    repo = OFFICIAL_CODE["moe" if config.llm.block_type == "moe" else "olmo" if config.llm.norm_after else "dense"]
+    return {
+        "auto_map": {"AutoImageProcessor": f"{repo}--image_preprocessing_molmo.MolmoImageProcessor",
+                     "AutoProcessor": f"{repo}--preprocessing_molmo.MolmoProcessor"},
+        "base_image_input_size": list(vc.image_size), "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_padding_mask": True, "image_patch_size": vc.patch_size,
+        "image_processor_type": "MolmoImageProcessor",
+        "image_token_length_h": -(-vc.grid[0] // cc.pool_h), "image_token_length_w": -(-vc.grid[1] // cc.pool_w),
+        "max_crops": 12, "overlap_margins": [4, 4], "processor_class": "MolmoProcessor",
+    }
+
+
+def clip_vision_config_json(config: MolmoConfig, dtype: str) -> Dict:
+    vc = config.vision
+    if not (vc.use_cls_token and vc.pre_ln and not vc.patch_bias and vc.image_size[0] == vc.image_size[1]
+            and vc.num_heads * vc.head_dim == vc.width):
+        raise ExportError(f"--format torch-backbones: the ViT ({vc.kind}) is not a CLIP vision tower (needs a CLS "
+                          f"token, pre-LN, no patch bias, square images, heads * head_dim = width)")
+    act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[vc.activation]
+    return {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", "hidden_size": vc.width,
+            "intermediate_size": vc.mlp_dim, "num_attention_heads": vc.num_heads, "num_hidden_layers": vc.num_layers,
+            "image_size": vc.image_size[0], "patch_size": vc.patch_size, "num_channels": 3, "hidden_act": act,
+            "layer_norm_eps": vc.norm_eps, "attention_dropout": 0.0, "projection_dim": vc.width,
+            "torch_dtype": dtype}
+
+
+def clip_vision_links(config: MolmoConfig) -> List[Link]:
+    """CLIPVisionModel keys; Molmo drops CLIP's post_layernorm, exported as the identity
+    (hidden_states are unaffected, last_hidden_state/pooler_output see an untrained LN)."""
+    w = config.vision.width
+    links = _prefixed(hf_backbones.vision_links_hf(config.vision), "vision_model.", ("vision",))
+    return links + [constant_link("vision_model.post_layernorm.weight", np.ones((w,), np.float32)),
+                    constant_link("vision_model.post_layernorm.bias", np.zeros((w,), np.float32))]
+
+
+def causal_lm_config_json(config: MolmoConfig, dtype: str) -> Dict:
+    """Qwen2 (pre-norm dense), OLMo2 (post-norm, QK-norm) or OLMoE (MoE) config.json."""
+    c = config.llm
+    common = {"vocab_size": c.embedding_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
+              "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
+              "rope_theta": c.rope_theta, "tie_word_embeddings": False, "attention_dropout": 0.0,
+              "torch_dtype": dtype}
+    if c.block_type == "moe":
+        if c.norm_after or not c.qk_norm or c.qkv_bias:
+            raise ExportError("--format torch-backbones: an MoE LLM exports as OLMoE, which is pre-norm with "
+                              "QK-norm and no q/k/v bias")
+        return {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", **common,
+                "intermediate_size": c.moe_hidden_size, "num_experts": c.moe_num_experts,
+                "num_experts_per_tok": c.moe_top_k, "norm_topk_prob": c.moe_renormalize, "clip_qkv": None,
+                "attention_bias": False, "router_aux_loss_coef": c.moe_load_balance_weight}
+    if c.norm_after:
+        if c.qkv_bias:
+            raise ExportError("--format torch-backbones: a post-norm LLM exports as OLMo2, which has no q/k/v bias")
+        return {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", **common,
+                "intermediate_size": c.mlp_hidden_size // 2, "attention_bias": False}
+    if c.qk_norm:
+        raise ExportError("--format torch-backbones: a pre-norm dense LLM with full-width QK-norm has no "
+                          "transformers counterpart (Qwen2 has no QK-norm, OLMo2 is post-norm)")
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
+            "intermediate_size": c.mlp_hidden_size // 2, "use_sliding_window": False}
+
+
+def causal_lm_links(config: MolmoConfig) -> List[Link]:
+    """Our LLM as a transformers CausalLM. The 128 `new_embedding` rows (image/special tokens)
+    have no place in a text-only model and are left out; tensors the architecture always has
+    but this model lacks are written as their identity values (zero biases, unit QK-norms)."""
+    c = config.llm
+    links = _prefixed(hf_backbones.llm_links_hf(c, "per_expert"), "", ("llm",))
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}.self_attn"
+        if not c.qkv_bias and not c.norm_after and c.block_type == "dense":  # Qwen2 always has q/k/v biases
+            links += [constant_link(f"{p}.{n}_proj.bias", np.zeros((heads * c.head_dim,), np.float32))
+                      for n, heads in (("q", c.n_heads), ("k", c.n_kv_heads), ("v", c.n_kv_heads))]
+        if c.norm_after and not c.qk_norm:  # OLMo2 always normalises q and k
+            links += [constant_link(f"{p}.q_norm.weight", np.ones((c.n_heads * c.head_dim,), np.float32)),
+                      constant_link(f"{p}.k_norm.weight", np.ones((c.n_kv_heads * c.head_dim,), np.float32))]
+    return links
