@@ -15,20 +15,23 @@ top-k weights sum to less than 1.
 
 Two dispatch modes (`config.moe_dispatch`):
   "sorted"   dropless: the T*k (token, expert) assignments are sorted by expert and the
-             experts run as grouped matmuls (`jax.lax.ragged_dot`); nothing is dropped.
-             This is the megablocks dMoE the released model was trained with.
+             experts run as grouped matmuls (`grouped_matmul`: Megablox's Pallas kernel on
+             TPU, `jax.lax.ragged_dot` elsewhere); nothing is dropped. This is the
+             megablocks dMoE the released model was trained with.
   "capacity" GShard/Switch style: per sequence, each expert takes at most
              C = ceil(k * T * capacity_factor / E) assignments (top-1 choices first,
              then in token order); the rest are dropped and counted. Dispatch and
              combine are one-hot einsums, which XLA partitions over the "expert" mesh
-             axis with all-to-alls (expert parallelism under plain GSPMD).
+             axis with all-to-alls (expert parallelism under plain GSPMD). "sorted" keeps
+             the expert weights sharded on "expert" in memory; on TPU the kernel runs in a
+             shard_map over evenly split rows with the layer's experts gathered (FSDP-like).
 
-Speed (benchmarks/moe.py, one MolmoE-1B layer, 4 x 2048 tokens, forward+backward, H200, jax
-0.11.2): "capacity" 13 / 16 / 24 ms at factors 1.0 / 1.25 / 2.0 in bfloat16; "sorted" 256 ms.
-On CPU and GPU `ragged_dot` costs about E times the useful FLOPs (a dense dot per expert; XLA's
-CPU cost analysis shows exactly E x); TPU, with its own grouped-matmul lowering, was not
-measured here. So: "sorted" for exact inference / parity, "capacity" (factor >= 1.25) for
-GPU training.
+Cost (one MolmoE-1B layer, 4 x 2048 tokens, forward+backward, bfloat16): XLA lowers
+`ragged_dot` as a dense product with all E experts' weights, E times the useful FLOPs, on
+CPU, GPU and TPU alike; on an H200 (jax 0.11.2, benchmarks/moe.py) "sorted" took 256 ms and
+"capacity" 13 / 16 / 24 ms at factors 1.0 / 1.25 / 2.0. Compiled for TPU, "sorted" with the
+Megablox kernel costs 1.00x the useful FLOPs and "capacity" 1.25 2.6x (dispatch einsums).
+So: "sorted" on TPU and for exact inference / parity, "capacity" (>= 1.25) for GPU training.
 
 Auxiliary losses (both off in the release recipe, `moe_loss_weight = moe_zloss_weight = 0`):
   load_balance_loss = E * sum_e f_e * P_e, f_e the fraction of assignments routed to e,
@@ -49,6 +52,7 @@ from typing import Dict, Tuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from molmo_jax.model.config import LLMConfig
 from molmo_jax.model.layers import normal, param
@@ -73,6 +77,59 @@ def expert_capacity(config: LLMConfig, tokens_per_group: int) -> int:
     """Slots per expert and sequence in "capacity" mode: ceil(k * T * factor / E), at least 1."""
     c = math.ceil(config.moe_top_k * tokens_per_group * config.moe_capacity_factor / config.moe_num_experts)
     return max(1, min(c, tokens_per_group))
+
+
+def megablox_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """Grouped matmul with Megablox's Pallas TPU kernel (only the rows' own expert is computed).
+
+    x: [A, K] rows sorted by group; w: [E, K, N]; group_sizes: int32[E] -> [A, N] in x.dtype.
+    `interpret=True` runs the kernel in the Pallas interpreter (any platform; for tests)."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # noqa: PLC0415 (TPU only)
+
+    rows, k = x.shape
+    n = w.shape[-1]
+    # Row tiles of 128 (bfloat16 packs 16 rows per sublane tile); k and n tiles of 128 or the
+    # whole dimension when it is smaller. Padding rows lie past sum(group_sizes): not computed.
+    tm = min(128, -(-rows // 16) * 16)
+    padded = jnp.pad(x, ((0, (-rows) % tm), (0, 0)))
+    out = megablox.gmm(padded, w, group_sizes, x.dtype, (tm, min(128, k), min(128, n)), None, None, False,
+                       interpret)
+    return out[:rows]
+
+
+def megablox_sharded(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """`megablox_matmul` under the current mesh. A Mosaic kernel cannot be partitioned by
+    XLA, so it runs in a shard_map: the sorted rows are split evenly over all devices (even
+    compute), each device gets every expert's weights (gathered like FSDP) and the sizes of
+    the groups inside its own slice of rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return megablox_matmul(x, w, group_sizes, interpret=interpret)
+    axes = tuple(mesh.axis_names)
+    rows = x.shape[0]
+    padded = jnp.pad(x, ((0, (-rows) % mesh.size), (0, 0)))
+    per_device = padded.shape[0] // mesh.size
+
+    def local(x_slice, w, group_sizes):
+        start = jax.lax.axis_index(axes) * per_device
+        ends = jnp.cumsum(group_sizes)
+        clip = lambda r: jnp.clip(r - start, 0, per_device)  # noqa: E731
+        local_sizes = (clip(ends) - clip(ends - group_sizes)).astype(jnp.int32)
+        return megablox_matmul(x_slice, w, local_sizes, interpret=interpret)
+
+    out = jax.shard_map(local, in_specs=(P(axes), P(), P()), out_specs=P(axes), check_vma=False)(
+        padded, w, group_sizes)
+    return out[:rows]
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """out[r] = x[r] @ w[group of r] for rows sorted by group (x: [A, K], w: [E, K, N]).
+
+    XLA lowers `jax.lax.ragged_dot` as a dense product with every group's weights followed by
+    a select (E times the useful FLOPs, seen on CPU, GPU and in TPU compilations), so TPU
+    uses the Megablox kernel; the platform is chosen when the program is lowered, which also
+    holds for ahead-of-time TPU compilation on a CPU host."""
+    return jax.lax.platform_dependent(x, w, group_sizes, tpu=megablox_sharded, default=jax.lax.ragged_dot)
 
 
 class MoEFeedForward(nnx.Module):
@@ -129,9 +186,9 @@ class MoEFeedForward(nnx.Module):
     def _experts_ragged(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """xs: [A, D] sorted by expert, group_sizes: int32[E] -> [A, D] expert outputs."""
         dt = xs.dtype
-        gate = jax.lax.ragged_dot(xs, self.gate[...].astype(dt), group_sizes)
-        up = jax.lax.ragged_dot(xs, self.up[...].astype(dt), group_sizes)
-        return jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.down[...].astype(dt), group_sizes)
+        gate = grouped_matmul(xs, self.gate[...].astype(dt), group_sizes)
+        up = grouped_matmul(xs, self.up[...].astype(dt), group_sizes)
+        return grouped_matmul(jax.nn.silu(gate) * up, self.down[...].astype(dt), group_sizes)
 
     def _sorted(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
         b, t, d = x.shape
