@@ -161,7 +161,7 @@ class Report:
             f"mesh {self.mesh}, remat {self.remat_policy}), compiled in {self.compile_seconds:.0f} s",
             "per-chip memory:",
             f"  arguments     {size(self.argument_bytes)}",
-            f"  outputs       {size(self.output_bytes)}  (of which {self.alias_bytes / GiB:.2f} GiB "
+            f"  outputs       {size(self.output_bytes)}  (of which {size(self.alias_bytes).strip()} "
             "reuse donated arguments)",
             f"  temporaries   {size(self.temp_bytes)}",
             f"  program       {size(self.generated_code_bytes)}",
@@ -268,17 +268,19 @@ def build_train_step(exp, mesh):
 
     cfg = trainer.model_config_from(exp)
     tc, groups = exp.train, [tuple(p) for p in exp.optimizer.groups]
-    sharding.validate_parallelism(cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps, 1)
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    sharding.validate_parallelism(cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps, hosts)
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Molmo(cfg, rngs=nnx.Rngs(0))))
     specs = sharding.state_specs(abstract_params, mesh)
+    sharding.check_sharded_enough(abstract_params, specs, mesh, exp.sharding.max_replicated_fraction)
     param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
     trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, exp.optimizer.frozen)
     tx = opt_lib.make_optimizer(exp.optimizer, tc.total_steps, groups)
     abstract_state = jax.eval_shape(functools.partial(trainer.init_train_state, cfg, tx, exp.optimizer.frozen),
                                     jax.random.key(0))
     replicated = NamedSharding(mesh, P())
-    shardings = {"params": trainable_sh, "frozen": frozen_sh,
-                 "opt_state": trainer._opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh),  # noqa: SLF001
+    opt_shardings = trainer._opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh)  # noqa: SLF001
+    shardings = {"params": trainable_sh, "frozen": frozen_sh, "opt_state": opt_shardings,
                  "step": replicated, "rng": replicated}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     step = jax.jit(trainer.make_train_step(graphdef, tx, exp, tc.grad_accum_steps), donate_argnums=(0,),
@@ -290,8 +292,8 @@ def build_train_step(exp, mesh):
 
 # --------------------------------------------------------------------------- sweep (--table)
 
-RELEASES = (("MolmoE-1B", "configs/molmoe_1b.py"), ("Molmo-7B-O", "configs/molmo_7b_o.py"),
-            ("Molmo-7B-D", "configs/molmo_7b_d.py"), ("Molmo-72B", "configs/molmo_72b.py"))
+RELEASES = (("Molmo-7B-D", "configs/molmo_7b_d.py"), ("Molmo-72B", "configs/molmo_72b.py"),
+            ("Molmo-7B-O", "configs/molmo_7b_o.py"), ("MolmoE-1B", "configs/molmoe_1b.py"))
 STAGES = ("pretrain", "sft")
 # Slice sizes tried, smallest first: (accelerator type, slices). Past one v5e/v6e pod (256
 # chips) the sweep adds slices joined over the data-center network.
@@ -348,6 +350,9 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
                         log(f"[{key}] compiling on {topology.name}, mesh {mesh}, grad_accum {accum} ...")
                         try:
                             report = compile_report(exp, topology)
+                        except ValueError as e:  # this mesh cannot run the config
+                            tried.append(f"{topology.name} accum {accum}: {e}")
+                            continue
                         except Exception as e:  # noqa: BLE001 (only out-of-memory is expected)
                             if not is_out_of_memory(e):
                                 raise
@@ -445,6 +450,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         report = compile_report(exp, topology)
+    except ValueError as e:  # the config cannot run on this mesh (named by the trainer's checks)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001
         if not is_out_of_memory(e):
             raise
