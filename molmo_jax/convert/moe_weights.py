@@ -29,7 +29,11 @@ in the public code index has the same module tree). The module tree fixes the st
   lm_head.weight   [embedding_size, D]   (top level, not model.transformer.ff_out as in 7B-D)
   model.vision_backbone.*                (same names as Molmo-7B-D)
 Its `MolmoeSparseMoeBlock` does softmax(float32) -> top-k with no renormalisation, like
-transformers' OLMoE with `norm_topk_prob=False`. Summing these shapes for the MOLMOE_1B preset
+transformers' OLMoE with `norm_topk_prob=False`. A one-off check (that code is not vendored
+here): the remote code's MolmoForCausalLM built from `molmoe_config_to_hf(TINY_MOE)` has
+exactly the key set and shapes this module writes (except `pad_embed`, which that code sizes
+from the default 1024-wide ViT whatever the config says), and with our exported weights its
+text-only logits equal ours to 2.4e-7. Summing these shapes for the MOLMOE_1B preset
 gives 7,221,875,712 parameters (spec §7.1), which tests/test_moe.py checks.
 """
 from __future__ import annotations
