@@ -97,3 +97,22 @@ def test_a_step_that_does_not_fit_exits_non_zero(capsys):
     # Molmo-7B-D stage 2 (batch 256, 13 crops x 2304 tokens) on the 4 chips of a v5e-4.
     assert aot.main(["--config", "configs/molmo_7b_d.py:sft", "--topology", "v5e-4", "--mesh", "fsdp=4"]) == 1
     assert "does not fit on v5e-4" in capsys.readouterr().err
+
+
+def test_sweep_candidates_cover_the_chips_with_the_batch():
+    exp = aot.load_config("configs/molmo_7b_d.py:pretrain")  # global batch 128
+    mesh, accum = aot.sweep_candidates(exp, aot.parse_topology("v5p-8"))[1]
+    assert mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1} and accum == 32  # 1 sequence per chip
+    # 512 chips for 128 sequences: tensor parallelism 4 inside each slice, data parallel across.
+    assert aot.sweep_candidates(exp, aot.parse_topology("v5e-256", slices=2)) == [
+        ({"data": 2, "fsdp": 64, "tensor": 4, "expert": 1}, 1)]
+
+
+def test_table_says_which_rows_are_missing():
+    row = dict(model="Molmo-7B-D", stage="pretrain", gen="v5p", slice="v5p-8", chips=4,
+               mesh={"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}, remat="full", grad_accum=32,
+               total_gib=41.5, hbm_gib=95.0, analytic_flops=1.5e16, peak_flops=459e12)
+    table = aot.table_markdown({"Molmo-7B-D|pretrain|v5p": row}, ["v5p"], mfu=0.5).splitlines()
+    assert table[2] == ("| Molmo-7B-D | pretrain | v5p | v5p-8 (4 chips) | 1, 4, 1 | full | 32 | 41.5 GiB (95) "
+                        "| 1.5e+16 | 16.34 s |")
+    assert table[3] == "| Molmo-7B-D | sft | v5p | not computed | | | | | | |"

@@ -420,6 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--table", default=None, metavar="RESULTS_JSON",
                         help="sweep every release (results cached in this JSON) and print the table")
     parser.add_argument("--generations", default="v5p,v6e,v5e", help="TPU generations of the sweep")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="with --table: print the table of the cached results, compile nothing")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.table:
@@ -429,8 +431,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             print(f"error: unknown generation(s) {unknown}; choose from {sorted(SWEEP_SLICES)}", file=sys.stderr)
             return 2
-        results = json.load(open(args.table)) if os.path.exists(args.table) else {}
-        for _ in sweep(results, gens, log=lambda m: print(m, file=sys.stderr, flush=True)):
+        results = {}
+        if os.path.exists(args.table):
+            with open(args.table) as f:
+                results = json.load(f)
+        for _ in ([] if args.cached_only else sweep(results, gens, log=lambda m: print(m, file=sys.stderr, flush=True))):
             with open(args.table, "w") as f:
                 json.dump(results, f, indent=1, sort_keys=True)
         print(table_markdown(results, gens, args.mfu))
