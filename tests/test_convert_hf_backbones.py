@@ -1,5 +1,6 @@
 """Component parity with transformers on random tiny weights converted through our own
 backbone converters (float32): CLIP / SigLIP hidden states, Qwen2 and OLMo2 logits."""
+import jax
 import numpy as np
 import pytest
 import torch
@@ -68,6 +69,23 @@ def test_vision_hidden_states_match_transformers(kind):
     got = vit(to_patches(pixels, 14), layers=(0, 1, 2))
     for i, h in enumerate(got):
         np.testing.assert_allclose(np.asarray(h), expected[i + 1].numpy(), atol=1e-4, rtol=1e-4)
+
+
+
+def test_full_clip_model_checkpoint_keys_load():
+    """A hub CLIPModel file: `vision_model.` prefix, text tower, projections and the last block
+    (Molmo keeps 23 of CLIP's 24) are dropped; anything else unexpected is an error."""
+    make, vc = VISION_CASES["clip"]
+    sd = randomize(make(), seed=1)
+    full = {"vision_model." + k: v for k, v in sd.items()}
+    full.update({"text_model.embeddings.token_embedding.weight": np.zeros((8, 4)), "logit_scale": np.zeros(()),
+                 "visual_projection.weight": np.zeros((4, 32))})
+    text = {k: v for k, v in full.items() if not k.startswith("vision_model.")}
+    a = hf_backbones.vision_params_from_hf(full, vc)
+    b = hf_backbones.vision_params_from_hf({**sd, **text}, vc)  # transformers-5 names, no prefix
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    with pytest.raises(CheckpointError, match=r"unexpected \['vision_model\.extra'\]"):
+        hf_backbones.vision_params_from_hf({**full, "vision_model.extra": np.zeros(1)}, vc)
 
 
 LLM_CASES = {

@@ -10,7 +10,8 @@ the post-norm, full-width QK-norm backbone of Molmo-7B-O).
 Mapping (spec §7.2): q/k/v/out_proj -> wq/wk/wv/wo, fc1/fc2 -> w1/w2, layer_norm1/2 ->
 attention_norm / ffn_norm, pre_layrnorm -> pre_ln, patch conv [W, 3, p, p] -> Linear on
 (dy, dx, c)-ordered patches; the blocks past `num_layers` (CLIP's 24th), post_layernorm, the
-SigLIP pooling head and a CLIP/SigLIP text tower are deliberately dropped. LLM: q/k/v_proj
+SigLIP pooling head and a CLIP/SigLIP text tower are deliberately dropped (keys may carry
+the `vision_model.` prefix of hub files). LLM: q/k/v_proj
 -> q/k/v, o_proj -> o, gate/up/down_proj -> gate/up/down, embed_tokens -> embedding,
 lm_head -> lm_head; pre-norm uses input_layernorm / post_attention_layernorm, post-norm
 (OLMo2) post_attention_layernorm / post_feedforward_layernorm. `new_embedding` (the 128
@@ -33,12 +34,6 @@ from molmo_jax.model.config import LLMConfig, VisionConfig
 
 def _abstract(module_fn) -> Dict:
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(module_fn), nnx.Param))
-
-
-def _strip_prefix(state_dict: Mapping, prefix: str) -> Dict:
-    """Drops `prefix` from the keys that carry it (full CLIPModel checkpoints and the
-    transformers-5 `vision_model.` wrapping both load)."""
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
 def _patch_link(hf: str, ours: Path, vc: VisionConfig) -> Link:
@@ -70,19 +65,20 @@ def _attention_links(hf: str, ours: Path, layer: int, d: int, heads: int, head_d
     return links
 
 
-def vision_links_hf(vc: VisionConfig) -> List[Link]:
-    """transformers CLIP / SigLIP vision keys (after `vision_model.`) -> VisionTransformer."""
+def vision_links_hf(vc: VisionConfig, prefix: str = "") -> List[Link]:
+    """transformers CLIP / SigLIP vision keys (`prefix` = "vision_model." in hub files of
+    CLIPModel / SiglipModel and older CLIPVisionModel files) -> VisionTransformer."""
     w = vc.width
-    links = [_patch_link("embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), vc),
-             same_link("embeddings.position_embedding.weight", ("positional_embedding",))]
+    links = [_patch_link(f"{prefix}embeddings.patch_embedding.weight", ("patch_embedding", "kernel"), vc),
+             same_link(f"{prefix}embeddings.position_embedding.weight", ("positional_embedding",))]
     if vc.patch_bias:
-        links.append(same_link("embeddings.patch_embedding.bias", ("patch_embedding", "bias")))
+        links.append(same_link(f"{prefix}embeddings.patch_embedding.bias", ("patch_embedding", "bias")))
     if vc.use_cls_token:
-        links.append(same_link("embeddings.class_embedding", ("class_embedding",)))
+        links.append(same_link(f"{prefix}embeddings.class_embedding", ("class_embedding",)))
     if vc.pre_ln:
-        links += norm_links("pre_layrnorm", ("pre_ln",), None, True)
+        links += norm_links(f"{prefix}pre_layrnorm", ("pre_ln",), None, True)
     for i in range(vc.num_layers):
-        p, b = f"encoder.layers.{i}", ("blocks",)
+        p, b = f"{prefix}encoder.layers.{i}", ("blocks",)
         links += _attention_links(f"{p}.self_attn", b + ("attention",), i, w, vc.num_heads, vc.head_dim)
         links += norm_links(f"{p}.layer_norm1", b + ("attention_norm",), i, True)
         links += norm_links(f"{p}.layer_norm2", b + ("ffn_norm",), i, True)
@@ -98,18 +94,20 @@ def vision_params_from_hf(state_dict: Mapping, config: VisionConfig) -> Dict:
     pure parameter dict of `VisionTransformer(config)`."""
     from molmo_jax.model.vit import VisionTransformer  # noqa: PLC0415
 
-    sd = _strip_prefix(state_dict, "vision_model.")
-    layer = re.compile(r"encoder\.layers\.(\d+)\.")
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in state_dict) else ""
+    layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
 
     def dropped(key: str) -> bool:
+        """The parts of a CLIP/SigLIP file Molmo does not use."""
         m = layer.match(key)
         if m:
             return int(m.group(1)) >= config.num_layers
-        return key.startswith(("post_layernorm.", "head.", "text_model.", "logit_", "visual_projection.",
-                               "text_projection.", "embeddings.position_ids"))
+        tower = key[len(prefix):] if key.startswith(prefix) else ""
+        return (tower.startswith(("post_layernorm.", "head.", "embeddings.position_ids"))
+                or key.startswith(("text_model.", "logit_", "visual_projection.", "text_projection.")))
 
     abstract = _abstract(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)))
-    return tensors_to_params(sd, vision_links_hf(config), abstract, dropped=dropped)
+    return tensors_to_params(state_dict, vision_links_hf(config, prefix), abstract, dropped=dropped)
 
 
 def llm_links_hf(c: LLMConfig, moe_layout: str = "per_expert") -> List[Link]:
