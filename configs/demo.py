@@ -7,7 +7,8 @@
 
 Stage 1 learns synthetic captions, stage 2 the pointing / counting / clock / caption mix. The
 model is TINY_QWEN2 (Qwen2-style LLM, 10-block CLIP-style ViT) on 112 px crops; widths, steps
-and LRs are small-scale choices, not the released recipe.
+and LRs are small-scale choices, not the released recipe. `make demo` trains stage 2 alone from
+scratch with the wider `_demo_recipe` below.
 """
 import dataclasses
 
@@ -39,4 +40,29 @@ def get_config(arg=None):
     c.sharding.max_replicated_fraction = 0.5  # toy widths: norms and biases weigh a lot
     c.checkpoint.every = 100
     c.log.every = 10
+    if stage == "sft":
+        _demo_recipe(c)
     return c
+
+
+def _demo_recipe(c):
+    """What `make demo` (molmo_jax/demo.py) trains in about 10 minutes on a 2-core CPU, from scratch.
+
+    One stage on the multitask mix, a little wider than TINY_QWEN2 (LLM 128 x 3 blocks, ViT 64 x 10)
+    since pointing, counting and clocks are learnt from pixels; 112 px scenes are one crop
+    (+ the global crop), margins of one pooling window as `inference.predict.model_crop_config`
+    assumes for small crops. Nothing is frozen (the embedding starts random), and Adam's eps is
+    1e-8 because the ViT's gradients start near 1e-6, where eps=1e-6 would stall it.
+    """
+    c.model.llm.update(dict(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, mlp_hidden_size=512))
+    c.model.vision.update(dict(width=64, num_heads=4, head_dim=16, mlp_dim=256))
+    c.data.seq_len = 320
+    c.data.max_crops = 1
+    c.train.global_batch = 16
+    c.train.total_steps = 1000
+    for group, lr in (("vit", 1e-3), ("connector", 2e-3), ("llm", 2e-3)):
+        c.optimizer[group] = dict(lr=lr, warmup_steps=50)
+    c.optimizer.eps = 1e-8
+    c.optimizer.frozen = ""
+    c.checkpoint.every = 500
+    c.log.every = 25

@@ -150,6 +150,18 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def model_crop_config(config: MolmoConfig, max_crops: int) -> multicrop.CropConfig:
+    """The crop geometry a model was built for: its ViT input and patch size and its pooling
+    (the released models: 336 px crops of 14 px patches, 2x2 pooling). Overlap margins are the
+    releases' 4 patches a side where the crop leaves a window, else one pooling window (small
+    crops, e.g. the demo's 112 px)."""
+    crop_patches = config.vision.image_size[0] // config.vision.patch_size
+    pool = config.connector.pool_h
+    margin = 4 if crop_patches - 8 >= pool else pool
+    return multicrop.CropConfig(crop_size=config.vision.image_size[0], patch_size=config.vision.patch_size,
+                                overlap_margins=(margin, margin), pool=pool, max_crops=max_crops)
+
+
 class Predictor:
     """A model, its tokenizer and crop geometry, with compiled generation."""
 
@@ -174,7 +186,7 @@ class Predictor:
             if dtype:
                 model = with_compute_dtype(model, dtype)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
-        return cls(model, tok, multicrop.CropConfig(max_crops=max_crops),
+        return cls(model, tok, model_crop_config(model.config, max_crops),
                    formatting.CAPTIONER if captioner else formatting.FINETUNED)
 
     def prepare(self, request: Request) -> dict:
