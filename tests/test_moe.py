@@ -255,10 +255,12 @@ def test_checkpoint_layouts_round_trip():
         _from_tensors({}, "grouped")
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "capacity"])
-def test_expert_parallel_train_step_matches_one_device(dispatch):
-    """One SGD step of the tiny MoE LLM: 8 devices (data 2 x expert 4, experts split 4 ways)
-    give the loss, aux values and updated parameters of one device."""
+@pytest.mark.parametrize("dispatch, mesh_axes", [("sorted", {"data": 2, "expert": 4}),
+                                                 ("capacity", {"fsdp": 2, "tensor": 2, "expert": 2})])
+def test_expert_parallel_train_step_matches_one_device(dispatch, mesh_axes):
+    """One SGD step of the tiny MoE LLM on 8 devices (experts split over the "expert" axis,
+    FSDP / tensor parallelism on the rest) gives the loss, aux values and updated parameters
+    of one device."""
     import optax
     from molmo_jax import sharding
     from molmo_jax.model.llm import LLM as Decoder
@@ -283,9 +285,10 @@ def test_expert_parallel_train_step_matches_one_device(dispatch):
 
     one = jax.jit(step)(params, tx.init(params), ids)
 
-    mesh = sharding.make_mesh({"data": 2, "expert": 4})
+    mesh = sharding.make_mesh(mesh_axes)
     specs = sharding.state_specs(params, mesh)
-    assert specs["blocks"]["ffn"]["gate"].get_value() == jax.sharding.PartitionSpec(None, "expert", None, None)
+    expected = ("expert", "fsdp", "tensor") if "tensor" in mesh_axes else ("expert", None, None)
+    assert tuple(specs["blocks"]["ffn"]["gate"].get_value()) == (None, *expected)
     sharded = jax.device_put(params, sharding.named_shardings(specs, mesh))
     with jax.set_mesh(mesh):
         eight = jax.jit(step)(sharded, tx.init(sharded), jax.device_put(ids, sharding.batch_sharding(mesh)))
