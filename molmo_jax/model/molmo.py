@@ -9,6 +9,11 @@ Q pooled tokens per crop, E model width, V embedding_size.
 
 Generation encodes the image once: `embeds = model.embed(...)`, then prefill/decode with
 `model.llm(embeds, positions, token_valid=..., cache=model.llm.init_cache(...))` (see llm.py).
+
+Float32 parity with the official fp32 evaluation needs full-precision matmuls on GPU and TPU,
+whose float32 default rounds (TF32 / bfloat16 passes): trace under
+`jax.default_matmul_precision("highest")` (golden logits on an H200: 2.5e-2 off by default,
+3e-5 at "highest"). CPU computes float32 exactly either way.
 """
 from __future__ import annotations
 
