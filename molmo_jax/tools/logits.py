@@ -48,9 +48,9 @@ def load_model(checkpoint: str, dtype: str):
     """A Molmo from an HF folder or an orbax training checkpoint, computing in `dtype`."""
     if hf_molmo.is_hf_folder(checkpoint):
         return hf_molmo.load_hf_model(checkpoint, dtype=dtype)
-    from molmo_jax.inference.predict import _with_dtype, load_orbax_model  # noqa: PLC0415 (orbax only)
+    from molmo_jax.inference.predict import load_orbax_model, with_compute_dtype  # noqa: PLC0415 (orbax only)
 
-    return _with_dtype(load_orbax_model(checkpoint), dtype)
+    return with_compute_dtype(load_orbax_model(checkpoint), dtype)
 
 
 def compute_logits(model, inputs: Dict[str, np.ndarray]) -> np.ndarray:
