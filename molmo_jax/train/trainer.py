@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,45 @@ def init_train_state(model_cfg: MolmoConfig, tx: optax.GradientTransformation, f
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
 
 
+class TrainSetup(NamedTuple):
+    """Everything the loop needs about the model and optimizer on one mesh.
+
+    init: jitted key -> sharded step-0 state; step_fn: jitted (state, batch) -> (state, metrics),
+    donating the state; abstract_state: ShapeDtypeStructs with their target shardings.
+    """
+    graphdef: Any
+    tx: optax.GradientTransformation
+    init: Callable
+    step_fn: Callable
+    abstract_state: Dict[str, Any]
+    shardings: Dict[str, Any]
+
+
+def build_train_setup(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, mesh) -> TrainSetup:
+    """Shards the model by its logical axis names, builds the optimizer and the jitted step."""
+    abstract_model = nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    specs = sharding.state_specs(abstract_params, mesh)
+    sharding.check_sharded_enough(abstract_params, specs, mesh, config.sharding.max_replicated_fraction)
+    param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
+    frozen_regex = config.optimizer.frozen
+    trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, frozen_regex)
+    tx = opt_lib.make_optimizer(config.optimizer, config.train.total_steps,
+                                [tuple(p) for p in config.optimizer.groups])
+
+    init_state = functools.partial(init_train_state, model_cfg, tx, frozen_regex)
+    abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    shardings = {"params": trainable_sh, "frozen": frozen_sh,
+                 "opt_state": _opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh),
+                 "step": replicated, "rng": replicated}
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, shardings)
+    step_fn = jax.jit(make_train_step(graphdef, tx, config, config.train.grad_accum_steps), donate_argnums=(0,),
+                      out_shardings=(shardings, replicated))
+    return TrainSetup(graphdef, tx, jax.jit(init_state, out_shardings=shardings), step_fn, abstract_state, shardings)
+
+
 def _check_finite(step: int, metrics: Dict[str, float], last_good: Optional[int], ckpt_dir: str) -> None:
     bad = {k: v for k, v in metrics.items() if (k == "loss" or k.startswith("grad_norm.")) and not math.isfinite(v)}
     if bad:
@@ -171,24 +210,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                            process_count=jax.process_count()))
 
     # ------------------------------------------------------------------ model, optimizer, shardings
-    abstract_model = nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    specs = sharding.state_specs(abstract_params, mesh)
-    sharding.check_sharded_enough(abstract_params, specs, mesh, config.sharding.max_replicated_fraction)
-    param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
-    frozen_regex = config.optimizer.frozen
-    trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, frozen_regex)
-    tx = opt_lib.make_optimizer(config.optimizer, tc.total_steps, [tuple(p) for p in config.optimizer.groups])
-
-    init_state = functools.partial(init_train_state, model_cfg, tx, frozen_regex)
-    seed_key = jax.random.key(config.seed)
-    abstract_state = jax.eval_shape(init_state, seed_key)
-    replicated = NamedSharding(mesh, P())
-    state_shardings = {"params": trainable_sh, "frozen": frozen_sh,
-                       "opt_state": _opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh),
-                       "step": replicated, "rng": replicated}
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
+    setup = build_train_setup(config, model_cfg, mesh)
+    abstract_state = setup.abstract_state
 
     # ------------------------------------------------------------------ init or resume
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -200,14 +223,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         log.info("resumed from step %d of %s", start_step, ckpt_dir)
     else:
         start_step = 0
-        state = jax.jit(init_state, out_shardings=state_shardings)(seed_key)
+        state = setup.init(jax.random.key(config.seed))
         if config.init.checkpoint:
             state = _load_initial_params(config.init.checkpoint, abstract_state, state)
     last_good = start_step or None
 
-    # ------------------------------------------------------------------ update step
-    step_fn = jax.jit(make_train_step(graphdef, tx, config, tc.grad_accum_steps), donate_argnums=(0,),
-                      out_shardings=(state_shardings, replicated))
+    # ------------------------------------------------------------------ metrics, preemption
     batch_tokens = tc.global_batch * config.data.seq_len
     logger = MetricsLogger(workdir, total_steps=tc.total_steps, every=config.log.every,
                            tensorboard=config.log.tensorboard,
@@ -222,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     try:
         for step in range(start_step + 1, tc.total_steps + 1):
             batch = sharding.make_global_batch(_model_batch(next(data_iterator)), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = setup.step_fn(state, batch)
             if pending is not None:  # read step-1 now that step is queued behind it
                 history.append(logger.write(*pending))
                 _check_finite(pending[0], history[-1], last_good, ckpt_dir)

@@ -1,0 +1,320 @@
+"""The trainer end to end: the real tiny Molmo on the real grain pipeline over synthetic data.
+
+Runs are subprocesses of `python -m molmo_jax.train` on one experiment file:
+  reference    8 fake CPU devices, FSDP 4 x tensor 2, 12 steps: must overfit its 16 examples,
+               keep the frozen embedding bit-identical and follow each group's LR schedule;
+  one device   the same run on 1 device: losses and parameters within tolerance of reference;
+  killed       the 1-device run SIGKILLed after checkpoint 4, then resumed: bit-identical to
+               "one device"; resumed again over a corrupted latest checkpoint: the same;
+  two processes  jax.distributed on 127.0.0.1, 4 devices each: losses within tolerance.
+The NaN test runs in-process (it feeds one poisoned batch). The 1-device subprocesses share a
+persistent compilation cache, so their program is compiled once.
+"""
+import json
+import math
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import configs
+from molmo_jax import sharding
+from molmo_jax.model.molmo import Molmo
+from molmo_jax.train import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 12
+# 8 devices vs 1 device: same math, different reduction order and collectives.
+LOSS_RTOL = 2e-5
+PARAM_ATOL = 2e-5
+
+CONFIG_FILE = '''
+from configs import demo
+
+def get_config(arg=None):
+    c = demo.get_config("pretrain")
+    c.data.tokenizer = {tokenizer!r}
+    c.data.synthetic_examples = 16        # a tiny set the run overfits
+    c.model.llm.response_residual_dropout = 0.0  # dropout masks follow batch rows, which
+                                                 # differ between process layouts
+    c.train.total_steps = {steps}
+    c.optimizer.vit = dict(lr=1e-3, warmup_steps=4)
+    c.optimizer.connector = dict(lr=2e-3, warmup_steps=2)
+    c.optimizer.llm = dict(lr=3e-3, warmup_steps=6)
+    c.mesh = dict(data=1, fsdp=-1, tensor={tensor}, expert=1)
+    c.checkpoint.every = 2
+    c.checkpoint.keep = 20
+    c.log.every = 1
+    return c
+'''
+IGNORED = ("step_time_s", "examples_per_s", "tokens_per_s", "mfu")
+
+
+def make_tokenizer(path: pathlib.Path) -> str:
+    """A small sentencepiece model (byte fallback: any text encodes)."""
+    import sentencepiece as spm
+    rng = np.random.default_rng(0)
+    words = ("a the red green blue circle square triangle star point points to at top left right bottom "
+             "center how many count clock time hour minute image shows small large one two three").split()
+    lines = [" ".join(rng.choice(words, 12)) + " " + " ".join(map(str, rng.integers(0, 100, 3))) for _ in range(500)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path / "spm"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=-1,
+                                   eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
+    return str(path / "spm.model")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    (root / "exp.py").write_text(CONFIG_FILE.format(tokenizer=make_tokenizer(root), steps=STEPS, tensor=2))
+    (root / "exp1.py").write_text(CONFIG_FILE.format(tokenizer=str(root / "spm.model"), steps=STEPS, tensor=1))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(8))
+    return root, env
+
+
+def one_device(env, root):
+    """Environment of the 1-device runs: no collectives, and one cached compilation."""
+    return dict(env, XLA_FLAGS=xla_flags(1), JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def xla_flags(devices):
+    # The fake devices are threads; on a busy machine a collective can wait for a starved
+    # thread longer than XLA's default 40 s before it aborts the process.
+    return (f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=600 "
+            "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+
+
+def command(config, workdir, *overrides):
+    return [sys.executable, "-m", "molmo_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def run(config, env, workdir, *overrides, timeout=300):
+    p = subprocess.run(command(config, workdir, *overrides), cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p.stderr
+
+
+def metrics(workdir) -> dict:
+    """step -> metrics of the last run that logged that step (a resumed run appends)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m.pop("step")] = {k: v for k, v in m.items() if k not in IGNORED}
+    return out
+
+
+def saved_state(workdir, step):
+    """The `state` item of a checkpoint as numpy arrays."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    meta = ocp.StandardCheckpointer().metadata(path).item_metadata
+    restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    root, env = setup
+    workdir = root / "reference"
+    log = run(root / "exp.py", env, workdir)
+    assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2, 'expert': 1} on 8 devices" in log
+    return workdir, metrics(workdir)
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    root, env = setup
+    workdir = root / "one_device"
+    log = run(root / "exp1.py", one_device(env, root), workdir)
+    assert "on 1 devices" in log
+    return workdir, metrics(workdir)
+
+
+def test_reference_run_overfits_keeps_frozen_params_and_follows_each_lr_schedule(setup, reference):
+    root, _ = setup
+    workdir, m = reference
+    assert sorted(m) == list(range(1, STEPS + 1))
+    losses = [m[s]["loss"] for s in range(1, STEPS + 1)]
+    assert np.mean(losses[-3:]) < losses[0] - 0.5, losses
+    cfg = configs.load(str(root / "exp.py"))
+    for group in ("vit", "connector", "llm"):
+        peak, warmup = cfg.optimizer[group]["lr"], cfg.optimizer[group]["warmup_steps"]
+        for s in range(1, STEPS + 1):
+            expected = peak * s / warmup if s < warmup else 0.1 * peak + 0.9 * peak * 0.5 * (
+                1 + math.cos(math.pi * (s - warmup) / (STEPS - warmup)))
+            assert m[s][f"lr.{group}"] == pytest.approx(expected, rel=1e-5), (group, s)
+    # The base token embedding: bit-identical to its initial value after every step, while the
+    # trained parameters moved.
+    model_cfg = trainer.model_config_from(cfg)
+    params_key, _ = jax.random.split(jax.random.key(cfg.seed))
+    init = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(Molmo(model_cfg, rngs=nnx.Rngs(params=k)))))(params_key)
+    final = saved_state(workdir, STEPS)
+    np.testing.assert_array_equal(final["frozen"]["llm"]["embed"]["embedding"],
+                                  np.asarray(init["llm"]["embed"]["embedding"]))
+    assert "embedding" not in final["params"]["llm"]["embed"]
+    assert not np.array_equal(final["params"]["llm"]["embed"]["new_embedding"],
+                              np.asarray(init["llm"]["embed"]["new_embedding"]))
+    assert not np.array_equal(final["params"]["llm"]["lm_head"]["kernel"],
+                              np.asarray(init["llm"]["lm_head"]["kernel"]))
+    assert any((workdir / "tensorboard").iterdir())
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(setup, single):
+    """The 1-device run, SIGKILLed once checkpoint 4 is on disk, then resumed."""
+    root, env = setup
+    env = one_device(env, root)
+    workdir = root / "killed"
+    log = open(root / "killed.log", "w")  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen(command(root / "exp1.py", workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "4").is_dir():
+        assert proc.poll() is None and time.time() < deadline, (
+            "training subprocess ended before checkpoint 4: " + (root / "killed.log").read_text()[-4000:])
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    log.close()
+    killed_steps = sorted(metrics(workdir))
+    assert max(killed_steps) < STEPS, "the run finished before it was killed"
+    return workdir, killed_steps, run(root / "exp1.py", env, workdir)
+
+
+def test_one_device_matches_fsdp_tensor_parallel(reference, single):
+    one, eight = single[1], reference[1]
+    for s in range(1, STEPS + 1):
+        assert one[s]["loss"] == pytest.approx(eight[s]["loss"], rel=LOSS_RTOL), s
+        assert one[s]["grad_norm.llm"] == pytest.approx(eight[s]["grad_norm.llm"], rel=1e-4), s
+    for step in (2, STEPS):
+        a, b = saved_state(single[0], step), saved_state(reference[0], step)
+        for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+            np.testing.assert_allclose(x, y, atol=PARAM_ATOL, rtol=0, err_msg=f"step {step} {jax.tree_util.keystr(path)}")
+
+
+def test_kill9_then_resume_repeats_the_uninterrupted_losses_bit_for_bit(killed_and_resumed, single):
+    workdir, killed_steps, log = killed_and_resumed
+    resumed_from = int(re.search(r"resumed from step (\d+)", log).group(1))
+    assert 4 <= resumed_from <= max(killed_steps)
+    ref, got = single[1], metrics(workdir)
+    for s in range(resumed_from + 1, STEPS + 1):
+        assert got[s] == ref[s], s  # every metric, bit for bit (float32 values via JSON)
+
+
+def test_corrupted_latest_checkpoint_resumes_from_the_previous_one_and_says_so(setup, killed_and_resumed, single):
+    root, env = setup
+    workdir = killed_and_resumed[0]
+    latest = workdir / "checkpoints" / str(STEPS)
+    for dirpath, _, files in os.walk(latest / "state"):
+        for f in files:
+            pathlib.Path(dirpath, f).write_bytes(b"\0not a checkpoint")
+    log = run(root / "exp1.py", one_device(env, root), workdir)
+    assert f"checkpoint {latest} could not be read" in log and "falling back to the previous checkpoint" in log
+    assert f"resumed from step {STEPS - 2}" in log
+    got = metrics(workdir)
+    for s in (STEPS - 1, STEPS):
+        assert got[s] == single[1][s], s
+
+
+class PoisonedBatches(grain.DatasetIterator):
+    """The real pipeline iterator, with NaN images in one batch (a broken input)."""
+
+    def __init__(self, parent, poisoned_batch):
+        super().__init__(parent)
+        self.poisoned_batch, self.count = poisoned_batch, 0
+
+    def __next__(self):
+        batch = next(self._parent)
+        self.count += 1
+        if self.count == self.poisoned_batch:
+            batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, single, tmp_path):
+    root, _ = setup
+    cfg = configs.load(str(root / "exp1.py"))
+    cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    from data_pipelines.pipeline import make_pipeline
+    data = PoisonedBatches(iter(make_pipeline(cfg)), poisoned_batch=5)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite training metrics at step 5: .*'loss': nan.*"
+                                                         r"the last good checkpoint is step 4"):
+        trainer.train(cfg, str(tmp_path), data_iterator=data, devices=jax.devices()[:1])
+    # Nothing after the bad step was saved; the last good checkpoint is intact and finite.
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    good = saved_state(tmp_path, 4)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(good["params"]))
+    ref = saved_state(single[0], 4)  # the same run up to the poisoned batch (compiled in another process)
+    np.testing.assert_allclose(good["params"]["llm"]["lm_head"]["kernel"], ref["params"]["llm"]["lm_head"]["kernel"],
+                               atol=PARAM_ATOL, rtol=0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_the_same_steps_as_one(setup, reference):
+    root, env = setup
+    workdir = root / "two_processes"
+    env = dict(env, XLA_FLAGS=xla_flags(4))
+    address = f"127.0.0.1:{free_port()}"
+    logs = [root / f"process_{i}.log" for i in (0, 1)]
+    procs = [subprocess.Popen(command(root / "exp.py", workdir, "--config.distributed.enabled=True",
+                                      f"--config.distributed.coordinator_address={address}",
+                                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"))
+             for i in (0, 1)]
+    for p in procs:
+        p.wait(timeout=300)
+    logs = [log.read_text() for log in logs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    assert "8 devices, 2 processes" in logs[0]
+    got = metrics(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s]["loss"] == pytest.approx(reference[1][s]["loss"], rel=LOSS_RTOL), s
+    data_states = sorted(p.name for p in (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*"))
+    assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Text-only batches keep this in-process test small; every loss token counts once."""
+    cfg = configs.load("configs/demo.py:pretrain")
+    cfg.model.llm.response_residual_dropout = 0.0  # micro-batches draw their own dropout keys
+    cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 500, (4, 32)).astype(np.int32)
+    batch = sharding.make_global_batch({"input_ids": ids, "target_tokens": np.roll(ids, -1, 1),
+                                        "loss_masks": (rng.random((4, 32)) < 0.6).astype(np.float32)}, mesh)
+    results = []
+    for accum in (1, 2):
+        cfg.train.grad_accum_steps = accum
+        setup = trainer.build_train_setup(cfg, trainer.model_config_from(cfg), mesh)
+        state, m = setup.step_fn(setup.init(jax.random.key(0)), batch)
+        results.append((jax.device_get(state["params"]), jax.device_get(m)))
+    (p1, m1), (p2, m2) = results
+    for k in ("loss", "ce_loss", "z_loss", "loss_tokens", "grad_norm.llm", "grad_norm.connector"):
+        assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-9), k
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
