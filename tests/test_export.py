@@ -12,6 +12,7 @@ import time
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -219,3 +220,57 @@ def test_bad_inputs_are_named(qwen2_checkpoint, tokenizer_dir, tmp_path):
     export.export_checkpoint(ckpt, str(tmp_path / "full"), tokenizer=tokenizer_dir, force=True)
     assert not (tmp_path / "full" / "x").exists() and (tmp_path / "full" / INDEX).exists()
     assert not os.path.exists(tmp_path / "o")
+
+
+class TextBatches:
+    """Text-only training batches with the grain iterator interface the checkpointer saves."""
+
+    def __init__(self, vocab, batch=2, length=16):
+        self.rng, self.shape, self.vocab, self.position = np.random.default_rng(0), (batch, length), vocab, 0
+
+    def __next__(self):
+        self.position += 1
+        ids = self.rng.integers(0, self.vocab, self.shape).astype(np.int32)
+        return {"input_ids": ids, "target_tokens": np.roll(ids, -1, axis=1),
+                "loss_masks": np.ones(self.shape, np.float32)}
+
+    def get_state(self):
+        return str(self.position).encode()
+
+    def set_state(self, state):
+        self.position = int(state.decode())
+
+    def start_prefetch(self):
+        pass
+
+
+def test_trainer_fine_tunes_from_an_import_and_its_checkpoint_exports(tokenizer_dir, tmp_path):
+    """HF folder -> import_hf -> 2 training steps with config.init.checkpoint -> export of the
+    trainer's own checkpoint: the frozen embedding is the imported one, the trained LM head
+    the trainer's."""
+    from molmo_jax.convert.hf_molmo import save_hf_checkpoint  # noqa: PLC0415
+    from molmo_jax.train import trainer  # noqa: PLC0415
+
+    config = TINY_QWEN2
+    cfg = train_config(config)  # the release recipe: the base token embedding is frozen
+    cfg.train.total_steps, cfg.train.global_batch, cfg.data.seq_len, cfg.data.max_crops = 2, 2, 16, 1
+    cfg.checkpoint.every, cfg.log.tensorboard, cfg.sharding.max_replicated_fraction = 2, False, 1.0
+    hf_params = nnx.to_pure_dict(nnx.state(Molmo(config, rngs=nnx.Rngs(7)), nnx.Param))
+    save_hf_checkpoint(str(tmp_path / "hf"), hf_params, config)
+    export.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), cfg)
+
+    cfg.init.checkpoint = str(tmp_path / "imported")
+    history = trainer.train(cfg, str(tmp_path / "run"), data_iterator=TextBatches(config.llm.vocab_size),
+                            devices=jax.devices()[:1])
+    assert len(history) == 2 and all(np.isfinite(m["loss"]) for m in history)
+
+    export.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), tokenizer=tokenizer_dir)
+    _, exported = load_hf_checkpoint(str(tmp_path / "out"))
+    exported = nnx.to_pure_dict(exported)
+    state_dir = tmp_path / "run" / "checkpoints" / "2" / "state"
+    meta = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+    restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta.tree)
+    trained = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore))
+    np.testing.assert_array_equal(exported["llm"]["embed"]["embedding"], hf_params["llm"]["embed"]["embedding"])
+    np.testing.assert_array_equal(exported["llm"]["lm_head"]["kernel"], trained["params"]["llm"]["lm_head"]["kernel"])
+    assert not np.array_equal(exported["llm"]["lm_head"]["kernel"], hf_params["llm"]["lm_head"]["kernel"])

@@ -8,8 +8,10 @@ Streaming: the tensors to write are planned from shapes alone (key, shape, shard
 so every safetensors header is written before any data. The parameters are then read from the
 orbax checkpoint one group at a time (the arrays that feed one fused tensor, e.g. q, k and v of
 all layers; orbax partial restore into numpy, which also reassembles a checkpoint saved on any
-mesh), converted, cast and appended to their shard. Peak host memory is the largest group plus
-one tensor, not the model; the optimizer state is never read.
+mesh), converted, cast and appended to their shard (convert/safetensors_stream.py). Peak host
+memory is about twice the largest group (orbax decodes into a buffer, then into numpy) plus one
+tensor, not the model (benchmarks/export.py: ~0.5x one float32 copy at 1.1B parameters); the
+optimizer state is never read. Formats: convert/export_formats.py.
 
 Everything is written into a hidden temporary folder next to the target and renamed at the end,
 so an interrupted export leaves no output folder; a non-empty target needs `force`.
