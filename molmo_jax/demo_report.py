@@ -147,9 +147,13 @@ def write_report(workdir: str, before: Mapping[str, Any], after: Mapping[str, An
         for task, records in after["records"].items():
             for i, record in enumerate(records):
                 f.write(json.dumps({"task": task, "index": i, **record}) + "\n")
-    facts = (f"{info['steps']} steps of batch {info['batch']}: training {info['train_seconds'] / 60:.1f} min, "
-             f"whole demo {info['total_seconds'] / 60:.1f} min; {info['eval_examples']} held-out scenes per task "
-             f"({info['held_out_overlap']} of them among the first training images)")
+    facts = (f"{info['steps']} steps of batch {info['batch']}: training {info['train_seconds'] / 60:.1f} min, whole demo "
+             f"{info['total_seconds'] / 60:.1f} min ({info['cpu_seconds'] / 60:.1f} CPU-min); {info['eval_examples']} "
+             f"held-out scenes per task ({info['held_out_overlap']} of them among the first training images)")
+    zero = sum(r["gt_count"] == 0 for r in after["records"]["counting"])
+    if zero:
+        facts += (f"\ncounting: {zero} of {len(after['records']['counting'])} scenes ask for an absent shape; the "
+                  "official PixMo-Count parser reads no count in \"There are none.\", so those always score 0")
     with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
         json.dump({"before": before["scores"], "after": after["scores"], **info, "loss_steps": steps}, f, indent=1)
     with open(os.path.join(workdir, "scores.md"), "w", encoding="utf-8") as f:

@@ -33,6 +33,7 @@ def test_scores_before_and_after(run):
         assert all(np.isfinite(v) for v in scores[stage].values()), scores[stage]
         assert 0.0 <= scores[stage]["pointing_f1"] <= 1.0
     assert scores["steps"] == STEPS and scores["held_out_overlap"] == 0
+    assert 0 < scores["cpu_seconds"] and 0 < scores["train_seconds"] < scores["total_seconds"]
     table = (run / "scores.md").read_text()
     assert all(title in table for _, title, *_ in ROWS) and "untrained" in table
 
