@@ -94,7 +94,8 @@ def main() -> None:
             r = json.loads(run(EXPORT, os.path.join(work, "ckpt"), out, dtype, str(parse_size(args.shard_size)),
                                tokenizer))
             written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2 ** 20
-            rows.append((dtype, r["seconds"], r["peak_mb"], r["peak_mb"] / f32_mb, r["idle_mb"], written / r["seconds"]))
+            rows.append((dtype, r["seconds"], r["peak_mb"], r["peak_mb"] / f32_mb, r["idle_mb"],
+                         written / r["seconds"]))
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -64,7 +64,7 @@ def test_import_writes_the_trainer_layout(imported):
     expected = hf_to_params(read_hf_tensors(hf), config)
     optimizer = common.base_config("sft").optimizer
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(lambda p: export.training_state(config, p, optimizer, 10, 0), expected)
+    abstract = jax.eval_shape(lambda p: export.training_state(p, optimizer, 10, 0), expected)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     step, state, meta = Checkpointer(ckpt).restore_latest(abstract, None)
     assert step == 0 and MolmoConfig.from_dict(meta["model"]) == config
@@ -122,7 +122,7 @@ def save_tiny_checkpoint(directory, devices, config=TINY_QWEN2):
     shardings = nnx.to_pure_dict(sharding.named_shardings(sharding.state_specs(abstract, mesh), mesh))
     rng = np.random.RandomState(0)
     params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), nnx.to_pure_dict(abstract))
-    state = export.training_state(config, params, common.base_config("sft").optimizer, 10, 0)
+    state = export.training_state(params, common.base_config("sft").optimizer, 10, 0)
     replicated = NamedSharding(mesh, P())
     targets = {k: (subtree_like(shardings, v) if k in ("params", "frozen") else jax.tree.map(lambda _: replicated, v))
                for k, v in state.items()}
@@ -202,7 +202,7 @@ def test_interrupted_export_leaves_no_output(qwen2_checkpoint, tokenizer_dir, tm
 
 
 def test_bad_inputs_are_named(qwen2_checkpoint, tokenizer_dir, tmp_path):
-    _, ckpt = qwen2_checkpoint
+    hf, ckpt = qwen2_checkpoint
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
     with pytest.raises(export.ExportError, match="not empty; pass --force"):
@@ -217,8 +217,12 @@ def test_bad_inputs_are_named(qwen2_checkpoint, tokenizer_dir, tmp_path):
     with pytest.raises(export.ExportError, match="--shard-size '5XB'"):
         export.parse_size("5XB")
     assert export.parse_size("5GB") == 5 * 10 ** 9 and export.parse_size("2MiB") == 2 * 2 ** 20
+    with pytest.raises(export.ExportError, match=r"--config model does not fit .*qwen2_style: parameter "
+                                                 r"connector/pad_embed is \(2, 64\) in the config, \(2, 128\)"):
+        export.import_hf(hf, str(tmp_path / "o"), train_config(TINY_QWEN2))
     export.export_checkpoint(ckpt, str(tmp_path / "full"), tokenizer=tokenizer_dir, force=True)
     assert not (tmp_path / "full" / "x").exists() and (tmp_path / "full" / INDEX).exists()
+    assert sorted(os.listdir(tmp_path)) == ["full"]  # nothing replaced or partial left beside it
     assert not os.path.exists(tmp_path / "o")
 
 

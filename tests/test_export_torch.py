@@ -115,7 +115,7 @@ def test_molmo_bfloat16_export_in_torch(golden_dir, tokenizer_dir, tmp_path):
 def test_moe_llm_exports_as_olmoe(tokenizer_dir, tmp_path):
     model = Molmo(TINY_MOE, rngs=nnx.Rngs(3))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    state = export.training_state(TINY_MOE, params, common.base_config("sft").optimizer, 10, 0)
+    state = export.training_state(params, common.base_config("sft").optimizer, 10, 0)
     ck = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
     ck.save(1, state, None, {"step": 1, "model": TINY_MOE.to_dict(), "mesh": {}})
     ck.close()

@@ -196,9 +196,13 @@ class AtomicFolder:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        if os.path.isdir(self.out):
-            shutil.rmtree(self.out)
+        old = None
+        if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
+            old = self.tmp.replace(".partial-", ".replaced-")
+            os.rename(self.out, old)
         os.rename(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old)
 
 
 def copy_tokenizer(source: str, folder: str) -> List[str]:
@@ -239,10 +243,11 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
             raise ExportError(f"{checkpoint}: the checkpoint does not record its tokenizer; pass --tokenizer with "
                               f"the tokenizer folder or file the model was trained with")
         config = params.config
-        if fmt == "hf":
-            folders = {"": (molmo_links(config), {"config.json": formats.molmo_config_json(config, dtype),
-                                                  "generation_config.json": {"_from_model_config": True},
-                                                  "preprocessor_config.json": formats.preprocessor_config_json(config)})}
+        if fmt == "hf":  # folder -> (links, JSON files)
+            folders = {"": (molmo_links(config), {
+                "config.json": formats.molmo_config_json(config, dtype),
+                "generation_config.json": {"_from_model_config": True},
+                "preprocessor_config.json": formats.preprocessor_config_json(config)})}
         else:
             folders = {"llm": (formats.causal_lm_links(config),
                                {"config.json": formats.causal_lm_config_json(config, dtype)}),
@@ -266,7 +271,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
 # ----------------------------------------------------------------------------- import
 
 
-def training_state(config: MolmoConfig, params: Dict, optimizer_config: Mapping, total_steps: int, seed: int) -> Dict:
+def training_state(params: Dict, optimizer_config: Mapping, total_steps: int, seed: int) -> Dict:
     """The trainer's step-0 state with `params` (pure dict of float32 arrays) as the weights:
     params/frozen split by optimizer_config.frozen, a fresh optimizer state, step 0, the RNG
     key of `seed` (as train/trainer.init_train_state lays it out)."""
@@ -304,7 +309,7 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
             raise ExportError(f"--config model does not fit {hf_folder}: parameter {'/'.join(path)} is "
                               f"{None if a is None else a.shape} in the config, "
                               f"{None if b is None else b.shape} in the checkpoint")
-    state = training_state(config, params, train_config.optimizer, train_config.train.total_steps, train_config.seed)
+    state = training_state(params, train_config.optimizer, train_config.train.total_steps, train_config.seed)
     with AtomicFolder(out, force) as tmp:
         checkpointer = Checkpointer(tmp, keep=1, async_save=False)
         checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},

@@ -28,11 +28,16 @@ def _prefixed(links: Sequence[Link], hf_prefix: str, ours_prefix: Path) -> List[
                                 ours=tuple(ours_prefix + p for p in link.ours)) for link in links]
 
 
+def official_code_repo(config: MolmoConfig) -> str:
+    """The hub repository whose remote code runs this kind of Molmo."""
+    c = config.llm
+    return OFFICIAL_CODE["moe" if c.block_type == "moe" else "olmo" if c.norm_after else "dense"]
+
+
 def molmo_config_json(config: MolmoConfig, dtype: str) -> Dict:
     """The official config.json, with auto_map pointing at the official remote code on the hub."""
     out = config_to_hf(config)
-    c = config.llm
-    repo = OFFICIAL_CODE["moe" if c.block_type == "moe" else "olmo" if c.norm_after else "dense"]
+    repo = official_code_repo(config)
     out["auto_map"] = {k: f"{repo}--{v}" for k, v in out.get("auto_map", {}).items()}
     out["torch_dtype"] = dtype
     return out
@@ -40,8 +45,7 @@ def molmo_config_json(config: MolmoConfig, dtype: str) -> Dict:
 
 def preprocessor_config_json(config: MolmoConfig) -> Dict:
     """The official preprocessor_config.json (release crop settings: 12 crops, margins 4/4)."""
-    vc, cc = config.vision, config.connector
-    repo = OFFICIAL_CODE["moe" if config.llm.block_type == "moe" else "olmo" if config.llm.norm_after else "dense"]
+    vc, cc, repo = config.vision, config.connector, official_code_repo(config)
     return {
         "auto_map": {"AutoImageProcessor": f"{repo}--image_preprocessing_molmo.MolmoImageProcessor",
                      "AutoProcessor": f"{repo}--preprocessing_molmo.MolmoProcessor"},
