@@ -147,14 +147,13 @@ def _has(tree, path: Path) -> bool:
 
 
 def _stale_temporaries(out: str) -> List[str]:
+    """Temporary folders of `out` whose process is gone (killed before it could clean up)."""
     parent, name = os.path.split(out)
-    prefix = f".{name}.partial-"
     stale = []
     for entry in os.listdir(parent):
-        if entry.startswith(prefix):
-            pid = entry[len(prefix):]
-            alive = pid.isdigit() and _pid_alive(int(pid))
-            if not alive:
+        for prefix in (f".{name}.partial-", f".{name}.replaced-"):
+            pid = entry[len(prefix):] if entry.startswith(prefix) else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
                 stale.append(os.path.join(parent, entry))
     return stale
 
