@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                          # demo and ~100M models, float32, CPU
   python benchmarks/train_step.py --size 100m --dtype bfloat16 --batch 32 --seq-len 2304   # on a GPU
+  python benchmarks/train_step.py --size 1b --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
 
 Measured rows: compile time of the full training step (forward, backward, per-group clipping,
 AdamW), then the median time of `--steps` steps on random inputs of the model's shapes, with
@@ -36,13 +37,19 @@ MODEL_100M = dataclasses.replace(
     llm=LLMConfig(d_model=640, n_layers=10, n_heads=10, n_kv_heads=2, head_dim=64, mlp_hidden_size=2 * 1728,
                   vocab_size=32000, embedding_size=32000),
 )
+# A ~1.6B-parameter Molmo for accelerators: the released CLIP ViT-L/14-336 and a 16-layer Qwen2-style LLM.
+MODEL_1B = dataclasses.replace(
+    MOLMO_7B_D,
+    llm=LLMConfig(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=2, head_dim=128, mlp_hidden_size=2 * 5632),
+)
+SIZES = {"100m": MODEL_100M, "1b": MODEL_1B}
 RELEASES = {"MolmoE-1B": MOLMOE_1B, "Molmo-7B-O": MOLMO_7B_O, "Molmo-7B-D": MOLMO_7B_D, "Molmo-72B": MOLMO_72B}
 
 
 def experiment(size: str, dtype: str, batch: int, seq_len: int, max_crops: int, remat: str):
     c = configs.load("configs/demo.py:pretrain")
-    if size == "100m":
-        c.model = common.model_config(MODEL_100M)
+    if size in SIZES:
+        c.model = common.model_config(SIZES[size])
     c.model.dtype = dtype
     c.model.remat_policy = remat
     c.model.llm.response_residual_dropout = 0.1  # stage-1 recipe: dropout is part of the step
@@ -92,7 +99,7 @@ def measure(size: str, dtype: str, batch: int, seq_len: int, max_crops: int, rem
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("demo", "100m", "both"), default="both")
+    p.add_argument("--size", choices=("demo", "100m", "1b", "both"), default="both")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 demo, 4 for 100m)")
     p.add_argument("--seq-len", type=int, default=256)
