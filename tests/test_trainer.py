@@ -28,7 +28,9 @@ import pytest
 from flax import nnx
 
 import configs
+from configs import common
 from molmo_jax import sharding
+from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import trainer
 
@@ -39,10 +41,20 @@ LOSS_RTOL = 2e-5
 PARAM_ATOL = 2e-5
 
 CONFIG_FILE = '''
-from configs import demo
+import dataclasses
+from configs import common, demo
+from molmo_jax.model.config import TINY_QWEN2
 
 def get_config(arg=None):
     c = demo.get_config("pretrain")
+    # Pinned here, so that tuning the demo does not change what (and how long) this tests.
+    c.model = common.model_config(TINY_QWEN2.replace(
+        vision=dataclasses.replace(TINY_QWEN2.vision, image_size=(112, 112))))
+    c.data.mixture = "synthetic_captions"
+    c.data.seq_len, c.data.max_crops, c.data.overlap_margins = 256, 2, (2, 2)
+    c.data.synthetic_image_size = c.data.clock_image_size = 112
+    c.train.global_batch, c.train.grad_accum_steps = 8, 1
+    c.sharding.max_replicated_fraction = 0.5
     c.data.tokenizer = {tokenizer!r}
     c.data.synthetic_examples = 16        # a tiny set the run overfits
     c.model.llm.response_residual_dropout = 0.0  # dropout masks follow batch rows, which
@@ -300,7 +312,7 @@ def test_two_processes_train_the_same_steps_as_one(setup, reference):
 def test_gradient_accumulation_equals_one_big_batch():
     """Text-only batches keep this in-process test small; every loss token counts once."""
     cfg = configs.load("configs/demo.py:pretrain")
-    cfg.model.llm.response_residual_dropout = 0.0  # micro-batches draw their own dropout keys
+    cfg.model = common.model_config(TINY_QWEN2)  # dropout 0: micro-batches draw their own keys
     cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])
     rng = np.random.default_rng(0)
