@@ -1,7 +1,7 @@
 """Training-step speed on this machine, and analytic FLOPs per step of the released recipes.
 
   python benchmarks/train_step.py                          # demo and ~100M models, float32, CPU
-  python benchmarks/train_step.py --size 100m --dtype bfloat16 --batch 32 --seq-len 2304   # on a GPU
+  python benchmarks/train_step.py --size 100m --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
   python benchmarks/train_step.py --size 1b --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
 
 Measured rows: compile time of the full training step (forward, backward, per-group clipping,
