@@ -6,7 +6,9 @@ Runs are subprocesses of `python -m molmo_jax.train` on one experiment file:
   one device   the same run on 1 device: losses and parameters within tolerance of reference;
   killed       the 1-device run SIGKILLed after checkpoint 4, then resumed: bit-identical to
                "one device"; resumed again over a corrupted latest checkpoint: the same;
-  two processes  jax.distributed on 127.0.0.1, 4 devices each: losses within tolerance.
+  two processes  jax.distributed on 127.0.0.1, 4 devices each: losses within tolerance;
+  preempted    an endless 1-device run sent SIGTERM: exits 0 after saving its current step,
+               and the next run resumes from that step.
 The NaN test runs in-process (it feeds one poisoned batch). The 1-device subprocesses share a
 persistent compilation cache, so their program is compiled once.
 """
@@ -15,6 +17,7 @@ import math
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -237,6 +240,48 @@ def test_corrupted_latest_checkpoint_resumes_from_the_previous_one_and_says_so(s
     got = metrics(workdir)
     for s in (STEPS - 1, STEPS):
         assert got[s] == single[1][s], s
+
+
+def sigterm_after_new_steps(config, env, workdir, log_path, new_steps, *overrides):
+    """Runs training until metrics.jsonl has `new_steps` more lines, sends SIGTERM and waits.
+
+    Returns (exit code, console log, last step logged before the signal)."""
+    jsonl = workdir / "metrics.jsonl"
+    before = len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the run
+        proc = subprocess.Popen(command(config, workdir, *overrides), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.time() + 300
+        while not jsonl.exists() or len(jsonl.read_text().splitlines()) < before + new_steps:
+            assert proc.poll() is None and time.time() < deadline, (
+                "training subprocess ended before logging its steps: " + log_path.read_text()[-4000:])
+            time.sleep(0.05)
+        last_logged = max(metrics(workdir))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    return proc.returncode, log_path.read_text(), last_logged
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes_from_it(setup):
+    """Preemption: no periodic checkpoint falls in the run, so the one found is the SIGTERM one."""
+    root, env = setup
+    env, workdir = one_device(env, root), root / "preempted"
+    endless = ("--config.train.total_steps=1000000", "--config.checkpoint.every=1000000")
+    code, log, logged = sigterm_after_new_steps(root / "exp1.py", env, workdir, root / "preempted.log", 3, *endless)
+    assert code == 0, log[-4000:]
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= logged, (steps, logged)
+    saved = steps[0]
+    assert f"stopping at step {saved} after SIGTERM" in log
+    assert max(metrics(workdir)) == saved  # the saved step was logged before exiting
+
+    code, log, _ = sigterm_after_new_steps(root / "exp1.py", env, workdir, root / "resumed.log", 1, *endless)
+    assert code == 0, log[-4000:]
+    assert f"resumed from step {saved}" in log
+    lines = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    resumed = lines[lines.index(saved) + 1:]
+    assert resumed[:2] == [saved + 1, saved + 2], lines
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == resumed[-1]
 
 
 class PoisonedBatches(grain.DatasetIterator):
