@@ -48,9 +48,15 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.stage = stage
     c.seed = 6198  # official global seed
     c.model = ml_collections.ConfigDict()  # filled by each experiment with `model_config`
-    # Parameters to start from (params only; fresh optimizer): the checkpoints directory of
-    # another run, e.g. stage 2 starts from stage 1.
-    c.init = ml_collections.ConfigDict(dict(checkpoint=""))
+    # Parameters to start from when the run has no checkpoint yet (the optimizer starts fresh):
+    #   checkpoint  the checkpoints directory of another run, e.g. stage 2 starts from stage 1;
+    #   vit / llm   stage 1 (spec §5.2): transformers checkpoint folders (config.json +
+    #               model.safetensors or its sharded index) of the released backbones, e.g.
+    #               openai/clip-vit-large-patch14-336 (CLIPVisionModel or CLIPModel; SigLIP too)
+    #               and Qwen/Qwen2-7B (Qwen2ForCausalLM; Olmo2ForCausalLM, OlmoeForCausalLM).
+    #               The connector and the new token rows keep their random init; a folder whose
+    #               tensors do not fit config.model.vision / .llm is refused, naming the tensor.
+    c.init = ml_collections.ConfigDict(dict(checkpoint="", vit="", llm=""))
 
     # Keys of data_pipelines.pipeline.make_pipeline (its docstring explains each).
     c.data = ml_collections.ConfigDict(dict(

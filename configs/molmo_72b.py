@@ -1,7 +1,11 @@
 """Molmo-72B-0924 (Qwen2-72B LLM, CLIP ViT-L/14-336): stage 1 (pretrain), stage 2 (sft) and eval settings.
 
-  python -m molmo_jax.train --config=configs/molmo_72b.py:pretrain --workdir=WORKDIR
+  python -m molmo_jax.train --config=configs/molmo_72b.py:pretrain --workdir=WORKDIR \
+      --config.init.vit=CLIP_FOLDER --config.init.llm=LLM_FOLDER
   python -m molmo_jax.train --config=configs/molmo_72b.py:sft --config.init.checkpoint=STAGE1_WORKDIR/checkpoints
+
+Stage 1 starts from the released backbones, downloaded as transformers folders:
+CLIP_FOLDER = openai/clip-vit-large-patch14-336, LLM_FOLDER = Qwen/Qwen2-72B (configs/common.py, `init`).
 """
 from configs import common
 from molmo_jax.model.config import MOLMO_72B

@@ -35,6 +35,7 @@ from configs import common
 from molmo_jax import sharding
 from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.model.molmo import Molmo
+from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -375,3 +376,50 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-9), k
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def test_stage1_starts_from_transformers_backbones(tmp_path):
+    """config.init.vit / .llm: tiny random CLIPVisionModel and Qwen2ForCausalLM folders written
+    by save_pretrained become the ViT and LLM (frozen embedding included); the connector and
+    the new token rows keep the random init. A folder that does not fit is refused by name."""
+    transformers = pytest.importorskip("transformers")
+    from test_convert_hf_backbones import LLM_CASES, randomize
+
+    from molmo_jax.convert import hf_backbones
+    from molmo_jax.convert.hf_molmo import CheckpointError
+    from molmo_jax.model.config import TINY_VISION
+
+    make_qwen, lc = LLM_CASES["qwen2"]
+    vc = TINY_VISION
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=vc.width, intermediate_size=vc.mlp_dim, num_hidden_layers=vc.num_layers + 1,
+        num_attention_heads=vc.num_heads, image_size=vc.image_size[0], patch_size=vc.patch_size,
+        hidden_act="quick_gelu"))
+    clip_sd, qwen = randomize(clip, seed=1), make_qwen()
+    qwen_sd = randomize(qwen, seed=3)
+    clip.save_pretrained(tmp_path / "clip")
+    qwen.save_pretrained(tmp_path / "qwen")
+
+    cfg = configs.load("configs/demo.py:pretrain")
+    cfg.model = common.model_config(TINY_QWEN2.replace(vision=vc, llm=lc))
+    cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    cfg.init.vit, cfg.init.llm = str(tmp_path / "clip"), str(tmp_path / "qwen")
+    model_cfg = trainer.model_config_from(cfg)
+    setup = trainer.build_train_setup(cfg, model_cfg, sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
+    state = jax.device_get(trainer.initial_state(cfg, model_cfg, setup))
+    random = jax.device_get(setup.init(jax.random.key(cfg.seed)))
+
+    got, rand = (opt_lib.merge_trees(s["params"], s["frozen"]) for s in (state, random))
+    assert "embedding" in state["frozen"]["llm"]["embed"]  # still frozen, now the Qwen2 embedding
+    expected = {"vision": hf_backbones.vision_params_from_hf(clip_sd, vc),
+                "llm": hf_backbones.llm_params_from_hf(qwen_sd, lc)}
+    expected["llm"]["embed"]["new_embedding"] = rand["llm"]["embed"]["new_embedding"]  # no HF counterpart
+    expected["connector"] = rand["connector"]
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert not np.array_equal(got["llm"]["lm_head"]["kernel"], rand["llm"]["lm_head"]["kernel"])
+
+    cfg.init.vit = str(tmp_path / "qwen")
+    with pytest.raises(CheckpointError, match=r"config\.init\.vit='.*qwen' does not fit config\.model\.vision"):
+        trainer.initial_state(cfg, model_cfg, setup)

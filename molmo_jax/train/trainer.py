@@ -223,9 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         log.info("resumed from step %d of %s", start_step, ckpt_dir)
     else:
         start_step = 0
-        state = setup.init(jax.random.key(config.seed))
-        if config.init.checkpoint:
-            state = _load_initial_params(config.init.checkpoint, abstract_state, state)
+        state = initial_state(config, model_cfg, setup)
     last_good = start_step or None
 
     # ------------------------------------------------------------------ metrics, preemption
@@ -277,6 +275,57 @@ def _model_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     if missing:
         raise KeyError(f"training batch lacks {missing}; it has {sorted(batch)}")
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
+
+
+def initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, setup: TrainSetup) -> Dict:
+    """The step-0 state of a run without checkpoints: random init (config.seed), then the params
+    of config.init.checkpoint, or the ViT / LLM of config.init.vit / config.init.llm."""
+    init = config.init
+    if init.checkpoint and (init.vit or init.llm):
+        raise ValueError(f"config.init.checkpoint={init.checkpoint!r} replaces every parameter; leave "
+                         f"config.init.vit / config.init.llm empty (got {init.vit!r}, {init.llm!r})")
+    state = setup.init(jax.random.key(config.seed))
+    if init.checkpoint:
+        return _load_initial_params(init.checkpoint, setup.abstract_state, state)
+    if init.vit or init.llm:
+        return _load_backbones(init.vit, init.llm, model_cfg, state, config.optimizer.frozen)
+    return state
+
+
+def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, state: Dict,
+                    frozen_regex: str) -> Dict:
+    """Stage-1 start (spec §5.2): the ViT and/or LLM of transformers checkpoint folders
+    (convert/hf_backbones) replace their random init, on the shardings of `state`. The connector
+    and `new_embedding` keep theirs; the fresh Adam moments are zeros whatever the params, so the
+    optimizer state stays valid."""
+    from molmo_jax.convert import hf_backbones  # noqa: PLC0415  (torch-free, but only needed here)
+    from molmo_jax.convert.hf_molmo import CheckpointError, read_hf_tensors  # noqa: PLC0415
+
+    updates = {}
+    for key, folder, tower, convert, tower_cfg in (
+            ("vit", vit_folder, "vision", hf_backbones.vision_params_from_hf, model_cfg.vision),
+            ("llm", llm_folder, "llm", hf_backbones.llm_params_from_hf, model_cfg.llm)):
+        if not folder:
+            continue
+        try:
+            updates[tower] = convert(read_hf_tensors(folder), tower_cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"config.init.{key}={folder!r} does not fit config.model.{tower}: {e}") from e
+        log.info("initial %s params from %s", tower, folder)
+
+    def place(current: Dict, new: Dict) -> Dict:
+        out = dict(current)
+        for k, v in new.items():
+            if isinstance(v, dict):
+                out[k] = place(current[k], v)
+            else:
+                host = np.asarray(v, current[k].dtype)
+                out[k] = jax.make_array_from_callback(host.shape, current[k].sharding, lambda i, h=host: h[i])
+        return out
+
+    full = place(opt_lib.merge_trees(state["params"], state["frozen"]), updates)
+    params, frozen = opt_lib.split_trainable(full, frozen_regex)
+    return dict(state, params=params, frozen=frozen)
 
 
 def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, state: Dict) -> Dict:
