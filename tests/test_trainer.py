@@ -275,6 +275,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes_from_it(setu
     saved = steps[0]
     assert f"stopping at step {saved} after SIGTERM" in log
     assert max(metrics(workdir)) == saved  # the saved step was logged before exiting
+    meta = json.loads((workdir / "checkpoints" / str(saved) / "meta" / "metadata").read_text())
+    assert meta["tokenizer"] == str(root / "spm.model")  # what export copies without --tokenizer
 
     code, log, _ = sigterm_after_new_steps(root / "exp1.py", env, workdir, root / "resumed.log", 1, *endless)
     assert code == 0, log[-4000:]
@@ -378,17 +380,17 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-def test_stage1_starts_from_transformers_backbones(tmp_path):
-    """config.init.vit / .llm: tiny random CLIPVisionModel and Qwen2ForCausalLM folders written
-    by save_pretrained become the ViT and LLM (frozen embedding included); the connector and
-    the new token rows keep the random init. A folder that does not fit is refused by name."""
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A 1-device train setup (not compiled yet) of a tiny model whose ViT and LLM fit the tiny
+    transformers CLIPVisionModel / Qwen2ForCausalLM written here by save_pretrained."""
     transformers = pytest.importorskip("transformers")
     from test_convert_hf_backbones import LLM_CASES, randomize
 
-    from molmo_jax.convert import hf_backbones
-    from molmo_jax.convert.hf_molmo import CheckpointError
     from molmo_jax.model.config import TINY_VISION
 
+    root = tmp_path_factory.mktemp("init")
     make_qwen, lc = LLM_CASES["qwen2"]
     vc = TINY_VISION
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
@@ -397,22 +399,33 @@ def test_stage1_starts_from_transformers_backbones(tmp_path):
         hidden_act="quick_gelu"))
     clip_sd, qwen = randomize(clip, seed=1), make_qwen()
     qwen_sd = randomize(qwen, seed=3)
-    clip.save_pretrained(tmp_path / "clip")
-    qwen.save_pretrained(tmp_path / "qwen")
+    clip.save_pretrained(root / "clip")
+    qwen.save_pretrained(root / "qwen")
 
     cfg = configs.load("configs/demo.py:pretrain")
     cfg.model = common.model_config(TINY_QWEN2.replace(vision=vc, llm=lc))
     cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
-    cfg.init.vit, cfg.init.llm = str(tmp_path / "clip"), str(tmp_path / "qwen")
     model_cfg = trainer.model_config_from(cfg)
     setup = trainer.build_train_setup(cfg, model_cfg, sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1]))
+    return root, cfg, model_cfg, setup, clip_sd, qwen_sd
+
+
+def test_stage1_starts_from_transformers_backbones(tiny_init):
+    """config.init.vit / .llm: the saved CLIP and Qwen2 folders become the ViT and LLM (frozen
+    embedding included); the connector and the new token rows keep the random init. A folder
+    that does not fit is refused by name."""
+    from molmo_jax.convert import hf_backbones
+    from molmo_jax.convert.hf_molmo import CheckpointError
+
+    root, cfg, model_cfg, setup, clip_sd, qwen_sd = tiny_init
+    cfg = cfg.copy_and_resolve_references()
+    cfg.init.vit, cfg.init.llm = str(root / "clip"), str(root / "qwen")
     state = jax.device_get(trainer.initial_state(cfg, model_cfg, setup))
     random = jax.device_get(setup.init(jax.random.key(cfg.seed)))
-
     got, rand = (opt_lib.merge_trees(s["params"], s["frozen"]) for s in (state, random))
     assert "embedding" in state["frozen"]["llm"]["embed"]  # still frozen, now the Qwen2 embedding
-    expected = {"vision": hf_backbones.vision_params_from_hf(clip_sd, vc),
-                "llm": hf_backbones.llm_params_from_hf(qwen_sd, lc)}
+    expected = {"vision": hf_backbones.vision_params_from_hf(clip_sd, model_cfg.vision),
+                "llm": hf_backbones.llm_params_from_hf(qwen_sd, model_cfg.llm)}
     expected["llm"]["embed"]["new_embedding"] = rand["llm"]["embed"]["new_embedding"]  # no HF counterpart
     expected["connector"] = rand["connector"]
     assert jax.tree.structure(got) == jax.tree.structure(expected)
@@ -420,6 +433,28 @@ def test_stage1_starts_from_transformers_backbones(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     assert not np.array_equal(got["llm"]["lm_head"]["kernel"], rand["llm"]["lm_head"]["kernel"])
 
-    cfg.init.vit = str(tmp_path / "qwen")
+    cfg.init.vit = str(root / "qwen")
     with pytest.raises(CheckpointError, match=r"config\.init\.vit='.*qwen' does not fit config\.model\.vision"):
         trainer.initial_state(cfg, model_cfg, setup)
+    cfg.init.checkpoint = str(root)
+    with pytest.raises(ValueError, match=r"config\.init\.checkpoint=.* replaces every parameter"):
+        trainer.initial_state(cfg, model_cfg, setup)
+
+
+def test_init_checkpoint_reads_params_and_frozen_only(tiny_init, tmp_path):
+    """config.init.checkpoint (stage 2 from stage 1): the other run's params, a fresh optimizer
+    state and step 0; the source checkpoint is left as it was."""
+    _, cfg, model_cfg, setup, _, _ = tiny_init
+    fresh = setup.init(jax.random.key(cfg.seed))
+    stage1 = jax.tree.map(lambda x: x + 1, fresh)  # every leaf differs from the fresh state
+    source = trainer.Checkpointer(str(tmp_path / "stage1"), async_save=False)
+    source.save(7, stage1, None, {"step": 7})
+    source.close()
+
+    cfg = cfg.copy_and_resolve_references()
+    cfg.init.checkpoint = str(tmp_path / "stage1")
+    got, stage1, fresh = jax.device_get((trainer.initial_state(cfg, model_cfg, setup), stage1, fresh))
+    for key, want in (("params", stage1), ("frozen", stage1), ("opt_state", fresh), ("step", fresh), ("rng", fresh)):
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got[key])[0], jax.tree.leaves(want[key])):
+            np.testing.assert_array_equal(a, b, err_msg=key + jax.tree_util.keystr(path))
+    assert sorted(p.name for p in (tmp_path / "stage1").iterdir()) == ["7"]

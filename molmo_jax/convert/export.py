@@ -230,7 +230,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
     fmt "torch-backbones": out/llm (Qwen2 / OLMo2 / OLMoE CausalLM, tokenizer files) and
       out/vision (CLIPVisionModel), each loadable with transformers' from_pretrained.
     tokenizer: folder or file to copy; by default the one the checkpoint's meta records
-      ("tokenizer"), which the trainer does not record at present.
+      ("tokenizer", the trainer's config.data.tokenizer).
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose from {FORMATS}")

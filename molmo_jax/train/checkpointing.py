@@ -52,16 +52,23 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any
+    def restore_latest(self, abstract_state: Any, data_iterator: Any, *, partial: bool = False
                        ) -> Optional[Tuple[int, Any, Dict[str, Any]]]:
         """Restores the newest readable checkpoint onto the shardings of `abstract_state`.
 
         abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set (the target mesh).
         data_iterator: a grain iterator whose state is set in place (or None to skip the data).
+        partial: `abstract_state` names a subset of the saved state (e.g. params without the
+          optimizer state); only that subset is read.
         Returns (step, state, meta), or None when there is no readable checkpoint.
         """
+        if partial:
+            state_args = ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
+                                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            items = dict(state=state_args, meta=ocp.args.JsonRestore())
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:

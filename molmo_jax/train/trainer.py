@@ -234,6 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                                            config.data.max_crops + 1),
                            examples_per_step=tc.global_batch, tokens_per_step=batch_tokens)
     preemption = PreemptionWatcher(checkpointer)
+    # Recorded in every checkpoint, so `python -m molmo_jax.export` needs no --tokenizer.
+    tokenizer = os.path.abspath(config.data.tokenizer) if config.data.tokenizer else ""
 
     # ------------------------------------------------------------------ loop
     history: List[Dict[str, float]] = []
@@ -252,7 +254,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 pending = None
                 _check_finite(step, history[-1], last_good, ckpt_dir)
                 checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
-                                                               "mesh": dict(mesh.shape)})
+                                                               "mesh": dict(mesh.shape), "tokenizer": tokenizer})
                 last_good = step
                 logger.pause()
             if stop:
@@ -330,9 +332,10 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
 
 def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, state: Dict) -> Dict:
     """Params (trainable and frozen) of another run's latest checkpoint (e.g. stage 1 for
-    stage 2); the optimizer state and step stay fresh."""
+    stage 2); its optimizer state is not read, the optimizer state and step stay fresh."""
     source = Checkpointer(checkpoint_dir, keep=1)
-    restored = source.restore_latest(abstract_state, None)
+    params_only = {k: abstract_state[k] for k in ("params", "frozen")}
+    restored = source.restore_latest(params_only, None, partial=True)
     source.close()
     if restored is None:
         raise FileNotFoundError(f"config.init.checkpoint: no readable checkpoint in {checkpoint_dir}")
