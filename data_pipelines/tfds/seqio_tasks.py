@@ -15,11 +15,38 @@ Nothing else in the project imports this module, which pulls TensorFlow through 
 import functools
 import os
 
+import numpy as np
 import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from data_pipelines import mixtures
 from data_pipelines.sources import pixmo
 from data_pipelines.tfds import builders
+
+
+def _array_record_source(tfds_name: str, data_dir: str) -> seqio.FunctionDataSource:
+    """A seqio source over a prepared ArrayRecord config. `seqio.TfdsDataSource` reads through
+    `tfds.as_dataset`, which TFDS does not implement for ArrayRecord, so records are read with
+    `tfds.data_source` (random access) and streamed into tf.data."""
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    num_examples = {split: info.num_examples for split, info in builder.info.splits.items()}
+
+    def dataset_fn(split: str, shuffle_files: bool, seed=None):
+        records = tfds.data_source(tfds_name, split=split, data_dir=data_dir)
+        order = np.arange(len(records))
+        if shuffle_files:
+            np.random.default_rng(seed).shuffle(order)
+
+        def generate():
+            for i in order:
+                row = records[int(i)]
+                yield {"image": row["image"], "record": row["record"]}
+
+        return tf.data.Dataset.from_generator(generate, output_signature={
+            "image": tf.TensorSpec((), tf.string), "record": tf.TensorSpec((), tf.string)})
+
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(num_examples), num_input_examples=num_examples)
 
 
 def _tag_source(dataset, source: str):
@@ -40,8 +67,8 @@ def register_tasks(data_dir: str, names=None) -> list[str]:
         seqio.TaskRegistry.remove(name)
         seqio.TaskRegistry.add(
             name,
-            source=seqio.TfdsDataSource(f"{builders.PixmoPrepared.name}/{storage}:{builders.PixmoPrepared.VERSION}",
-                                        tfds_data_dir=data_dir),
+            source=_array_record_source(f"{builders.PixmoPrepared.name}/{storage}:{builders.PixmoPrepared.VERSION}",
+                                        data_dir),
             preprocessors=[functools.partial(_tag_source, source=name)],
             output_features={})
         registered.append(name)
