@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-transformers = pytest.importorskip("transformers")
+import transformers  # the "torch" extra, which `make test` installs
 
 from molmo_jax.convert import hf_backbones  # noqa: E402
 from molmo_jax.convert.hf_molmo import CheckpointError  # noqa: E402

@@ -1,7 +1,6 @@
 """End to end: a tiny model evaluated on small local benchmark folders (HF parquet layout) writes
 predictions and scores, and a restarted evaluation finishes only what is missing."""
 import json
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -13,16 +12,7 @@ from molmo_jax.evaluation.evaluate import evaluate_task, read_finished
 from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.evaluation.tasks import get_task
 from molmo_jax.inference.predict import Predictor
-from test_predict import train_tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, golden_dir):
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(golden_dir / "model" / "qwen2_style" / name, folder / name)
-    train_tiny_tokenizer(folder)
-    return folder
+from test_predict import checkpoint  # noqa: F401  (module fixture: golden qwen2_style weights + tiny tokenizer)
 
 
 @pytest.fixture(scope="module")

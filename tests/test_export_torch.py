@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")  # the "torch" extra
-transformers = pytest.importorskip("transformers")
+import torch  # the "torch" extra, which `make test` installs
+import transformers
 
 from safetensors.torch import load_file  # noqa: E402
 
@@ -21,15 +21,7 @@ from molmo_jax.model.molmo import Molmo  # noqa: E402
 from molmo_jax.train.checkpointing import Checkpointer  # noqa: E402
 
 
-def train_config(model_config):
-    c = common.base_config("sft")
-    c.model = common.model_config(model_config)
-    return c
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(golden_dir):
-    return os.path.join(golden_dir, "molmo-7b-d-hf")
+from test_export import tokenizer_dir, train_config  # noqa: E402,F401  (tokenizer_dir: module fixture)
 
 
 @pytest.fixture(scope="module", params=["qwen2_style", "olmo_style"])

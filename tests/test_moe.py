@@ -12,8 +12,8 @@ from molmo_jax.convert import hf_molmo, moe_weights
 from molmo_jax.model.config import TINY_MOE
 from molmo_jax.model.moe import MoEFeedForward, expert_capacity
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # the "torch" extra, which `make test` installs
+import transformers
 
 LLM = TINY_MOE.llm  # d_model 64, 8 experts, top-2, expert width 64
 

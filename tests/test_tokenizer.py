@@ -29,7 +29,7 @@ def test_qwen2_processor_prompts(qwen2, golden_dir):
 
 def test_qwen2_matches_transformers(qwen2, golden_dir):
   """Cross-check against transformers' own loading of the same folder on tricky text."""
-  transformers = pytest.importorskip("transformers")
+  import transformers  # the "torch" extra, which `make test` installs
   ref = transformers.Qwen2Tokenizer.from_pretrained(str(golden_dir / "molmo-7b-d-hf"))
   texts = [" User: What's in the image? Assistant:", "Ünïcödé 你好 мир\n\n\t  tabs  ",
            "x1=\"12.5\" y1=\"3.0\" <points>", "I'LL DON'T we've 12345 3.14159", " <im_patch><|image|>",
@@ -69,7 +69,7 @@ def test_hf_tokenizer_json_with_padding(tmp_path):
 
 
 def test_sentencepiece(tmp_path):
-  sentencepiece = pytest.importorskip("sentencepiece")
+  import sentencepiece  # a core dependency
   text = tmp_path / "corpus.txt"
   text.write_text("\n".join(["a red circle and a blue square", "point to the cat",
                              "how many dogs are there", "the clock shows ten past three"] * 50))

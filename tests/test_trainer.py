@@ -385,7 +385,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def tiny_init(tmp_path_factory):
     """A 1-device train setup (not compiled yet) of a tiny model whose ViT and LLM fit the tiny
     transformers CLIPVisionModel / Qwen2ForCausalLM written here by save_pretrained."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the "torch" extra, which `make test` installs
     from test_convert_hf_backbones import LLM_CASES, randomize
 
     from molmo_jax.model.config import TINY_VISION
