@@ -243,7 +243,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     try:
         for step in range(start_step + 1, tc.total_steps + 1):
             batch = sharding.make_global_batch(_model_batch(next(data_iterator)), mesh)
-            state, metrics = setup.step_fn(state, batch)
+            # Under the mesh, the model's activation constraints (sharding.with_logical_constraint:
+            # batch-sharded block inputs) take effect when the step is traced; outside they are no-ops.
+            with jax.set_mesh(mesh):
+                state, metrics = setup.step_fn(state, batch)
             if pending is not None:  # read step-1 now that step is queued behind it
                 history.append(logger.write(*pending))
                 _check_finite(pending[0], history[-1], last_good, ckpt_dir)
