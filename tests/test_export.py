@@ -26,6 +26,7 @@ from molmo_jax.convert.hf_molmo import INDEX, _get, hf_to_params, load_hf_checkp
 from molmo_jax.model.config import TINY_MOE, TINY_QWEN2, MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import Checkpointer
+from test_checkpointing import Iterator as CheckpointedIterator  # the grain iterator state interface
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = 1_000_000  # several shards for the ~4 MB golden models
@@ -228,26 +229,18 @@ def test_bad_inputs_are_named(qwen2_checkpoint, tokenizer_dir, tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-class TextBatches:
+class TextBatches(CheckpointedIterator):
     """Text-only training batches with the grain iterator interface the checkpointer saves."""
 
     def __init__(self, vocab, batch=2, length=16):
-        self.rng, self.shape, self.vocab, self.position = np.random.default_rng(0), (batch, length), vocab, 0
+        super().__init__()
+        self.rng, self.shape, self.vocab = np.random.default_rng(0), (batch, length), vocab
 
     def __next__(self):
         self.position += 1
         ids = self.rng.integers(0, self.vocab, self.shape).astype(np.int32)
         return {"input_ids": ids, "target_tokens": np.roll(ids, -1, axis=1),
                 "loss_masks": np.ones(self.shape, np.float32)}
-
-    def get_state(self):
-        return str(self.position).encode()
-
-    def set_state(self, state):
-        self.position = int(state.decode())
-
-    def start_prefetch(self):
-        pass
 
 
 def test_trainer_fine_tunes_from_an_import_and_its_checkpoint_exports(tokenizer_dir, tmp_path):
