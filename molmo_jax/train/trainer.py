@@ -70,6 +70,47 @@ def _opt_state_shardings(abstract_opt_state: Any, param_shardings: Dict, mesh) -
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def loss_batch(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """The model inputs and loss targets of a batch; padding's loss weight -1 (official
+    collator) becomes 0, as the official loss zeroes it too."""
+    batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
+    batch["loss_masks"] = jnp.maximum(batch["loss_masks"].astype(jnp.float32), 0.0)
+    return batch
+
+
+def token_loss_sums(model: Molmo, batch: Dict[str, jax.Array], z_loss_weight: float,
+                    dropout_key: Optional[jax.Array] = None) -> Tuple[Dict[str, jax.Array], Dict]:
+    """The training loss's forward pass: (loss_lib.weighted_token_losses sums, the model's FFN
+    aux dict). batch: loss_batch's arrays; dropout_key None = deterministic (evaluation)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    logits, aux = model(**inputs, response_mask=batch["loss_masks"] > 0, deterministic=dropout_key is None,
+                        rngs=rngs, return_aux=True)
+    return loss_lib.weighted_token_losses(logits, batch["target_tokens"], batch["loss_masks"], z_loss_weight), aux
+
+
+def loss_metrics(sums: Dict[str, jax.Array], global_weight: jax.Array) -> Dict[str, jax.Array]:
+    """Per-token means of the summed token losses over the global batch."""
+    denom = jnp.maximum(global_weight, 1.0)
+    return {"loss": (sums["ce_sum"] + sums["z_sum"]) / denom, "ce_loss": sums["ce_sum"] / denom,
+            "z_loss": sums["z_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+            "loss_tokens": global_weight}
+
+
+def make_eval_step(graphdef, config: ml_collections.ConfigDict) -> Callable:
+    """(params, frozen, batch) -> metrics: the training loss without dropout, gradient or update
+    (the whole global batch at once)."""
+    z_weight = config.train.z_loss_weight
+
+    def eval_step(params, frozen, batch):
+        batch = loss_batch(batch)
+        model = nnx.merge(graphdef, opt_lib.merge_trees(params, frozen))
+        sums, _ = token_loss_sums(model, batch, z_weight)
+        return loss_metrics(sums, jnp.sum(batch["loss_masks"]))
+
+    return eval_step
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     accum_steps: int) -> Callable:
     """(state, batch) -> (state, metrics). batch: global arrays, leading dim = global batch."""
@@ -78,10 +119,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
 
     def micro_loss(params, frozen, mb, key, global_weight):
         model = nnx.merge(graphdef, opt_lib.merge_trees(params, frozen))
-        inputs = {k: mb[k] for k in MODEL_INPUTS if k in mb}
-        logits, aux = model(**inputs, response_mask=mb["loss_masks"] > 0, deterministic=False,
-                            rngs=nnx.Rngs(dropout=key), return_aux=True)
-        sums = loss_lib.weighted_token_losses(logits, mb["target_tokens"], mb["loss_masks"], z_weight)
+        sums, aux = token_loss_sums(model, mb, z_weight, dropout_key=key)
         loss = loss_lib.normalised_loss(sums, global_weight)
         llm = model.config.llm
         if llm.block_type == "moe":  # official releases use weight 0 for both
@@ -92,9 +130,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state, batch):
-        batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
-        # Padding carries loss weight -1 (official collator); the official loss zeroes it too.
-        batch["loss_masks"] = jnp.maximum(batch["loss_masks"].astype(jnp.float32), 0.0)
+        batch = loss_batch(batch)
         global_weight = jnp.sum(batch["loss_masks"])
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if accum_steps == 1:
@@ -116,10 +152,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
             (grads, sums), _ = jax.lax.scan(body, zero, (jax.tree.map(split, batch), jnp.arange(accum_steps)))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        denom = jnp.maximum(global_weight, 1.0)
-        metrics = {"loss": (sums["ce_sum"] + sums["z_sum"]) / denom, "ce_loss": sums["ce_sum"] / denom,
-                   "z_loss": sums["z_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-                   "loss_tokens": global_weight}
+        metrics = loss_metrics(sums, global_weight)
         metrics.update({f"grad_norm.{g}": n for g, n in opt_lib.group_grad_norms(grads, patterns).items()})
         metrics.update({f"lr.{g}": lr for g, lr in opt_lib.learning_rates(opt_state).items()})
         new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
