@@ -7,8 +7,8 @@ Counts 2 FLOPs per multiply-add of every matmul the model needs, as in PaLM's ap
   connector 2x2 mean-query attention pooling (q from the mean, k/v from the 4 features) and
             the SwiGLU projector, for 144 pooled tokens per crop.
   LLM       qkv / out projections, SwiGLU MLP or routed experts (top-k of them) + router,
-            attention (L x L, counted in full: the XLA program computes the whole masked
-            matrix), LM head.
+            attention (L x L, or L x cache slots with a KV cache, counted in full: the XLA
+            program computes the whole masked matrix), LM head.
 Norms, RoPE, softmax, embedding lookups and the loss are left out (not matmuls; < 1%).
 A training step (molmo_jax.train.metrics_logging.train_step_flops) is 3 forward passes' worth
 for trained parts. Rematerialised recomputation is hardware work, not model work, and is not
@@ -16,7 +16,7 @@ counted.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from molmo_jax.model.config import MolmoConfig
 
@@ -29,9 +29,12 @@ def vit_blocks_used(cfg: MolmoConfig) -> int:
     return deepest + 1
 
 
-def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) -> Dict[str, float]:
+def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
+                  kv_len: Optional[int] = None) -> Dict[str, float]:
     """FLOPs of one forward pass over `batch` sequences of `seq_len` tokens, each with
-    `num_crops` image crops (0: text only). Returns {'vit', 'connector', 'llm', 'total'}."""
+    `num_crops` image crops (0: text only). kv_len: keys each query attends to (default
+    seq_len; a KV-cache call attends to all cache slots, e.g. a decode step is seq_len=1,
+    num_crops=0, kv_len=cache length). Returns {'vit', 'connector', 'llm', 'total'}."""
     v, llm = cfg.vision, cfg.llm
     crops = batch * num_crops
 
@@ -64,7 +67,8 @@ def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int) ->
     else:
         ffn = 2 * dm * llm.mlp_hidden_size + 2 * (llm.mlp_hidden_size // 2) * dm
     per_token = llm.n_layers * (attn_proj + ffn) + 2 * dm * llm.embedding_size
-    attention = llm.n_layers * 2 * 2 * seq_len * seq_len * q_width  # per sequence
+    kv_len = seq_len if kv_len is None else kv_len
+    attention = llm.n_layers * 2 * 2 * seq_len * kv_len * q_width  # per sequence
     llm_flops = batch * (seq_len * per_token + attention)
 
     total = vit + connector + llm_flops

@@ -113,7 +113,7 @@ def _pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy", "top_k"))
-def _prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, greedy, top_k):
+def prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, greedy, top_k):
     """-> (first new token int32[B], cache, position of that token int32[B], logits [B, V])."""
     model = nnx.merge(graphdef, state)
     ids = prompt["input_ids"]
@@ -129,8 +129,8 @@ def _prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, gre
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "keep_logits"),
                    donate_argnames=("cache",))
-def _decode(graphdef, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k,
-            keep_logits):
+def decode_steps(graphdef, state, token, cache, position, key, temperature, top_p, *, steps, greedy, top_k,
+                 keep_logits):
     """Feed `token` at `position` and sample `steps` more tokens.
     -> (tokens int32[B, steps], logits float32[B, steps, V] or None, cache, next position)."""
     model = nnx.merge(graphdef, state)
@@ -175,8 +175,8 @@ class Generator:
         key = jax.random.key(config.seed)
 
         key, sub = jax.random.split(key)
-        token, cache, position, logits = _prefill(self.graphdef, self.state, prompt, sub, temperature, top_p,
-                                                  cache_len=cache_len, **sampling)
+        token, cache, position, logits = prefill(self.graphdef, self.state, prompt, sub, temperature, top_p,
+                                                 cache_len=cache_len, **sampling)
         tokens = [np.asarray(token)[:, None]]
         all_logits = [np.asarray(logits)[:, None]] if return_logits else []
         stop_ids = np.asarray(config.stop_token_ids, np.int32)
@@ -184,9 +184,9 @@ class Generator:
             if self._finished(np.concatenate(tokens, 1), stop_ids, config.stop_strings, decode).all():
                 break
             key, sub = jax.random.split(key)
-            chunk, logits, cache, position = _decode(self.graphdef, self.state, token, cache, position, sub,
-                                                     temperature, top_p, steps=config.chunk_size,
-                                                     keep_logits=return_logits, **sampling)
+            chunk, logits, cache, position = decode_steps(self.graphdef, self.state, token, cache, position,
+                                                          sub, temperature, top_p, steps=config.chunk_size,
+                                                          keep_logits=return_logits, **sampling)
             token = chunk[:, -1]
             tokens.append(np.asarray(chunk))
             if return_logits:
