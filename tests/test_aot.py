@@ -116,3 +116,115 @@ def test_table_says_which_rows_are_missing():
     assert table[2] == ("| Molmo-7B-D | pretrain | v5p | v5p-8 (4 chips) | 1, 4, 1 | full | 32 | 41.5 GiB (95) "
                         "| 1.5e+16 | 16.34 s |")
     assert table[3] == "| Molmo-7B-D | sft | v5p | not computed | | | | | | |"
+
+
+def test_forward_flops_of_a_kv_cache_call():
+    # A decode step: one token per row attending to every cache slot; no images.
+    c, slots = cfg.TINY_QWEN2, 96
+    llm = c.llm
+    one_token = flops.forward_flops(c, batch=3, seq_len=1, num_crops=0)["total"]  # attends to itself only
+    extra = llm.n_layers * 4 * 1 * (slots - 1) * llm.n_heads * llm.head_dim
+    assert flops.forward_flops(c, batch=3, seq_len=1, num_crops=0, kv_len=slots)["total"] == one_token + 3 * extra
+
+
+@pytest.fixture(scope="module")
+def one_block_demo():
+    # The demo config with one block per stack (XLA counts a scanned body once, so only then is
+    # its FLOP count complete), widened so that matmuls dominate norms, softmax and param casts
+    # (as in the unscanned forward test above); batch 64 for the decode step's per-step casts.
+    exp = aot.prepare_config(aot.load_config("configs/demo.py:pretrain"), batch=64)
+    exp.model.llm.update(dict(n_layers=1, d_model=256, n_heads=4, head_dim=64, n_kv_heads=2, mlp_hidden_size=1024))
+    exp.model.vision.update(dict(num_layers=1, feature_layers=(-1, -1), width=128, num_heads=4, head_dim=32,
+                                 mlp_dim=512))
+    return exp
+
+
+def _xla_over_analytic(report):
+    return report.xla_flops_per_chip * report.topology.num_chips / report.analytic_flops
+
+
+def test_eval_step_compiles_and_counts_the_forward_flops(one_block_demo):
+    [report] = aot.compile_report(one_block_demo, aot.parse_topology("v5p-8"), "eval")
+    assert report.step == "eval" and report.fits
+    assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.alias_bytes == 0  # nothing donated
+    assert report.tokens == 64 * 256
+    # The loss and norms come on top of the model FLOPs.
+    assert _xla_over_analytic(report) == pytest.approx(1.0, rel=0.04)
+
+
+def test_decode_compiles_prefill_and_one_token_step(one_block_demo):
+    prefill, decode = aot.compile_report(one_block_demo, aot.parse_topology("v5p-8"), "decode", prompt_len=64,
+                                         max_new_tokens=64)
+    assert (prefill.step, decode.step) == ("prefill", "decode")
+    assert "prompt 64 tokens + 3 crops, cache 128 slots" in prefill.shape
+    assert (prefill.tokens, decode.tokens) == (64 * 64, 64)
+    for r in (prefill, decode):
+        assert r.fits and r.argument_bytes > 0 and r.temp_bytes > 0
+        assert _xla_over_analytic(r) == pytest.approx(1.0, rel=0.04)
+    # The decode step updates the donated KV cache in place: bf16 k and v of 1 layer, 64 rows x 128 slots x
+    # 2 kv heads x 64, split over the 4 chips (plus the valid mask).
+    cache_bytes = 2 * 64 * 128 * 2 * 64 * 2 // 4
+    assert decode.alias_bytes >= cache_bytes
+
+
+def test_cli_eval_and_decode_on_the_demo_config(capsys):
+    assert aot.main(["--config", "configs/demo.py:pretrain", "--topology", "v5p-8", "--step", "decode",
+                     "--prompt-len", "32", "--max-new-tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill step on v5p-8" in out and "decode step on v5p-8" in out
+    assert "batch 8, 1 token, cache 48 slots" in out
+    assert aot.main(["--config", "configs/demo.py:pretrain", "--topology", "v5p-8", "--step", "eval"]) == 0
+    assert "eval step on v5p-8" in capsys.readouterr().out
+
+
+def test_decode_that_does_not_fit_exits_1(capsys):
+    # 4096 prompts of 8192 tokens: the prefill's logits and ViT activations alone exceed a v5e's 16 GiB.
+    assert aot.main(["--config", "configs/demo.py:pretrain", "--topology", "v5e-4", "--step", "decode",
+                     "--batch", "4096", "--prompt-len", "8192"]) == 1
+    assert "decode step does not fit on v5e-4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "eval", "--prompt-len", "32"], "apply to --step decode"),
+    (["--step", "decode", "--grad-accum", "2"], "applies to --step train"),
+    (["--step", "decode", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+])
+def test_step_flags_are_checked(args, message, capsys):
+    assert aot.main(["--config", "configs/demo.py:pretrain", "--topology", "v5p-8"] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_step_is_the_token_loss_of_the_model():
+    # What --step eval compiles, run on CPU against the loss written out in numpy: padding
+    # (weight -1) carries no loss, z-loss included.
+    import jax
+    import numpy as np
+    from flax import nnx
+    from configs import common
+    from molmo_jax import sharding
+    from molmo_jax.train import optimizer as opt_lib, trainer
+
+    exp = aot.load_config("configs/demo.py:pretrain")
+    exp.model = common.model_config(cfg.TINY_QWEN2)
+    exp.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    mesh = sharding.make_mesh(exp.mesh.to_dict(), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 500, (4, 32)).astype(np.int32)
+    targets = np.roll(ids, -1, 1)
+    weights = np.where(rng.random((4, 32)) < 0.6, 1.0, -1.0).astype(np.float32)
+    batch = sharding.make_global_batch({"input_ids": ids, "target_tokens": targets, "loss_masks": weights}, mesh)
+    setup = trainer.build_train_setup(exp, trainer.model_config_from(exp), mesh)
+    # Random params of the trainer's structure (its jitted init compiles for far longer than this test).
+    params, frozen = (jax.tree.map(lambda a: (0.5 * rng.standard_normal(a.shape)).astype(a.dtype),
+                                   setup.abstract_state[k]) for k in ("params", "frozen"))
+    got = jax.device_get(jax.jit(trainer.make_eval_step(setup.graphdef, exp))(params, frozen, batch))
+
+    model = nnx.merge(setup.graphdef, opt_lib.merge_trees(params, frozen))
+    logits = np.asarray(model(ids), np.float64)
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    w = np.maximum(weights, 0)
+    assert float(got["loss_tokens"]) == w.sum()
+    assert float(got["ce_loss"]) == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
+    assert float(got["z_loss"]) == pytest.approx(exp.train.z_loss_weight * (lse ** 2 * w).sum() / w.sum(), rel=1e-4)
+    assert float(got["accuracy"]) == pytest.approx(((logits.argmax(-1) == targets) * w).sum() / w.sum())

@@ -1,18 +1,28 @@
-"""Compile the training step for a TPU topology on a CPU machine and report
-per-chip memory and FLOPs: check a configuration before paying for the pod.
+"""Compile a training, evaluation or generation step for a TPU topology on a CPU machine
+and report per-chip memory and FLOPs: check a configuration before paying for the pod.
 
     python -m molmo_jax.tools.aot --config configs/molmo_72b.py:sft --topology v5p-256
     python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:pretrain --topology v5e-256 --slices 2
     python -m molmo_jax.tools.aot --config configs/demo.py --topology v5p-8 --mesh fsdp=2,tensor=2
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5p-64 --step eval
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-8 --step decode \
+        --batch 32 --prompt-len 2048 --max-new-tokens 512
     python -m molmo_jax.tools.aot --table docs/scaling.json    # the sweep of docs/scaling.md
+
+--step train (default): the trainer's update step. eval: its loss on the same batch without
+dropout, gradient or optimizer state. decode: generation's prefill of --batch prompts of
+--prompt-len tokens (default: the config's global batch and seq_len) into a KV cache of
+prompt + --max-new-tokens slots, and its one-token decode step, each reported (molmo_jax.tools.
+aot_programs lists the programs).
 
 Needs only the `libtpu` wheel (`pip install -e ".[tpu]"`), no TPU: the devices come from
 `jax.experimental.topologies` and are compile-only, so CPU stays JAX's default backend.
-The step is the trainer's own (molmo_jax.train), lowered on the mesh and shardings the
-trainer would build from the same config, on abstract arrays (nothing is allocated).
+The programs are the project's own (molmo_jax.train, molmo_jax.inference.generate), lowered
+on the mesh and shardings the trainer would build from the same config, on abstract arrays
+(nothing is allocated).
 
-Exit status: 0 when the step fits in the chip's HBM, 1 when it does not (or the compiler
-reports running out of memory), 2 for bad arguments.
+Exit status: 0 when every compiled program fits in the chip's HBM, 1 when one does not (or
+the compiler reports running out of memory), 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ import os
 import re
 import sys
 import time
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 # libtpu looks for a TPU VM's metadata when it loads; these tell it there is none, which
 # silences its warnings. It also takes a machine-wide lock file meant for processes that
@@ -123,7 +133,8 @@ def parse_topology(name: str, slices: int = 1) -> Topology:
 @dataclasses.dataclass
 class Report:
     topology: Topology
-    step: str
+    step: str  # train, eval, prefill or decode (molmo_jax.tools.aot_programs)
+    shape: str  # batch geometry, in words
     mesh: Dict[str, int]
     remat_policy: str
     argument_bytes: int
@@ -133,6 +144,7 @@ class Report:
     generated_code_bytes: int
     xla_flops_per_chip: float
     analytic_flops: float  # whole step, all chips
+    tokens: int  # tokens the step processes
     compile_seconds: float
 
     @property
@@ -159,6 +171,7 @@ class Report:
         lines = [
             f"{self.step} step on {self.topology.name} ({self.topology.num_chips} chips, "
             f"mesh {self.mesh}, remat {self.remat_policy}), compiled in {self.compile_seconds:.0f} s",
+            f"  {self.shape}",
             "per-chip memory:",
             f"  arguments     {size(self.argument_bytes)}",
             f"  outputs       {size(self.output_bytes)}  (of which {size(self.alias_bytes).strip()} "
@@ -170,7 +183,8 @@ class Report:
             "FLOPs per step:",
             f"  XLA           {xla_total:.4g}  ({self.xla_flops_per_chip:.4g} per chip; XLA counts the body of "
             "each scanned layer stack once, not once per layer)",
-            f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.flops)",
+            f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.flops; "
+            f"{self.analytic_flops / self.tokens:.4g} per token)",
             f"  est. step time at {mfu:.0%} MFU: {self.step_seconds(mfu):.2f} s "
             f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
         ]
@@ -215,79 +229,53 @@ def prepare_config(exp, *, mesh: Optional[Dict[str, int]] = None, remat: Optiona
     return exp
 
 
-def compile_report(exp, topology: Topology) -> Report:
-    """Compiles the trainer's step of `exp` for `topology`; raises the compiler's error
-    (RESOURCE_EXHAUSTED when it runs out of HBM)."""
+STEPS = ("train", "eval", "decode")
+
+
+def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: Optional[int] = None,
+                   max_new_tokens: int = 256) -> List[Report]:
+    """Compiles `step` of `exp` for `topology`: one report for train and eval, two for decode
+    (prefill, then one decode step). prompt_len (default exp.data.seq_len) and max_new_tokens
+    apply to decode. Raises ValueError when the config cannot run on the mesh, and the
+    compiler's error (RESOURCE_EXHAUSTED) when it runs out of HBM."""
     import jax  # noqa: PLC0415
     from molmo_jax import sharding  # noqa: PLC0415
+    from molmo_jax.tools import aot_programs  # noqa: PLC0415
+    from molmo_jax.train import trainer  # noqa: PLC0415
 
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; choose from {STEPS}")
     mesh = sharding.make_mesh(dict(exp.mesh), topology.devices())
-    step, args, analytic = build_train_step(exp, mesh)
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(*args).compile()
-    seconds = time.perf_counter() - start
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    return Report(topology, "train", dict(mesh.shape), exp.model.remat_policy, mem.argument_size_in_bytes,
-                  mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
-                  mem.generated_code_size_in_bytes, float(cost.get("flops", 0.0)), analytic, seconds)
-
-
-def abstract_batch(cfg, mesh, batch: int, seq_len: int, crops: int) -> dict:
-    """ShapeDtypeStructs of one global batch as data_pipelines.pipeline emits it, split over
-    the batch axes (sharding.batch_sharding, what the trainer uses)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from molmo_jax import sharding  # noqa: PLC0415
-    v, c = cfg.vision, cfg.connector
-    tokens = -(-v.grid[0] // c.pool_h) * -(-v.grid[1] // c.pool_w)  # pooled tokens per crop
-    text = (batch, seq_len)
-    shapes = {
-        "input_ids": (text, jnp.int32), "target_tokens": (text, jnp.int32), "loss_masks": (text, jnp.float32),
-        "position_ids": (text, jnp.int32), "subsegment_ids": (text, jnp.int32),
-        "images": ((batch, crops, v.num_patches, v.patch_dim), jnp.float32),
-        "image_masks": ((batch, crops, v.num_patches), jnp.float32),
-        "image_input_idx": ((batch, crops, tokens), jnp.int32),
-    }
-    sh = sharding.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
-
-
-def build_train_step(exp, mesh):
-    """(jitted step, abstract (state, batch), analytic FLOPs): the trainer's update step
-    (molmo_jax.train.trainer.make_train_step, dropout and gradient accumulation included) with
-    the state shardings train() builds, on ShapeDtypeStructs."""
-    import functools  # noqa: PLC0415
-    import jax  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-    from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: PLC0415
-    from molmo_jax import sharding  # noqa: PLC0415
-    from molmo_jax.model.molmo import Molmo  # noqa: PLC0415
-    from molmo_jax.train import optimizer as opt_lib, trainer  # noqa: PLC0415
-    from molmo_jax.train.metrics_logging import train_step_flops  # noqa: PLC0415
-
     cfg = trainer.model_config_from(exp)
-    tc, groups = exp.train, [tuple(p) for p in exp.optimizer.groups]
+    tc = exp.train
     hosts = len({d.process_index for d in mesh.devices.flat})
-    sharding.validate_parallelism(cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps, hosts)
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Molmo(cfg, rngs=nnx.Rngs(0))))
-    specs = sharding.state_specs(abstract_params, mesh)
-    sharding.check_sharded_enough(abstract_params, specs, mesh, exp.sharding.max_replicated_fraction)
-    param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
-    trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, exp.optimizer.frozen)
-    tx = opt_lib.make_optimizer(exp.optimizer, tc.total_steps, groups)
-    abstract_state = jax.eval_shape(functools.partial(trainer.init_train_state, cfg, tx, exp.optimizer.frozen),
-                                    jax.random.key(0))
-    replicated = NamedSharding(mesh, P())
-    opt_shardings = trainer._opt_state_shardings(abstract_state["opt_state"], trainable_sh, mesh)  # noqa: SLF001
-    shardings = {"params": trainable_sh, "frozen": frozen_sh, "opt_state": opt_shardings,
-                 "step": replicated, "rng": replicated}
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    step = jax.jit(trainer.make_train_step(graphdef, tx, exp, tc.grad_accum_steps), donate_argnums=(0,),
-                   out_shardings=(shardings, replicated))
-    crops = exp.data.max_crops + 1
-    batch = abstract_batch(cfg, mesh, tc.global_batch, exp.data.seq_len, crops)
-    return step, (state, batch), train_step_flops(cfg, tc.global_batch, exp.data.seq_len, crops)
+    accum = tc.grad_accum_steps if step == "train" else 1
+    sharding.validate_parallelism(cfg, dict(mesh.shape), tc.global_batch, accum, hosts)
+    setup = trainer.build_train_setup(exp, cfg, mesh)
+
+    reports = []
+
+    def run(program) -> "jax.stages.Compiled":
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):  # the model's activation sharding constraints apply, as in train()
+            compiled = program.lower().compile()
+        seconds = time.perf_counter() - start
+        mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+        reports.append(Report(topology, program.name, program.shape, dict(mesh.shape), exp.model.remat_policy,
+                              mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                              mem.temp_size_in_bytes, mem.generated_code_size_in_bytes,
+                              float(cost.get("flops", 0.0)), program.analytic_flops, program.tokens, seconds))
+        return compiled
+
+    if step == "train":
+        run(aot_programs.train_program(exp, cfg, setup, mesh))
+    elif step == "eval":
+        run(aot_programs.eval_program(exp, cfg, setup, mesh))
+    else:
+        prompt_len = exp.data.seq_len if prompt_len is None else prompt_len
+        prefill = run(aot_programs.prefill_program(exp, cfg, setup, mesh, prompt_len, prompt_len + max_new_tokens))
+        run(aot_programs.decode_program(cfg, setup, mesh, prefill))
+    return reports
 
 
 # --------------------------------------------------------------------------- sweep (--table)
@@ -320,12 +308,14 @@ def sweep_candidates(exp, topology: Topology):
 
 
 def state_bytes_per_chip(exp, chips: int) -> float:
-    """Lower bound of the per-chip HBM: float32 params + two AdamW moments of the trainable
-    ones, evenly split. A slice below it cannot fit, so the sweep does not compile there."""
+    """Lower bound of the per-chip HBM: float32 params, two AdamW moments and the float32
+    gradients, evenly split (the gradients all exist at once because each group is clipped by
+    its global norm before any update). A slice below it cannot fit, so the sweep does not
+    compile there."""
     from molmo_jax import flops  # noqa: PLC0415
     from molmo_jax.train.trainer import model_config_from  # noqa: PLC0415
     n = flops.params_count(model_config_from(exp))["total"]
-    return 12.0 * n / chips
+    return 16.0 * n / chips
 
 
 def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]:
@@ -349,7 +339,7 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
                         exp = prepare_config(base, mesh=mesh, grad_accum=accum)
                         log(f"[{key}] compiling on {topology.name}, mesh {mesh}, grad_accum {accum} ...")
                         try:
-                            report = compile_report(exp, topology)
+                            [report] = compile_report(exp, topology)
                         except ValueError as e:  # this mesh cannot run the config
                             tried.append(f"{topology.name} accum {accum}: {e}")
                             continue
@@ -413,9 +403,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--slices", type=int, default=1, help="slices joined over the data-center network")
     parser.add_argument("--mesh", default=None,
                         help="mesh axis sizes, e.g. data=2,fsdp=-1,tensor=4 (default: the config's)")
+    parser.add_argument("--step", default="train", choices=STEPS,
+                        help="train: the update step; eval: its loss only; decode: generation's prefill "
+                             "and one-token decode step")
     parser.add_argument("--remat", default=None, help="remat policy (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
-    parser.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
+    parser.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps (train)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="decode: prompt tokens (default: the config's seq_len)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="decode: new tokens the KV cache holds beyond the prompt (default 256)")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step-time estimate")
     parser.add_argument("--table", default=None, metavar="RESULTS_JSON",
                         help="sweep every release (results cached in this JSON) and print the table")
@@ -444,6 +441,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not args.config or not args.topology:
             raise ValueError("give --config and --topology (or --table)")
+        if args.step != "train" and args.grad_accum is not None:
+            raise ValueError(f"--grad-accum applies to --step train, not {args.step}")
+        if args.step != "decode" and (args.prompt_len is not None or args.max_new_tokens is not None):
+            raise ValueError(f"--prompt-len and --max-new-tokens apply to --step decode, not {args.step}")
+        for flag, value in (("--prompt-len", args.prompt_len), ("--max-new-tokens", args.max_new_tokens),
+                            ("--batch", args.batch)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         mesh = None
         if args.mesh:
             mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
@@ -454,21 +459,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        report = compile_report(exp, topology)
+        reports = compile_report(exp, topology, args.step, prompt_len=args.prompt_len,
+                                 max_new_tokens=256 if args.max_new_tokens is None else args.max_new_tokens)
     except ValueError as e:  # the config cannot run on this mesh (named by the trainer's checks)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001
         if not is_out_of_memory(e):
             raise
-        print(f"train step does not fit on {topology.name}: {e}", file=sys.stderr)
+        print(f"{args.step} step does not fit on {topology.name}: {e}", file=sys.stderr)
         return 1
-    print(report.format(args.mfu))
-    if not report.fits:
-        print(f"train step does not fit on {topology.name}: {report.total_bytes / GiB:.1f} GiB per chip > "
-              f"{topology.chip.hbm_bytes / GiB:.0f} GiB HBM", file=sys.stderr)
-        return 1
-    return 0
+    print("\n\n".join(report.format(args.mfu) for report in reports))
+    for report in reports:
+        if not report.fits:
+            print(f"{report.step} step does not fit on {topology.name}: {report.total_bytes / GiB:.1f} GiB per "
+                  f"chip > {topology.chip.hbm_bytes / GiB:.0f} GiB HBM", file=sys.stderr)
+    return 0 if all(report.fits for report in reports) else 1
 
 
 if __name__ == "__main__":
