@@ -168,6 +168,8 @@ class Report:
             return f"{n / GiB:9.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:9.2f} MiB"
 
         xla_total = self.xla_flops_per_chip * self.topology.num_chips
+        seconds = self.step_seconds(mfu)
+        duration = f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"  # decode: milliseconds
         lines = [
             f"{self.step} step on {self.topology.name} ({self.topology.num_chips} chips, "
             f"mesh {self.mesh}, remat {self.remat_policy}), compiled in {self.compile_seconds:.0f} s",
@@ -185,8 +187,8 @@ class Report:
             "each scanned layer stack once, not once per layer)",
             f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.flops; "
             f"{self.analytic_flops / self.tokens:.4g} per token)",
-            f"  est. step time at {mfu:.0%} MFU: {self.step_seconds(mfu):.2f} s "
-            f"({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
+            f"  est. step time at {mfu:.0%} MFU: {duration} ({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 "
+            "per chip)",
         ]
         return "\n".join(lines)
 
