@@ -142,3 +142,29 @@ def test_misshaped_inputs_are_named(model):
         model.embed(ids, images, masks[..., :15], idx)
     with pytest.raises(ValueError, match=r"position_ids has shape \(2, 47\), expected \(2, 48\)"):
         model(ids, position_ids=ids[:, :47])
+
+
+def test_fan_in_init_scales_every_dense_kernel_and_keeps_image_features_visible():
+    """init_scheme "fan_in": each Dense kernel (stacked ones keep their layer axis) has std
+    1/sqrt(fan_in), same draws as "normal"; the image features then reach the LLM at the scale
+    of its inputs instead of ~1e-4 of the token embeddings."""
+    normal = Molmo(TINY, rngs=nnx.Rngs(0))
+    fan_in = Molmo(TINY.replace(init_scheme="fan_in"), rngs=nnx.Rngs(0))
+    wq, wq0 = fan_in.llm.blocks.attention.q.kernel[...], normal.llm.blocks.attention.q.kernel[...]
+    d = TINY.llm.d_model
+    assert wq.shape[0] == TINY.llm.n_layers                       # [layers, D, heads, head_dim]
+    np.testing.assert_allclose(np.asarray(wq), np.asarray(wq0) * (d ** -0.5 / 0.02), rtol=1e-5)
+    wo = fan_in.llm.blocks.attention.o.kernel[...]              # fan_in = heads * head_dim
+    assert abs(float(jnp.std(wo)) * np.sqrt(TINY.llm.n_heads * TINY.llm.head_dim) - 1) < 0.1
+    patch = fan_in.vision.patch_embedding.kernel[...]
+    assert abs(float(jnp.std(patch)) * np.sqrt(588) - 1) < 0.05
+    np.testing.assert_array_equal(np.asarray(fan_in.llm.embed.embedding[...]),
+                                  np.asarray(normal.llm.embed.embedding[...]))  # tables keep N(0, 0.02)
+
+    _, images, masks, _ = _batch(np.random.RandomState(0))
+    emb_std = float(jnp.std(normal.llm.embed.embedding[...]))
+    small = float(jnp.std(normal.encode_images(images[:1], masks[:1])))
+    visible = float(jnp.std(fan_in.encode_images(images[:1], masks[:1])))
+    assert small < 1e-2 * emb_std and 10 * emb_std < visible < 100.0
+    with pytest.raises(ValueError, match="init_scheme"):
+        Molmo(TINY.replace(init_scheme="xavier"), rngs=nnx.Rngs(0))

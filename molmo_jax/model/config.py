@@ -117,6 +117,12 @@ class MolmoConfig:
     # Numerics and compilation. Parameters are always float32.
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    # Random init of a model trained from scratch (pretrained weights replace it otherwise):
+    # "normal": every weight N(0, 0.02), the official / transformers convention;
+    # "fan_in": dense kernels N(0, 1 / fan_in) instead, so activations keep their scale through
+    # the ViT, the connector's two multiplied SwiGLU halves and the LLM (with "normal", a tiny
+    # model's image features reach the LLM ~1e-4x the token embeddings and are not learnt).
+    init_scheme: str = "normal"
 
     @property
     def projector_hidden(self) -> int:

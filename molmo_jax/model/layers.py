@@ -11,6 +11,7 @@ Axis legend: B batch, T length, D model width, N heads, K kv heads, H head dim, 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import jax
@@ -96,6 +97,7 @@ class Dense(nnx.Module):
     def __init__(self, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], names: Names, *,
                  use_bias: bool, rngs: nnx.Rngs, init: Optional[Initializer] = None):
         self.n_in = len(in_shape)
+        self.n_out = len(out_shape)
         self.kernel = param(rngs, init or normal(), (*in_shape, *out_shape), names)
         self.bias = param(rngs, zeros, out_shape, names[self.n_in:]) if use_bias else None
 
@@ -104,6 +106,17 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+def rescale_to_fan_in(model: nnx.Module) -> None:
+    """Multiplies every Dense kernel drawn from `normal()` (std 0.02) so its std becomes
+    1 / sqrt(fan_in) (fan_in = the product of its input axes; stacked layers keep their leading
+    axis). Same random draws, new scale: the "fan_in" init scheme of MolmoConfig."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Dense):
+            shape = node.kernel[...].shape
+            fan_in = math.prod(shape[len(shape) - node.n_in - node.n_out:len(shape) - node.n_out])
+            node.kernel[...] = node.kernel[...] * ((fan_in ** -0.5) / 0.02)
 
 
 class RMSNorm(nnx.Module):

@@ -26,6 +26,7 @@ from flax import nnx
 from molmo_jax.model.attention import default_positions, subsegment_positions
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.connector import Connector
+from molmo_jax.model.layers import rescale_to_fan_in
 from molmo_jax.model.llm import LLM
 from molmo_jax.model.vit import VisionTransformer
 from molmo_jax.sharding import with_logical_constraint
@@ -59,6 +60,10 @@ class Molmo(nnx.Module):
                                         rngs=rngs)
         self.connector = Connector(config, rngs=rngs)
         self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy, rngs=rngs)
+        if config.init_scheme == "fan_in":
+            rescale_to_fan_in(self)
+        elif config.init_scheme != "normal":
+            raise ValueError(f"unknown init_scheme {config.init_scheme!r}; choose from ['fan_in', 'normal']")
 
     def encode_images(self, images: jax.Array, image_masks: Optional[jax.Array], *,
                       return_intermediates: bool = False):
