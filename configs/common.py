@@ -79,6 +79,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         split="train",
         synthetic_image_size=168,
         synthetic_examples=100_000,
+        synthetic_options={},      # generator kind -> constructor arguments, e.g. {"shapes": {"max_categories": 1}}
         clock_image_size=336,
     ))
 

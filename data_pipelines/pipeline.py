@@ -33,6 +33,7 @@ seq_len, max_crops, seed, num_workers, prefetch [2], overlap_margins [(4, 4)], n
 [unbounded], shuffle_messages [True], annotation_weighting ["root_subsegments" for sft, else
 None], format ["captioner" for pretrain, else "finetuned"], max_points [40], max_skip_rate
 [0.05], skip_check_after [256], synthetic_image_size [168], synthetic_examples [100_000],
+synthetic_options [{}] (per generator kind, constructor arguments of data_pipelines.sources.synthetic),
 pixmo_dir, image_dir [""], split ["train"], clock_image_size [336].
 The batch size per host is `config.train.global_batch // process_count`.
 
@@ -327,8 +328,14 @@ def build_source(name: str, data: Any, seed: int):
     "custom" (the user's own file `data.custom`, sources.custom)."""
     if name in SYNTHETIC:
         kind, kwargs = SYNTHETIC[name]
-        return synthetic.make_synthetic(kind, data.get("synthetic_examples", 100_000),
-                                        data.get("synthetic_image_size", 168), seed, **kwargs)
+        options = dict(data.get("synthetic_options", None) or {}).get(kind, None) or {}
+        kwargs = {**kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in dict(options).items()}}
+        try:
+            return synthetic.make_synthetic(kind, data.get("synthetic_examples", 100_000),
+                                            data.get("synthetic_image_size", 168), seed, **kwargs)
+        except TypeError as e:  # an option the generator does not take
+            raise ValueError(f"dataset {name}: config.data.synthetic_options.{kind} = {dict(options)} does not "
+                             f"fit the {kind} generator: {e}") from None
     from data_pipelines.sources import pixmo
     if name in pixmo.SOURCES:
         if not data.get("pixmo_dir"):

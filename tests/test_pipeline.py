@@ -176,3 +176,17 @@ def test_pixmo_clocks_rows_get_drawn():
     assert drawn["image"].shape == (96, 96, 3) and drawn["answer"] == row["text"]
     with_image = dict(example, image=np.zeros((8, 8, 3), np.uint8))
     assert pipeline.DrawClocks(image_size=96, seed=0)(with_image) is with_image
+
+
+def test_synthetic_options_reach_the_generators():
+    """config.data.synthetic_options[kind] are the generator's constructor arguments (lists become
+    tuples, as ml_collections stores them); an argument the generator lacks is named."""
+    data = ml_collections.ConfigDict(dict(synthetic_examples=10, synthetic_image_size=64, synthetic_options=dict(
+        shapes=dict(max_categories=1, radius=[0.1, 0.2]), clocks=dict(plain_faces=True))))
+    shapes = pipeline.build_source("synthetic_counting", data, 0)
+    assert (shapes.task, shapes.max_categories, shapes.radius) == ("counting", 1, (0.1, 0.2))
+    assert pipeline.build_source("synthetic_clocks", data, 0).plain_faces
+    assert pipeline.build_source("synthetic_captions", data, 0).max_categories == 3   # no "captions" options
+    data.synthetic_options = dict(shapes=dict(max_cats=1))
+    with pytest.raises(ValueError, match=r"synthetic_options\.shapes.*max_cats"):
+        pipeline.build_source("synthetic_pointing", data, 0)

@@ -171,3 +171,35 @@ def test_make_synthetic_rejects_unknown_kind():
     assert isinstance(make_synthetic("clocks", 3, 64), ClockSource)
     with pytest.raises(KeyError, match="tables"):
         make_synthetic("tables", 3)
+
+
+def test_scene_options_set_categories_and_sizes():
+    """max_categories / radius (ShapesSource and CaptionSource) shape the scenes; the defaults keep
+    the same random draws, so default data is unchanged by the options' existence."""
+    src = ShapesSource(30, 112, seed=4, task="pointing", max_categories=1, radius=(0.1, 0.12))
+    for i in range(len(src)):
+        ex = src[i]
+        masks = ex["metadata"]["masks"]
+        areas = masks.sum(axis=(1, 2))
+        # one category: a question about a present colour or kind finds every shape of the scene
+        assert all(np.pi * (0.1 * 112) ** 2 * 0.3 < a < np.pi * (0.12 * 112 + 1) ** 2 for a in areas)
+    caption = CaptionSource(10, 112, seed=4, max_categories=1)
+    assert all(len(re.findall(r"There (?:is|are) ", caption[i]["caption"])) == 1 for i in range(10))
+    default, explicit = ShapesSource(5, 112, seed=1), ShapesSource(5, 112, seed=1, max_categories=3,
+                                                                  radius=(0.045, 0.085))
+    assert all(_equal(default[i], explicit[i]) for i in range(5))
+    with pytest.raises(ValueError, match="max_categories"):
+        ShapesSource(5, 112, max_categories=0)
+    with pytest.raises(ValueError, match="radius"):
+        ShapesSource(5, 112, radius=(0.2, 0.1))
+
+
+def test_plain_clock_faces_keep_the_times():
+    """plain_faces draws every clock on the one PLAIN_FACE; the times and placements are the random ones."""
+    plain, varied = ClockSource(8, 112, seed=6, plain_faces=True), ClockSource(8, 112, seed=6)
+    for i in range(8):
+        a, b = plain[i], varied[i]
+        assert a["answer"] == b["answer"] and a["metadata"] == b["metadata"]
+        pixels = a["image"].reshape(-1, 3).astype(int)
+        white = (pixels >= 250).all(1).mean()
+        assert white > 0.15, white     # the white dial covers a good part of every image

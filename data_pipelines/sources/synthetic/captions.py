@@ -8,7 +8,7 @@ diamond on the left." Being a deterministic function of the scene, it can be lea
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -64,19 +64,23 @@ class CaptionSource(SyntheticSource):
 
     Args:
       max_count: most instances per category.
+      max_categories, radius: the scene's categories and shape sizes, as ShapesSource's.
     """
 
     name = "captions"
 
-    def __init__(self, num_examples: int, image_size=168, seed: int = 0, max_count: int = 4):
+    def __init__(self, num_examples: int, image_size=168, seed: int = 0, max_count: int = 4,
+                 max_categories: int = 3, radius: Tuple[float, float] = (0.045, 0.085)):
         super().__init__(num_examples, image_size, seed)
         self.max_count = int(max_count)
+        self.max_categories = int(max_categories)
+        self.radius = (float(radius[0]), float(radius[1]))
 
     def _repr_fields(self):
-        return dict(max_count=self.max_count)
+        return dict(max_count=self.max_count, max_categories=self.max_categories, radius=self.radius)
 
     def generate(self, rng: np.random.Generator) -> Dict[str, Any]:
         h, w = self.image_size
-        shapes = sample_scene(rng, h, w, self.max_count)
+        shapes = sample_scene(rng, h, w, self.max_count, self.max_categories, self.radius)
         return dict(image=draw_scene(rng, h, w, shapes), style="long_caption",
                     caption=describe_scene(shapes, h, w), metadata=dict(image_hw=(h, w)))

@@ -105,6 +105,13 @@ def sample_face(rng: np.random.Generator) -> ClockFace:
     )
 
 
+# One fixed, high-contrast face (white dial, black bar hands, hour ticks, no numerals): the
+# `plain_faces` option of ClockSource, for models small enough that the face variety would
+# drown the hands.
+PLAIN_FACE = ClockFace(dial=(255, 255, 255), ink=(15, 15, 15), rim=(40, 40, 40), rim_frac=0.06,
+                       numerals="none", ticks="hours", hand_shape="bar", second_color=(215, 30, 30))
+
+
 def _polar(cx: float, cy: float, radius: float, angle_deg: float) -> Tuple[float, float]:
     """Point at `radius` from the centre, `angle_deg` clockwise from 12 o'clock."""
     a = np.deg2rad(angle_deg)
@@ -206,19 +213,23 @@ class ClockSource(SyntheticSource):
       seconds_rate: fraction of clocks with a seconds hand (and seconds in the answer).
       am_pm_rate: fraction of faces printing AM/PM (and answering with it).
       max_rotation: rotation jitter of the dial, degrees.
+      plain_faces: draw every clock with PLAIN_FACE instead of a random face.
     """
 
     name = "clocks"
 
     def __init__(self, num_examples: int, image_size: ImageSize = 168, seed: int = 0,
-                 seconds_rate: float = 0.3, am_pm_rate: float = 0.2, max_rotation: float = 15.0):
+                 seconds_rate: float = 0.3, am_pm_rate: float = 0.2, max_rotation: float = 15.0,
+                 plain_faces: bool = False):
         super().__init__(num_examples, image_size, seed)
         self.seconds_rate = float(seconds_rate)
         self.am_pm_rate = float(am_pm_rate)
         self.max_rotation = float(max_rotation)
+        self.plain_faces = bool(plain_faces)
 
     def _repr_fields(self):
-        return dict(seconds_rate=self.seconds_rate, am_pm_rate=self.am_pm_rate, max_rotation=self.max_rotation)
+        return dict(seconds_rate=self.seconds_rate, am_pm_rate=self.am_pm_rate, max_rotation=self.max_rotation,
+                    plain_faces=self.plain_faces)
 
     def generate(self, rng: np.random.Generator) -> Dict[str, Any]:
         t = int(rng.integers(0, 24 * 3600))
@@ -226,6 +237,8 @@ class ClockSource(SyntheticSource):
         shows_seconds = bool(rng.random() < self.seconds_rate)
         time_format = WITH_AM_PM if rng.random() < self.am_pm_rate else WITHOUT_AM_PM
         face = sample_face(rng)
+        if self.plain_faces:  # drawn anyway, so both options see the same times and placements
+            face = PLAIN_FACE
         image = render_clock(rng, self.image_size, face, hand_angles(hour, minute, second, (True, True, shows_seconds)),
                              am_pm=am_pm_label(hour) if time_format == WITH_AM_PM else None,
                              max_rotation=self.max_rotation)

@@ -60,8 +60,9 @@ def matches(shape: Shape, color: str | None, kind: str | None) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, height: int, width: int, max_count: int,
-                 max_categories: int = 3) -> List[Shape]:
-    """Non-overlapping shapes of 1..max_categories categories, each 1..max_count instances.
+                 max_categories: int = 3, radius: Tuple[float, float] = (0.045, 0.085)) -> List[Shape]:
+    """Non-overlapping shapes of 1..max_categories categories, each 1..max_count instances, of
+    radius `radius` (min, max) times the shorter image side (at least 5 px).
 
     Instances that do not fit after a bounded number of tries are dropped, so counts always
     describe what was drawn.
@@ -74,12 +75,11 @@ def sample_scene(rng: np.random.Generator, height: int, width: int, max_count: i
     for color, kind in zip(colors, kinds):
         for _ in range(int(rng.integers(1, max_count + 1))):
             for _attempt in range(30):
-                radius = side * rng.uniform(0.045, 0.085)
-                radius = max(radius, 5.0)
-                x = rng.uniform(radius + 1, width - radius - 1)
-                y = rng.uniform(radius + 1, height - radius - 1)
-                if all((x - s.x) ** 2 + (y - s.y) ** 2 > (radius + s.radius + 2) ** 2 for s in shapes):
-                    shapes.append(Shape(str(color), str(kind), float(x), float(y), float(radius),
+                r = max(side * rng.uniform(*radius), 5.0)
+                x = rng.uniform(r + 1, width - r - 1)
+                y = rng.uniform(r + 1, height - r - 1)
+                if all((x - s.x) ** 2 + (y - s.y) ** 2 > (r + s.radius + 2) ** 2 for s in shapes):
+                    shapes.append(Shape(str(color), str(kind), float(x), float(y), float(r),
                                         float(rng.uniform(-30, 30))))
                     break
     return shapes
@@ -138,30 +138,40 @@ class ShapesSource(SyntheticSource):
       max_count: most instances per category (counts run 0..max_count).
       absent_rate: fraction of questions about a category that is not in the image.
       annotations: (min, max) annotations per image for task="mixed".
+      max_categories: most (colour, kind) categories per scene.
+      radius: (min, max) shape radius as a fraction of the shorter image side.
     """
 
     name = "shapes"
     STYLES = {"pointing": "pointing", "counting": "point_count"}
 
     def __init__(self, num_examples: int, image_size: ImageSize = 168, seed: int = 0, task: str = "mixed",
-                 max_count: int = 6, absent_rate: float = 0.15, annotations: Tuple[int, int] = (2, 4)):
+                 max_count: int = 6, absent_rate: float = 0.15, annotations: Tuple[int, int] = (2, 4),
+                 max_categories: int = 3, radius: Tuple[float, float] = (0.045, 0.085)):
         super().__init__(num_examples, image_size, seed)
         if task not in ("pointing", "counting", "mixed"):
             raise ValueError(f"ShapesSource: task must be pointing, counting or mixed, got {task!r}")
         if not 1 <= max_count <= 20:
             raise ValueError(f"ShapesSource: max_count must be in 1..20, got {max_count}")
+        if not 1 <= max_categories <= len(COLORS):
+            raise ValueError(f"ShapesSource: max_categories must be in 1..{len(COLORS)}, got {max_categories}")
+        if not 0 < radius[0] <= radius[1] < 0.5:
+            raise ValueError(f"ShapesSource: radius must be (min, max) fractions with 0 < min <= max < 0.5, "
+                             f"got {tuple(radius)}")
         self.task = task
         self.max_count = int(max_count)
+        self.max_categories = int(max_categories)
+        self.radius = (float(radius[0]), float(radius[1]))
         self.absent_rate = float(absent_rate)
         self.annotations = (int(annotations[0]), int(annotations[1]))
 
     def _repr_fields(self):
         return dict(task=self.task, max_count=self.max_count, absent_rate=self.absent_rate,
-                    annotations=self.annotations)
+                    annotations=self.annotations, max_categories=self.max_categories, radius=self.radius)
 
     def generate(self, rng: np.random.Generator) -> Dict[str, Any]:
         h, w = self.image_size
-        shapes = sample_scene(rng, h, w, self.max_count)
+        shapes = sample_scene(rng, h, w, self.max_count, self.max_categories, self.radius)
         image = draw_scene(rng, h, w, shapes)
         if self.task == "mixed":
             n = int(rng.integers(self.annotations[0], self.annotations[1] + 1))
