@@ -48,7 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="global batch size (default: configs/demo.py)")
     p.add_argument("--width", type=int, help="LLM width d_model (heads of 32 dims; default: configs/demo.py)")
     p.add_argument("--layers", type=int, help="LLM blocks (default: configs/demo.py)")
-    p.add_argument("--lr", type=float, help="peak learning rate of the LLM and connector (ViT: a third)")
+    p.add_argument("--lr", type=float, help="peak learning rate of every parameter group (default: configs/demo.py)")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out scenes per task")
     p.add_argument("--eval-batch", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer generated")
@@ -80,8 +80,7 @@ def build_config(args: argparse.Namespace, tokenizer_path: str):
     if args.layers is not None:
         c.model.llm.n_layers = args.layers
     if args.lr is not None:
-        c.optimizer.llm.lr = c.optimizer.connector.lr = args.lr
-        c.optimizer.vit.lr = args.lr / 3
+        c.optimizer.llm.lr = c.optimizer.connector.lr = c.optimizer.vit.lr = args.lr
     for item in args.config:
         key, sep, value = item.partition("=")
         if not sep:
@@ -124,14 +123,16 @@ def train_tokenizer(folder: str, lines: Sequence[str], vocab_size: int) -> str:
     """A sentencepiece BPE model (byte fallback: any text encodes) -> path of spm.model.
 
     EOS is id 1 and doubles as BOS (Molmo's rule); the image tokens are added above the model's
-    vocab_size by data_pipelines.tokenizer.
+    vocab_size by data_pipelines.tokenizer. Digits are single pieces, as in Qwen2's tokenizer, so
+    a coordinate is read and written digit by digit rather than as one of hundreds of merged
+    number pieces.
     """
     import sentencepiece as spm
     os.makedirs(folder, exist_ok=True)
     prefix = os.path.join(folder, "spm")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+        byte_fallback=True, split_digits=True, character_coverage=1.0, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
         max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
     return prefix + ".model"
 
@@ -140,14 +141,11 @@ def train_tokenizer(folder: str, lines: Sequence[str], vocab_size: int) -> str:
 def held_out_sets(config, n: int) -> Dict[str, List[Dict[str, Any]]]:
     """Per task, n held-out examples: {"request": example dict for the model, "truth": metric fields,
     "image": uint8[H, W, 3]}; plus "captions" for the caption loss."""
-    from data_pipelines.sources import synthetic
-    data = config.data
-    size, clock_size = int(data.synthetic_image_size), int(data.clock_image_size)
+    from data_pipelines.pipeline import build_source
     sets: Dict[str, List[Dict[str, Any]]] = {t: [] for t in (*TASKS, "captions")}
-    pointing = synthetic.make_synthetic("shapes", n, size, EVAL_SEED, task="pointing")
-    counting = synthetic.make_synthetic("shapes", n, size, EVAL_SEED, task="counting")
-    clocks = synthetic.make_synthetic("clocks", n, clock_size, EVAL_SEED)
-    captions = synthetic.make_synthetic("captions", n, size, EVAL_SEED)
+    # The training datasets' generators and options (config.data.synthetic_*), another seed.
+    pointing, counting, clocks, captions = (build_source(f"synthetic_{name}", config.data, EVAL_SEED)
+                                            for name in ("pointing", "counting", "clocks", "captions"))
     for i in range(n):
         ex = pointing[i]
         meta = ex["metadata"]
