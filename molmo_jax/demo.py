@@ -140,7 +140,8 @@ def train_tokenizer(folder: str, lines: Sequence[str], vocab_size: int) -> str:
 # ------------------------------------------------------------------------------------------ data
 def held_out_sets(config, n: int) -> Dict[str, List[Dict[str, Any]]]:
     """Per task, n held-out examples: {"request": example dict for the model, "truth": metric fields,
-    "image": uint8[H, W, 3]}; plus "captions" for the caption loss."""
+    "image": uint8[H, W, 3], "example": the source example, answer included}; plus "captions" for
+    the caption loss."""
     from data_pipelines.pipeline import build_source
     sets: Dict[str, List[Dict[str, Any]]] = {t: [] for t in (*TASKS, "captions")}
     # The training datasets' generators and options (config.data.synthetic_*), another seed.
@@ -150,17 +151,17 @@ def held_out_sets(config, n: int) -> Dict[str, List[Dict[str, Any]]]:
         ex = pointing[i]
         meta = ex["metadata"]
         h, w = ex["image"].shape[:2]
-        sets["pointing"].append(dict(image=ex["image"], request=dict(image=ex["image"], style="pointing", label=meta["label"]),
+        sets["pointing"].append(dict(image=ex["image"], example=ex, request=dict(image=ex["image"], style="pointing", label=meta["label"]),
                                      truth=dict(image_wh=(w, h), gt_points_px=np.asarray(meta["points"]).tolist(),
                                                 masks=meta["masks"], label=meta["label"])))
         ex = counting[i]
         meta = ex["metadata"]
-        sets["counting"].append(dict(image=ex["image"], request=dict(image=ex["image"], style="point_count",
+        sets["counting"].append(dict(image=ex["image"], example=ex, request=dict(image=ex["image"], style="point_count",
                                                                      label=meta["label"]),
                                      truth=dict(gt_count=int(meta["count"]), label=meta["label"])))
         ex = clocks[i]
         meta = ex["metadata"]
-        sets["clocks"].append(dict(image=ex["image"], request=dict(image=ex["image"], style="clocks", question=ex["question"]),
+        sets["clocks"].append(dict(image=ex["image"], example=ex, request=dict(image=ex["image"], style="clocks", question=ex["question"]),
                                    truth=dict(hour=meta["hour"], minute=meta["minute"], second=meta["second"],
                                               answer=ex["answer"])))
         sets["captions"].append(captions[i])

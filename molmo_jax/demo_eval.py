@@ -30,6 +30,8 @@ from molmo_jax.train.trainer import init_train_state, model_config_from
 
 # task -> metric of molmo_jax.evaluation.metrics
 METRICS = {"pointing": "pointing", "counting": "point_count", "clocks": "clock"}
+# The image part of a preprocessed example (same crop geometry within a task).
+SWAPPED = ("images", "image_masks")
 
 
 class Evaluator:
@@ -49,8 +51,12 @@ class Evaluator:
                                for e in sets[task]] for task in METRICS}
         self.captions = [preprocess.preprocess_example(e, self.tokenizer, self.crop, format_cfg=formatting.FINETUNED)
                          for e in sets["captions"]]
+        # The held-out answers, teacher-forced: does the model need the image to predict them?
+        self.answers = {task: [preprocess.preprocess_example(e["example"], self.tokenizer, self.crop,
+                                                             format_cfg=formatting.FINETUNED) for e in sets[task]]
+                        for task in METRICS if sets[task] and "example" in sets[task][0]}
         self._generator = None
-        self._caption_loss = None
+        self._loss_sums = None
 
     def initial_model(self) -> Molmo:
         """The model exactly as the trainer initialises it (same seed and key split)."""
@@ -78,7 +84,11 @@ class Evaluator:
         scores["counting_accuracy"] = _mean(r["correct"] for r in records["counting"])
         scores["clock_accuracy"] = _mean(r["overall_close"] for r in records["clocks"])
         scores["clock_hour_accuracy"] = _mean(r["hour_correct"] or 0.0 for r in records["clocks"])
-        scores["caption_loss"] = self.caption_loss(state)
+        scores["caption_loss"] = self.mean_loss(state, self.captions)
+        if self.answers:
+            right = [self.mean_loss(state, examples) for examples in self.answers.values()]
+            swapped = [self.mean_loss(state, examples, swap_images=True) for examples in self.answers.values()]
+            scores["image_reliance"] = float(np.mean(swapped) - np.mean(right))
         return {"scores": scores, "records": records}
 
     def _answers(self, prompts: Sequence[dict]) -> List[str]:
@@ -92,9 +102,11 @@ class Evaluator:
             texts += [t.strip() for t in out.texts[:real]]
         return texts
 
-    def caption_loss(self, state) -> float:
-        """Mean token cross-entropy of the held-out captions (answer tokens only, teacher-forced)."""
-        if self._caption_loss is None:
+    def mean_loss(self, state, examples: Sequence[dict], *, swap_images: bool = False) -> float:
+        """Mean token cross-entropy of the examples' answers (teacher-forced). With swap_images
+        each example gets the next example's image instead of its own (a model that answers from
+        the text alone scores the same either way)."""
+        if self._loss_sums is None:
             graphdef = self._generator.graphdef
 
             @jax.jit
@@ -103,14 +115,17 @@ class Evaluator:
                 logits = model(batch["input_ids"], batch["images"], batch["image_masks"], batch["image_input_idx"])
                 return loss_lib.weighted_token_losses(logits, batch["target_tokens"], batch["loss_masks"], 0.0)
 
-            self._caption_loss = sums
+            self._loss_sums = sums
         total, weight = 0.0, 0.0
-        for start in range(0, len(self.captions), self.batch_size):
-            chunk = list(self.captions[start:start + self.batch_size])
+        for start in range(0, len(examples), self.batch_size):
+            chunk = list(examples[start:start + self.batch_size])
+            if swap_images:
+                chunk = [dict(e, **{k: examples[(start + i + 1) % len(examples)][k] for k in SWAPPED})
+                         for i, e in enumerate(chunk)]
             real = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - real)
             batch = _teacher_forced_batch(chunk, real, self.crop.max_crops)
-            out = jax.device_get(self._caption_loss(state, batch))
+            out = jax.device_get(self._loss_sums(state, batch))
             total += float(out["ce_sum"])
             weight += float(out["weight_sum"])
         return total / max(weight, 1.0)

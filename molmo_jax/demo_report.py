@@ -27,6 +27,8 @@ ROWS = (
     ("clock_hour_accuracy", "clock hour accuracy", True, 0.5),
     ("clock_accuracy", "clock accuracy (PixMo-Clocks tolerance)", True, None),
     ("caption_loss", "caption loss (held-out, per token)", False, None),
+    # 0 when the answers come from the text alone; > 0 when the model reads the image.
+    ("image_reliance", "image reliance (answer loss with swapped images - with own)", True, None),
 )
 DRAWN_PER_TASK = 8
 PANEL = 336          # drawn images are scaled to this width so points and text stay readable
