@@ -328,13 +328,13 @@ def build_source(name: str, data: Any, seed: int):
     "custom" (the user's own file `data.custom`, sources.custom)."""
     if name in SYNTHETIC:
         kind, kwargs = SYNTHETIC[name]
-        options = dict(data.get("synthetic_options", None) or {}).get(kind, None) or {}
-        kwargs = {**kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in dict(options).items()}}
+        options = dict((data.get("synthetic_options") or {}).get(kind) or {})
+        kwargs = {**kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}}
         try:
             return synthetic.make_synthetic(kind, data.get("synthetic_examples", 100_000),
                                             data.get("synthetic_image_size", 168), seed, **kwargs)
         except TypeError as e:  # an option the generator does not take
-            raise ValueError(f"dataset {name}: config.data.synthetic_options.{kind} = {dict(options)} does not "
+            raise ValueError(f"dataset {name}: config.data.synthetic_options.{kind} = {options} does not "
                              f"fit the {kind} generator: {e}") from None
     from data_pipelines.sources import pixmo
     if name in pixmo.SOURCES:

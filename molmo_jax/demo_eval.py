@@ -54,7 +54,7 @@ class Evaluator:
         # The held-out answers, teacher-forced: does the model need the image to predict them?
         self.answers = {task: [preprocess.preprocess_example(e["example"], self.tokenizer, self.crop,
                                                              format_cfg=formatting.FINETUNED) for e in sets[task]]
-                        for task in METRICS if sets[task] and "example" in sets[task][0]}
+                        for task in METRICS}
         self._generator = None
         self._loss_sums = None
 
@@ -85,10 +85,9 @@ class Evaluator:
         scores["clock_accuracy"] = _mean(r["overall_close"] for r in records["clocks"])
         scores["clock_hour_accuracy"] = _mean(r["hour_correct"] or 0.0 for r in records["clocks"])
         scores["caption_loss"] = self.mean_loss(state, self.captions)
-        if self.answers:
-            right = [self.mean_loss(state, examples) for examples in self.answers.values()]
-            swapped = [self.mean_loss(state, examples, swap_images=True) for examples in self.answers.values()]
-            scores["image_reliance"] = float(np.mean(swapped) - np.mean(right))
+        right = [self.mean_loss(state, examples) for examples in self.answers.values()]
+        swapped = [self.mean_loss(state, examples, swap_images=True) for examples in self.answers.values()]
+        scores["image_reliance"] = float(np.mean(swapped) - np.mean(right))
         return {"scores": scores, "records": records}
 
     def _answers(self, prompts: Sequence[dict]) -> List[str]:
