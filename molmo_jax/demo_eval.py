@@ -25,8 +25,7 @@ from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.inference.generate import GenerationConfig, Generator, prompt_bucket
 from molmo_jax.inference.predict import collate
 from molmo_jax.model.molmo import Molmo
-from molmo_jax.train import loss as loss_lib
-from molmo_jax.train.trainer import init_train_state, model_config_from
+from molmo_jax.train.trainer import init_train_state, model_config_from, token_loss_sums
 
 # task -> metric of molmo_jax.evaluation.metrics
 METRICS = {"pointing": "pointing", "counting": "point_count", "clocks": "clock"}
@@ -110,9 +109,7 @@ class Evaluator:
 
             @jax.jit
             def sums(state, batch):
-                model = nnx.merge(graphdef, state)
-                logits = model(batch["input_ids"], batch["images"], batch["image_masks"], batch["image_input_idx"])
-                return loss_lib.weighted_token_losses(logits, batch["target_tokens"], batch["loss_masks"], 0.0)
+                return token_loss_sums(nnx.merge(graphdef, state), batch, 0.0)[0]
 
             self._loss_sums = sums
         total, weight = 0.0, 0.0
