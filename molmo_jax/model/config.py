@@ -122,6 +122,7 @@ class MolmoConfig:
     # "fan_in": dense kernels N(0, 1 / fan_in) instead, so activations keep their scale through
     # the ViT, the connector's two multiplied SwiGLU halves and the LLM (with "normal", a tiny
     # model's image features reach the LLM ~1e-4x the token embeddings and are not learnt).
+    # Embedding tables and the MoE router / expert weights keep N(0, 0.02) under both.
     init_scheme: str = "normal"
 
     @property

@@ -98,6 +98,7 @@ class Dense(nnx.Module):
                  use_bias: bool, rngs: nnx.Rngs, init: Optional[Initializer] = None):
         self.n_in = len(in_shape)
         self.n_out = len(out_shape)
+        self.default_init = init is None  # drawn from normal(): rescale_to_fan_in may rescale it
         self.kernel = param(rngs, init or normal(), (*in_shape, *out_shape), names)
         self.bias = param(rngs, zeros, out_shape, names[self.n_in:]) if use_bias else None
 
@@ -109,11 +110,11 @@ class Dense(nnx.Module):
 
 
 def rescale_to_fan_in(model: nnx.Module) -> None:
-    """Multiplies every Dense kernel drawn from `normal()` (std 0.02) so its std becomes
+    """Multiplies every Dense kernel drawn from the default `normal()` (std 0.02) so its std becomes
     1 / sqrt(fan_in) (fan_in = the product of its input axes; stacked layers keep their leading
     axis). Same random draws, new scale: the "fan_in" init scheme of MolmoConfig."""
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, Dense):
+        if isinstance(node, Dense) and node.default_init:
             shape = node.kernel[...].shape
             fan_in = math.prod(shape[len(shape) - node.n_in - node.n_out:len(shape) - node.n_out])
             node.kernel[...] = node.kernel[...] * ((fan_in ** -0.5) / 0.02)
