@@ -146,7 +146,7 @@ def test_misshaped_inputs_are_named(model):
 
 def test_fan_in_init_scales_every_dense_kernel_and_keeps_image_features_visible():
     """init_scheme "fan_in": each Dense kernel (stacked ones keep their layer axis) has std
-    1/sqrt(fan_in), same draws as "normal"; the image features then reach the LLM at the scale
+    1/sqrt(fan_in), same draws as "normal", and the ViT's positional / class embeddings std 1; the image features then reach the LLM at the scale
     of its inputs instead of ~1e-4 of the token embeddings."""
     normal = Molmo(TINY, rngs=nnx.Rngs(0))
     fan_in = Molmo(TINY.replace(init_scheme="fan_in"), rngs=nnx.Rngs(0))
@@ -158,6 +158,9 @@ def test_fan_in_init_scales_every_dense_kernel_and_keeps_image_features_visible(
     assert abs(float(jnp.std(wo)) * np.sqrt(TINY.llm.n_heads * TINY.llm.head_dim) - 1) < 0.1
     patch = fan_in.vision.patch_embedding.kernel[...]
     assert abs(float(jnp.std(patch)) * np.sqrt(588) - 1) < 0.05
+    for name in ("positional_embedding", "class_embedding"):  # at the unit scale of the patch embeddings
+        np.testing.assert_allclose(np.asarray(getattr(fan_in.vision, name)[...]),
+                                   np.asarray(getattr(normal.vision, name)[...]) / 0.02, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(fan_in.llm.embed.embedding[...]),
                                   np.asarray(normal.llm.embed.embedding[...]))  # tables keep N(0, 0.02)
 

@@ -62,6 +62,7 @@ class Molmo(nnx.Module):
         self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy, rngs=rngs)
         if config.init_scheme == "fan_in":
             rescale_to_fan_in(self)
+            self.vision.rescale_position_embeddings(1 / 0.02)
         elif config.init_scheme != "normal":
             raise ValueError(f"unknown init_scheme {config.init_scheme!r}; choose from ['fan_in', 'normal']")
 

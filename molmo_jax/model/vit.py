@@ -56,6 +56,13 @@ class VisionTransformer(nnx.Module):
         self.pre_ln = LayerNorm(w, config.norm_eps, ("vit_embed",), rngs=rngs) if config.pre_ln else None
         self.blocks = stacked(lambda r: ViTBlock(config, rngs=r), config.num_layers, rngs)
 
+    def rescale_position_embeddings(self, factor: float) -> None:
+        """Multiplies the positional and class embeddings (init scheme "fan_in" brings them from
+        N(0, 0.02) to the unit scale of the patch embeddings they are added to)."""
+        self.positional_embedding[...] = self.positional_embedding[...] * factor
+        if self.class_embedding is not None:
+            self.class_embedding[...] = self.class_embedding[...] * factor
+
     def resolve_layers(self, layers: Optional[Sequence[int]]) -> List[int]:
         """Block indices (0-based, of the num_layers outputs) for possibly negative `layers`."""
         n = self.config.num_layers
