@@ -171,3 +171,15 @@ def test_math_vista_fallback():
     assert score_record("math_vista", {**num, "prediction": "about 3", "answer": "3.14"})["extracted"] is None
     integer = {"question_type": "free_form", "answer_type": "integer", "precision": None}
     assert score_record("math_vista", {**integer, "prediction": "7.0", "answer": "7"})["score"] == 1.0
+
+
+def test_point_count_read_none_is_opt_in():
+    """Upstream's "none" rule never matches (its regex is a non-raw string); read_none applies it
+    as meant, so the official zero-count answer reads as 0. The default stays bug-compatible."""
+    assert counting.parse_count("There are none.") is None
+    assert counting.parse_count("There are none.", read_none=True) == 0
+    assert counting.parse_count("None of them", read_none=True) == 0
+    assert counting.parse_count("nonetheless 3", read_none=True) == 3        # official rules come first
+    assert counting.parse_count("nonetheless", read_none=True) is None       # whole word only
+    assert counting.point_count_score("There are none.", 0, read_none=True)["correct"] == 1.0
+    assert counting.point_count_score("There are none.", 2, read_none=True)["correct"] == 0.0

@@ -203,3 +203,15 @@ def test_plain_clock_faces_keep_the_times():
         pixels = a["image"].reshape(-1, 3).astype(int)
         white = (pixels >= 250).all(1).mean()
         assert white > 0.15, white     # the white dial covers a good part of every image
+
+
+def test_centred_clocks_keep_the_times_and_fill_the_middle():
+    """centred puts every dial in the middle at nearly full size; the times stay those of the seed."""
+    centred, loose = ClockSource(8, 112, seed=6, plain_faces=True, centred=True), ClockSource(8, 112, seed=6, plain_faces=True)
+    ys, xs = np.mgrid[:112, :112]
+    for i in range(8):
+        a, b = centred[i], loose[i]
+        assert a["answer"] == b["answer"] and a["metadata"] == b["metadata"]
+        white = (a["image"].astype(int) >= 250).all(-1)
+        assert white.mean() > 0.5, white.mean()                  # the dial covers most of the image
+        assert abs(xs[white].mean() - 55.5) < 3 and abs(ys[white].mean() - 55.5) < 3   # around its centre

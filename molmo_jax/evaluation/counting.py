@@ -12,15 +12,17 @@ _A_TOTAL_OF = re.compile(r".*a total of ([0-9]+).*")
 # Upstream writes ".*\bnone\b.*" as a NON-raw string, so "\b" is a backspace character and
 # "There are none." is not parsed as 0: only text containing "\x08none\x08" ever matches.
 _NONE = re.compile(".*\x08none\x08.*")
+_NONE_INTENDED = re.compile(r"\bnone\b")
 
 
-def parse_count(prediction: str) -> int | None:
+def parse_count(prediction: str, read_none: bool = False) -> int | None:
     """The count stated by an answer, or None (invalid).
 
     Tried in order on the lower-cased answer without trailing dots: the last word as a Python int
     ("+7", "-2" and Unicode digits are accepted; "3.0" is not), the last word as a number word up to
     twenty, "a total of N" on the first line, then the (never matching, see `_NONE`) "none" rule.
-    So "There are 3 dogs." is invalid.
+    So "There are 3 dogs." is invalid. read_none=True applies the "none" rule as upstream meant it
+    (the word "none" -> 0), so the official zero-count answer "There are none." reads as 0.
     """
     pred = prediction.strip().lower().rstrip(".").strip()
     words = pred.split()
@@ -33,14 +35,15 @@ def parse_count(prediction: str) -> int | None:
     match = _A_TOTAL_OF.match(pred)
     if match:
         return int(match.group(1))
-    if _NONE.match(pred):
+    if _NONE.match(pred) or (read_none and _NONE_INTENDED.search(pred)):
         return 0
     return None
 
 
-def point_count_score(prediction: str, gt_count: int) -> dict:
-    """{"correct", "close" (|pred - gt| <= 1), "valid", "count"} of one counting answer."""
-    count = parse_count(prediction)
+def point_count_score(prediction: str, gt_count: int, read_none: bool = False) -> dict:
+    """{"correct", "close" (|pred - gt| <= 1), "valid", "count"} of one counting answer
+    (read_none: see parse_count)."""
+    count = parse_count(prediction, read_none)
     if count is None:
         return {"correct": 0.0, "close": 0.0, "valid": 0.0, "count": None}
     return {"correct": float(count == gt_count), "close": float(abs(gt_count - count) <= 1),

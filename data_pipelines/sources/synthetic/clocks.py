@@ -188,8 +188,9 @@ def hand_angles(hour: int, minute: int, second: int, visible: Tuple[bool, bool, 
 
 def render_clock(rng: np.random.Generator, image_size: ImageSize, face: ClockFace,
                  hands: Mapping[str, Optional[float]], am_pm: Optional[str] = None,
-                 max_rotation: float = 15.0) -> np.ndarray:
-    """A clock with random size, position and rotation on a random background.  uint8[H, W, 3]."""
+                 max_rotation: float = 15.0, centred: bool = False) -> np.ndarray:
+    """A clock with random size, position and rotation on a random background.  uint8[H, W, 3].
+    centred: the dial fills the image's centre instead (same random draws otherwise)."""
     h, w = image_hw(image_size)
     k = 4 if min(h, w) <= 256 else 2            # supersampling factor
     background = Image.fromarray(paint_background(rng, h, w)).resize((w * k, h * k), Image.BILINEAR)
@@ -197,6 +198,8 @@ def render_clock(rng: np.random.Generator, image_size: ImageSize, face: ClockFac
     radius = 0.5 * min(h, w) * rng.uniform(0.6, 0.95)
     cx = rng.uniform(radius, w - radius)
     cy = rng.uniform(radius, h - radius)
+    if centred:
+        radius, cx, cy = 0.475 * min(h, w), w / 2, h / 2
     draw_clock(draw, cx * k, cy * k, radius * k, face, hands, rotation=rng.uniform(-max_rotation, max_rotation),
                am_pm=am_pm, min_width=float(k))
     return np.asarray(background.reduce(k))
@@ -214,22 +217,24 @@ class ClockSource(SyntheticSource):
       am_pm_rate: fraction of faces printing AM/PM (and answering with it).
       max_rotation: rotation jitter of the dial, degrees.
       plain_faces: draw every clock with PLAIN_FACE instead of a random face.
+      centred: every dial in the middle of the image, at nearly its full size.
     """
 
     name = "clocks"
 
     def __init__(self, num_examples: int, image_size: ImageSize = 168, seed: int = 0,
                  seconds_rate: float = 0.3, am_pm_rate: float = 0.2, max_rotation: float = 15.0,
-                 plain_faces: bool = False):
+                 plain_faces: bool = False, centred: bool = False):
         super().__init__(num_examples, image_size, seed)
         self.seconds_rate = float(seconds_rate)
         self.am_pm_rate = float(am_pm_rate)
         self.max_rotation = float(max_rotation)
         self.plain_faces = bool(plain_faces)
+        self.centred = bool(centred)
 
     def _repr_fields(self):
         return dict(seconds_rate=self.seconds_rate, am_pm_rate=self.am_pm_rate, max_rotation=self.max_rotation,
-                    plain_faces=self.plain_faces)
+                    plain_faces=self.plain_faces, centred=self.centred)
 
     def generate(self, rng: np.random.Generator) -> Dict[str, Any]:
         t = int(rng.integers(0, 24 * 3600))
@@ -241,7 +246,7 @@ class ClockSource(SyntheticSource):
             face = PLAIN_FACE
         image = render_clock(rng, self.image_size, face, hand_angles(hour, minute, second, (True, True, shows_seconds)),
                              am_pm=am_pm_label(hour) if time_format == WITH_AM_PM else None,
-                             max_rotation=self.max_rotation)
+                             max_rotation=self.max_rotation, centred=self.centred)
         answer, times = clock_answer(hour, minute, second, shows_seconds, time_format)
         return dict(image=image, style="clocks", question=QUESTION, answer=answer,
                     metadata=dict(times, time_format=time_format, shows_seconds=shows_seconds))
