@@ -81,6 +81,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         synthetic_examples=100_000,
         synthetic_options={},      # generator kind -> constructor arguments, e.g. {"shapes": {"max_categories": 1}}
         clock_image_size=336,
+        examples_per_row=1,        # >1 packs several examples (image + conversations) per sequence
     ))
 
     c.train = ml_collections.ConfigDict(dict(

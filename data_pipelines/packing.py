@@ -152,3 +152,47 @@ def pack_example(tokenized: Dict[str, np.ndarray], cfg: PackConfig, weight: floa
         out["image_input_idx"] = np.full((C, T), -1, np.int32)
     out["num_tokens"] = np.int32(n)
     return out
+
+
+def example_length(example: Dict[str, np.ndarray]) -> int:
+    """Tokens a pack_example output holds (its text up to the first padding)."""
+    valid = example["input_ids"] != -1
+    return int(valid.argmin()) if not valid.all() else int(valid.size)
+
+
+def pack_row(examples: Sequence[Dict[str, np.ndarray]], cfg: PackConfig, examples_per_row: int) -> Dict[str, np.ndarray]:
+    """Several pack_example outputs -> one sequence of cfg.seq_len holding them one after another.
+
+    Example j keeps its own position ids; its subsegment ids are raised by j * IMAGE_SUBSEGMENT
+    (image and BOS -> (j + 1) * 10000, conversation k -> j * 10000 + k). Under Molmo's attention
+    rule (a token sees earlier tokens whose subsegment id is >= its own) every token then sees
+    exactly what it saw alone: its image and its own conversation, nothing of the examples
+    before it. Its crops go to crop slots j * (1 + max_crops) ...; image_input_idx is shifted to
+    where its text starts. Shapes: text [L]; images [examples_per_row * (1 + max_crops), P, D] etc.
+
+    Also returns "examples" (int32, how many) and "truncated" (int32, how many were cut at seq_len
+    by pack_example). Raises ValueError if they do not fit (more examples or tokens than allowed).
+    """
+    L, C = cfg.seq_len, cfg.num_crops
+    lengths = [example_length(e) for e in examples]
+    if not 1 <= len(examples) <= examples_per_row or sum(lengths) > L:
+        raise ValueError(f"pack_row: {len(examples)} examples of {sum(lengths)} tokens do not fit "
+                         f"{examples_per_row} examples of seq_len={L}")
+    out = {key: np.full((L,), -1, examples[0][key].dtype) for key in TEXT_KEYS}
+    shapes = {key: examples[0][key].shape[1:] for key in ("images", "image_masks", "image_input_idx")}
+    out.update({key: np.full((examples_per_row * C, *shape), -1, examples[0][key].dtype)
+                for key, shape in shapes.items()})
+    start = 0
+    for j, (example, n) in enumerate(zip(examples, lengths)):
+        for key in TEXT_KEYS:
+            out[key][start:start + n] = example[key][:n]
+        out["subsegment_ids"][start:start + n] += j * IMAGE_SUBSEGMENT
+        crops = slice(j * C, (j + 1) * C)
+        out["images"][crops] = example["images"]
+        out["image_masks"][crops] = example["image_masks"]
+        idx = example["image_input_idx"]
+        out["image_input_idx"][crops] = np.where(idx >= 0, idx + start, idx)
+        start += n
+    out["examples"] = np.int32(len(examples))
+    out["truncated"] = np.int32(sum(int(e["num_tokens"]) > L for e in examples))
+    return out

@@ -8,6 +8,8 @@ Built on grain's dataset API, per JAX process (host):
                                             example becomes a skip record instead of an exception
     .to_iter_dataset()
     SkipAccounting                          drops skip records, counts them on the next example
+    PackRows                                up to data.examples_per_row examples per sequence
+                                            (packing.pack_row; default 1, the official layout)
     .batch(batch_per_host)                  fixed shapes (see packing.py)
     .mp_prefetch(num_workers)               worker processes, each on a slice; batches round-robin
                                             (no workers: a prefetch thread)
@@ -34,7 +36,7 @@ seq_len, max_crops, seed, num_workers, prefetch [2], overlap_margins [(4, 4)], n
 None], format ["captioner" for pretrain, else "finetuned"], max_points [40], max_skip_rate
 [0.05], skip_check_after [256], synthetic_image_size [168], synthetic_examples [100_000],
 synthetic_options [{}] (per generator kind, constructor arguments of data_pipelines.sources.synthetic),
-pixmo_dir, image_dir [""], split ["train"], clock_image_size [336].
+pixmo_dir, image_dir [""], split ["train"], clock_image_size [336], examples_per_row [1].
 The batch size per host is `config.train.global_batch // process_count`.
 
 Numpy only (grain imports jax for its own profiler, nothing here uses it): the trainer turns the
@@ -169,6 +171,68 @@ class SkipAccounting(grain.IterDataset):
         return _SkipAccountingIterator(self._parent.__iter__())
 
 
+class _PackRowsIterator(grain.DatasetIterator):
+    """Next-fit packing of the example stream into rows (packing.pack_row): examples join the
+    current row in stream order while they fit; the first that does not starts the next row.
+
+    That example is read once and held; the state saved meanwhile is the parent's state from
+    before it, so a restored iterator reads it again and continues exactly.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, cfg: packing.PackConfig, examples_per_row: int):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._per_row = examples_per_row
+        self._held = None   # (parent state before it, example)
+
+    def _read(self):
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        state = self._parent.get_state() if self._per_row > 1 else None
+        return state, next(self._parent)
+
+    def __next__(self):
+        row, tokens = [], 0
+        while len(row) < self._per_row:
+            try:
+                state, example = self._read()
+            except StopIteration:
+                if row:
+                    break
+                raise
+            n = packing.example_length(example)
+            if row and tokens + n > self._cfg.seq_len:
+                self._held = (state, example)
+                break
+            row.append(example)
+            tokens += n
+        packed = packing.pack_row(row, self._cfg, self._per_row)
+        packed["skipped"] = np.sum([e["skipped"] for e in row], axis=0).astype(np.int32)
+        return packed
+
+    def get_state(self):
+        return self._held[0] if self._held is not None else self._parent.get_state()
+
+    def set_state(self, state):
+        self._held = None
+        self._parent.set_state(state)
+
+
+class PackRows(grain.IterDataset):
+    """Rows of up to `examples_per_row` examples (1: one example per row, the official layout)."""
+
+    def __init__(self, parent: grain.IterDataset, cfg: packing.PackConfig, examples_per_row: int):
+        super().__init__(parent)
+        if examples_per_row < 1:
+            raise ValueError(f"examples_per_row must be >= 1, got {examples_per_row}")
+        self._cfg = cfg
+        self._per_row = int(examples_per_row)
+
+    def __iter__(self):
+        return _PackRowsIterator(self._parent.__iter__(), self._cfg, self._per_row)
+
+
 @dataclasses.dataclass
 class PipelineStats:
     """Counts since the start of training (restored with the iterator state)."""
@@ -200,11 +264,10 @@ class PipelineIterator(grain.DatasetIterator):
     def __next__(self) -> Dict[str, np.ndarray]:
         batch = dict(next(self._parent))
         skipped = np.asarray(batch.pop("skipped")).sum(0)
-        num_tokens = np.asarray(batch.pop("num_tokens"))
         s = self.stats
         s.batches += 1
-        s.examples += len(num_tokens)
-        s.truncated += int(np.sum(num_tokens > self._seq_len))
+        s.examples += int(np.sum(batch.pop("examples")))
+        s.truncated += int(np.sum(batch.pop("truncated")))
         for cause, n in zip(SKIP_CAUSES, skipped):
             s.skipped[cause] += int(n)
         seen = s.examples + sum(s.skipped.values())
@@ -239,12 +302,14 @@ class Pipeline:
 
 
 def build_dataset(transform: ExampleTransform, *, num_examples: int, batch_size: int, process_index: int = 0,
-                  process_count: int = 1, num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
+                  process_count: int = 1, num_workers: int = 0, prefetch: int = 2,
+                  examples_per_row: int = 1) -> grain.IterDataset:
     """The grain dataset of one host (see the module docstring)."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     ds = grain.MapDataset.range(num_examples).slice(slice(process_index, None, process_count)).map(transform)
-    ds = SkipAccounting(ds.to_iter_dataset()).batch(batch_size, drop_remainder=True)
+    ds = PackRows(SkipAccounting(ds.to_iter_dataset()), transform.pack, examples_per_row)
+    ds = ds.batch(batch_size, drop_remainder=True)
     if num_workers > 0:
         _allow_grain_workers()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
@@ -267,13 +332,14 @@ def make_pipeline_from_parts(sources: Mapping[str, Any], rates: Mapping[str, flo
                              process_index: int = 0, process_count: int = 1, num_workers: int = 0,
                              prefetch: int = 2, shuffle: bool = True, max_points: int = 40,
                              max_skip_rate: float = 0.05, skip_check_after: int = 256,
-                             prepare: Optional[Callable] = None) -> Pipeline:
+                             prepare: Optional[Callable] = None, examples_per_row: int = 1) -> Pipeline:
     """A Pipeline over already-built sources.
 
     Args:
       sources: dataset name -> random-access source (`len`, `[i]` or `get(i, rng)`).
       rates: dataset name -> sampling rate (any positive scale).
-      batch_size: examples per batch on this host.
+      batch_size: rows (sequences) per batch on this host.
+      examples_per_row: most examples packed into one row (1: one per row, the official layout).
       num_examples: length of the global example stream (all hosts together); unbounded by default.
     """
     names: List[str] = list(rates)
@@ -284,7 +350,8 @@ def make_pipeline_from_parts(sources: Mapping[str, Any], rates: Mapping[str, flo
     transform = ExampleTransform([sources[n] for n in names], names, mixture, preprocess, pack, seed, max_points,
                                  prepare)
     dataset = build_dataset(transform, num_examples=num_examples, batch_size=batch_size, process_index=process_index,
-                            process_count=process_count, num_workers=num_workers, prefetch=prefetch)
+                            process_count=process_count, num_workers=num_workers, prefetch=prefetch,
+                            examples_per_row=examples_per_row)
     total = sum(rates.values())
     return Pipeline(dataset, batch_size, pack.seq_len, max_skip_rate, skip_check_after,
                     {n: rates[n] / total for n in names})
@@ -410,4 +477,19 @@ def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0,
         process_count=process_count, num_workers=int(data.get("num_workers", 0)),
         prefetch=int(data.get("prefetch", 2)), max_points=int(data.get("max_points", 40)),
         max_skip_rate=float(data.get("max_skip_rate", 0.05)), skip_check_after=int(data.get("skip_check_after", 256)),
-        prepare=DrawClocks(int(data.get("clock_image_size", 336)), seed))
+        prepare=DrawClocks(int(data.get("clock_image_size", 336)), seed),
+        examples_per_row=examples_per_row(config))
+
+
+def examples_per_row(config: Any) -> int:
+    """config.data.examples_per_row [1]: most examples (each an image and its conversations)
+    packed into one training sequence."""
+    n = int(config.data.get("examples_per_row", 1))
+    if n < 1:
+        raise ValueError(f"config.data.examples_per_row must be >= 1, got {n}")
+    return n
+
+
+def crops_per_row(config: Any) -> int:
+    """Crop slots of one training sequence: examples_per_row * (1 + max_crops)."""
+    return examples_per_row(config) * (1 + int(config.data.max_crops))

@@ -158,8 +158,9 @@ def test_demo_config_builds_its_pipeline(tokenizer, stage):
     d = config.data
     crop = pipeline.crop_config(config)
     assert batch["input_ids"].shape == (config.train.global_batch, d.seq_len)
-    assert batch["images"].shape == (config.train.global_batch, 1 + d.max_crops, crop.crop_patches ** 2,
-                                     crop.patch_dim)
+    assert batch["images"].shape == (config.train.global_batch, pipeline.crops_per_row(config),
+                                     crop.crop_patches ** 2, crop.patch_dim)
+    assert pipeline.crops_per_row(config) == d.get("examples_per_row", 1) * (1 + d.max_crops)
     assert (batch["loss_masks"] > 0).any(axis=1).all()     # every example trains on something
     texts = [tokenizer.decode(row[row >= 0]) for row in batch["input_ids"]]
     if stage == "pretrain":   # captioner format: length-hinted caption prompts, no chat roles

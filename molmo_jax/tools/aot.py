@@ -324,6 +324,7 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
     """Fills `results` (key "model|stage|gen" -> row dict) for every release x stage x
     generation not in it yet: the smallest slice of SWEEP_SLICES where the step fits.
     Yields each key once its row is in, so the caller can save progress."""
+    from data_pipelines.pipeline import crops_per_row  # noqa: PLC0415
     for gen in generations:
         for model, path in RELEASES:
             for stage in STAGES:
@@ -356,7 +357,7 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
                         results[key] = dict(model=model, stage=stage, gen=gen, slice=topology.name,
                                             chips=topology.num_chips, mesh=report.mesh, remat=report.remat_policy,
                                             grad_accum=accum, batch=exp.train.global_batch,
-                                            seq_len=exp.data.seq_len, crops=exp.data.max_crops + 1,
+                                            seq_len=exp.data.seq_len, crops=crops_per_row(exp),
                                             total_gib=report.total_bytes / GiB,
                                             hbm_gib=topology.chip.hbm_bytes / GiB,
                                             xla_flops=report.xla_flops_per_chip * topology.num_chips,

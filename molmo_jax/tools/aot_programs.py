@@ -66,7 +66,8 @@ def abstract_batch(cfg: MolmoConfig, mesh, batch: int, seq_len: int, crops: int)
 
 
 def _geometry(exp) -> tuple:
-    return exp.train.global_batch, exp.data.seq_len, exp.data.max_crops + 1
+    from data_pipelines.pipeline import crops_per_row
+    return exp.train.global_batch, exp.data.seq_len, crops_per_row(exp)
 
 
 def train_program(exp, cfg: MolmoConfig, setup: trainer.TrainSetup, mesh) -> Program:

@@ -88,15 +88,16 @@ class MetricsLogger:
         self.last_time: Optional[float] = None
         self.step_times: list = []
 
-    def write(self, step: int, device_metrics: Dict) -> Dict[str, float]:
-        """Fetches the metrics of `step` (blocking until that step finished) and records them."""
+    def write(self, step: int, device_metrics: Dict, examples: Optional[int] = None) -> Dict[str, float]:
+        """Fetches the metrics of `step` (blocking until that step finished) and records them.
+        examples: how many the step's batch held (default examples_per_step; rows may pack several)."""
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
         if self.last_time is not None:
             dt = now - self.last_time
             self.step_times.append(dt)
             metrics["step_time_s"] = dt
-            metrics["examples_per_s"] = self.examples_per_step / dt
+            metrics["examples_per_s"] = (self.examples_per_step if examples is None else examples) / dt
             metrics["tokens_per_s"] = self.tokens_per_step / dt
             if self.peak_total:
                 metrics["mfu"] = self.flops_per_step / dt / self.peak_total

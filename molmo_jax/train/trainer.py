@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data_pipelines.pipeline import make_pipeline
+from data_pipelines.pipeline import crops_per_row, make_pipeline
 from molmo_jax import sharding
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
@@ -264,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     logger = MetricsLogger(workdir, total_steps=tc.total_steps, every=config.log.every,
                            tensorboard=config.log.tensorboard,
                            flops_per_step=train_step_flops(model_cfg, tc.global_batch, config.data.seq_len,
-                                                           config.data.max_crops + 1),
+                                                           crops_per_row(config)),
                            examples_per_step=tc.global_batch, tokens_per_step=batch_tokens)
     preemption = PreemptionWatcher(checkpointer)
     # Recorded in every checkpoint, so `python -m molmo_jax.export` needs no --tokenizer.
@@ -275,7 +275,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     pending: Optional[Tuple[int, Dict]] = None  # (step, device metrics) not yet read
     try:
         for step in range(start_step + 1, tc.total_steps + 1):
-            batch = sharding.make_global_batch(_model_batch(next(data_iterator)), mesh)
+            host_batch = next(data_iterator)
+            # Examples in the global batch (rows may pack several; each starts at position 0).
+            examples = int(np.sum(np.asarray(host_batch["position_ids"]) == 0)) * jax.process_count() \
+                if "position_ids" in host_batch else tc.global_batch
+            batch = sharding.make_global_batch(_model_batch(host_batch), mesh)
             # Under the mesh, the model's activation constraints (sharding.with_logical_constraint:
             # batch-sharded block inputs) take effect when the step is traced; outside they are no-ops.
             with jax.set_mesh(mesh):
@@ -283,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             if pending is not None:  # read step-1 now that step is queued behind it
                 history.append(logger.write(*pending))
                 _check_finite(pending[0], history[-1], last_good, ckpt_dir)
-            pending = (step, metrics)
+            pending = (step, metrics, examples)
             stop = preemption.should_stop(step)
             if stop or step % config.checkpoint.every == 0 or step == tc.total_steps:
                 history.append(logger.write(*pending))
