@@ -21,6 +21,7 @@ from flax import nnx
 from data_pipelines import formatting, preprocess
 from data_pipelines.pipeline import crop_config
 from data_pipelines.tokenizer import load_tokenizer
+from molmo_jax.evaluation.counting import point_count_score
 from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.inference.generate import GenerationConfig, Generator, prompt_bucket
 from molmo_jax.inference.predict import collate
@@ -80,7 +81,13 @@ class Evaluator:
                 scored = score_record(metric, {"prediction": text, **example["truth"]})
                 records[task].append({"prediction": text, **_plain(example["truth"]), **_plain(scored)})
         scores["pointing_f1"] = _mean(r["f1"] for r in records["pointing"])
+        # Counts run 0-6: "There are none." (the official zero-count answer) reads as 0, which the
+        # official parser means to do but never does (evaluation/counting.py); both are kept.
+        for r in records["counting"]:
+            r["official_correct"] = r["correct"]
+            r.update(point_count_score(r["prediction"], r["gt_count"], read_none=True))
         scores["counting_accuracy"] = _mean(r["correct"] for r in records["counting"])
+        scores["counting_accuracy_official_parser"] = _mean(r["official_correct"] for r in records["counting"])
         scores["clock_accuracy"] = _mean(r["overall_close"] for r in records["clocks"])
         scores["clock_hour_accuracy"] = _mean(r["hour_correct"] or 0.0 for r in records["clocks"])
         scores["caption_loss"] = self.mean_loss(state, self.captions)

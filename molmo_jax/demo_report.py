@@ -24,6 +24,7 @@ from molmo_jax.inference.drawing import draw_points, find_points
 ROWS = (
     ("pointing_f1", "pointing F1", True, 0.6),
     ("counting_accuracy", "counting accuracy (0-6)", True, 0.6),
+    ("counting_accuracy_official_parser", "counting accuracy, official parser (never reads \"none\" as 0)", True, None),
     ("clock_hour_accuracy", "clock hour accuracy", True, 0.5),
     ("clock_accuracy", "clock accuracy (PixMo-Clocks tolerance)", True, None),
     ("caption_loss", "caption loss (held-out, per token)", False, None),
@@ -154,8 +155,8 @@ def write_report(workdir: str, before: Mapping[str, Any], after: Mapping[str, An
              f"held-out scenes per task ({info['held_out_overlap']} of them among the first training images)")
     zero = sum(r["gt_count"] == 0 for r in after["records"]["counting"])
     if zero:
-        facts += (f"\ncounting: {zero} of {len(after['records']['counting'])} scenes ask for an absent shape; the "
-                  "official PixMo-Count parser reads no count in \"There are none.\", so those always score 0")
+        facts += (f"\ncounting: {zero} of {len(after['records']['counting'])} scenes ask for an absent shape (count 0); "
+                  "\"There are none.\" reads as 0 there, as the official PixMo-Count parser means to but never does")
     with open(os.path.join(workdir, "scores.json"), "w", encoding="utf-8") as f:
         json.dump({"before": before["scores"], "after": after["scores"], **info, "loss_steps": steps}, f, indent=1)
     with open(os.path.join(workdir, "scores.md"), "w", encoding="utf-8") as f:
