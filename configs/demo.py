@@ -52,7 +52,7 @@ def _demo_recipe(c):
     since pointing, counting and clocks are learnt from pixels; 112 px scenes are one crop
     (+ the global crop), margins of one pooling window as `inference.predict.model_crop_config`
     assumes for small crops. Nothing is frozen (the embedding starts random). Up to two examples
-    share each 256-token sequence (data.examples_per_row: 1.66 per row on average, 1.37x the
+    share each 256-token sequence (data.examples_per_row: 1.44 per row on average, 1.31x the
     examples per second of one per 320-token row, benchmarks/packing.py).
 
     Three choices make a model this small learn from the image at all (measured: with the
