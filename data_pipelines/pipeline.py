@@ -254,9 +254,8 @@ class PipelineIterator(grain.DatasetIterator):
     state (JSON) holds grain's state and the statistics.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, max_skip_rate: float, skip_check_after: int):
+    def __init__(self, parent: grain.DatasetIterator, max_skip_rate: float, skip_check_after: int):
         super().__init__(parent)
-        self._seq_len = seq_len
         self._max_skip_rate = max_skip_rate
         self._skip_check_after = skip_check_after
         self.stats = PipelineStats()
@@ -292,13 +291,12 @@ class Pipeline:
     """An iterable over this host's batches; `iter(pipeline)` gives a fresh PipelineIterator."""
     dataset: grain.IterDataset
     batch_size: int
-    seq_len: int
     max_skip_rate: float
     skip_check_after: int
     datasets: Dict[str, float]     # dataset name -> sampling rate
 
     def __iter__(self) -> PipelineIterator:
-        return PipelineIterator(iter(self.dataset), self.seq_len, self.max_skip_rate, self.skip_check_after)
+        return PipelineIterator(iter(self.dataset), self.max_skip_rate, self.skip_check_after)
 
 
 def build_dataset(transform: ExampleTransform, *, num_examples: int, batch_size: int, process_index: int = 0,
@@ -353,7 +351,7 @@ def make_pipeline_from_parts(sources: Mapping[str, Any], rates: Mapping[str, flo
                             process_count=process_count, num_workers=num_workers, prefetch=prefetch,
                             examples_per_row=examples_per_row)
     total = sum(rates.values())
-    return Pipeline(dataset, batch_size, pack.seq_len, max_skip_rate, skip_check_after,
+    return Pipeline(dataset, batch_size, max_skip_rate, skip_check_after,
                     {n: rates[n] / total for n in names})
 
 
@@ -484,10 +482,7 @@ def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0,
 def examples_per_row(config: Any) -> int:
     """config.data.examples_per_row [1]: most examples (each an image and its conversations)
     packed into one training sequence."""
-    n = int(config.data.get("examples_per_row", 1))
-    if n < 1:
-        raise ValueError(f"config.data.examples_per_row must be >= 1, got {n}")
-    return n
+    return int(config.data.get("examples_per_row", 1))   # PackRows rejects values below 1
 
 
 def crops_per_row(config: Any) -> int:
