@@ -63,6 +63,7 @@ class Molmo(nnx.Module):
         if config.init_scheme == "fan_in":
             rescale_to_fan_in(self)
             self.vision.rescale_position_embeddings(1 / 0.02)
+            self.llm.embed.rescale(1 / 0.02)
         elif config.init_scheme != "normal":
             raise ValueError(f"unknown init_scheme {config.init_scheme!r}; choose from ['fan_in', 'normal']")
 
