@@ -37,6 +37,9 @@ log = logging.getLogger("molmo_jax.demo")
 # The training stream uses config.data.seed; held-out scenes come from this seed, and
 # `held_out_overlap` checks that no held-out image appears among the training images.
 EVAL_SEED = 7_777
+# Held-out pointing / counting questions ask for an absent shape at the generator's default rate
+# (0.15: counts 0-6 about equally often) whatever rate the training recipe oversamples.
+EVAL_ABSENT_RATE = 0.15
 TOKENIZER_SEED = 1_234
 TASKS = ("pointing", "counting", "clocks")
 
@@ -49,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="LLM width d_model (heads of 32 dims; default: configs/demo.py)")
     p.add_argument("--layers", type=int, help="LLM blocks (default: configs/demo.py)")
     p.add_argument("--lr", type=float, help="peak learning rate of every parameter group (default: configs/demo.py)")
-    p.add_argument("--eval-examples", type=int, default=64, help="held-out scenes per task")
+    p.add_argument("--eval-examples", type=int, default=128, help="held-out scenes per task")
     p.add_argument("--eval-batch", type=int, default=32, help="generation batch size")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest answer generated")
     p.add_argument("--overlap-check", type=int, default=200,
@@ -145,7 +148,11 @@ def held_out_sets(config, n: int) -> Dict[str, List[Dict[str, Any]]]:
     from data_pipelines.pipeline import build_source
     sets: Dict[str, List[Dict[str, Any]]] = {t: [] for t in (*TASKS, "captions")}
     # The training datasets' generators and options (config.data.synthetic_*), another seed.
-    pointing, counting, clocks, captions = (build_source(f"synthetic_{name}", config.data, EVAL_SEED)
+    data = config.data.copy_and_resolve_references()
+    options = data.synthetic_options.to_dict() if hasattr(data.synthetic_options, "to_dict") else dict(data.synthetic_options)
+    options["shapes"] = dict(options.get("shapes") or {}, absent_rate=EVAL_ABSENT_RATE)
+    data.synthetic_options = options
+    pointing, counting, clocks, captions = (build_source(f"synthetic_{name}", data, EVAL_SEED)
                                             for name in ("pointing", "counting", "clocks", "captions"))
     for i in range(n):
         ex = pointing[i]

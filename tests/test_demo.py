@@ -79,3 +79,25 @@ def test_bad_override_is_named():
         demo.build_config(args, "")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         demo.build_config(demo.parse_args(["--config", "data.seq_len"]), "")
+
+
+def test_held_out_questions_keep_the_evaluation_absent_rate():
+    """Training may oversample questions about absent shapes (configs/demo.py); the held-out
+    questions ask for one at demo.EVAL_ABSENT_RATE whatever the training rate, with the same scenes."""
+    config = demo.build_config(demo.parse_args([]), "")
+    n = 300
+    train_rate = config.data.synthetic_options.shapes.absent_rate
+    assert train_rate > 0.3
+    from data_pipelines.pipeline import build_source
+    source = build_source("synthetic_counting", config.data, demo.EVAL_SEED)
+    trained_absent = np.mean([source[i]["metadata"]["count"] == 0 for i in range(n)])
+    sets = demo.held_out_sets(config, n)
+    for task, key in (("counting", "gt_count"), ("pointing", "gt_points_px")):
+        absent = np.mean([len(e["truth"][key]) == 0 if key == "gt_points_px" else e["truth"][key] == 0
+                          for e in sets[task]])
+        assert abs(absent - demo.EVAL_ABSENT_RATE) < 0.05, (task, absent)
+    assert abs(trained_absent - train_rate) < 0.07
+    config.data.synthetic_options.shapes.absent_rate = 0.0     # and the scenes do not depend on it
+    again = demo.held_out_sets(config, 4)
+    for a, b in zip(sets["counting"][:4], again["counting"]):
+        np.testing.assert_array_equal(a["image"], b["image"])

@@ -14,8 +14,10 @@ processor builds; a style such as "vqa2" or "pointing" adds its prefix where tra
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import urllib.request
 from typing import Any, Optional, Sequence
@@ -121,19 +123,33 @@ def load_orbax_model(path: str) -> Molmo:
     abstract = nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abstract_state)
-    stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+    with _quiet_orbax():  # it looks for the step's metadata file inside the item and warns
+        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
     if "params" not in stored:
         raise KeyError(f"{step_dir}/state has no 'params' (it holds {sorted(stored)})")
     # Trainable and frozen params are stored apart; the optimizer state is not read.
     target = {group: _subtree_like(stored[group], pure) for group in ("params", "frozen") if stored.get(group)}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir, "state"),
-        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    with _quiet_orbax():
+        restored = ocp.PyTreeCheckpointer().restore(
+            os.path.join(step_dir, "state"),
+            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
     params = _merge(restored["params"], restored.get("frozen", {}))
     nnx.replace_by_pure_dict(abstract_state, params)
     return nnx.merge(graphdef, abstract_state)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax's warnings (absl logging) off for a moment; errors still show."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _subtree_like(stored: Any, pure: Any) -> Any:
