@@ -149,7 +149,7 @@ def held_out_sets(config, n: int) -> Dict[str, List[Dict[str, Any]]]:
     sets: Dict[str, List[Dict[str, Any]]] = {t: [] for t in (*TASKS, "captions")}
     # The training datasets' generators and options (config.data.synthetic_*), another seed.
     data = config.data.copy_and_resolve_references()
-    options = data.synthetic_options.to_dict() if hasattr(data.synthetic_options, "to_dict") else dict(data.synthetic_options)
+    options = data.synthetic_options.to_dict()
     options["shapes"] = dict(options.get("shapes") or {}, absent_rate=EVAL_ABSENT_RATE)
     data.synthetic_options = options
     pointing, counting, clocks, captions = (build_source(f"synthetic_{name}", data, EVAL_SEED)
