@@ -124,15 +124,15 @@ def load_orbax_model(path: str) -> Molmo:
     graphdef, abstract_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abstract_state)
     with _quiet_orbax():  # it looks for the step's metadata file inside the item and warns
-        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
-    if "params" not in stored:
-        raise KeyError(f"{step_dir}/state has no 'params' (it holds {sorted(stored)})")
-    # Trainable and frozen params are stored apart; the optimizer state is not read.
-    target = {group: _subtree_like(stored[group], pure) for group in ("params", "frozen") if stored.get(group)}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    with _quiet_orbax():
-        restored = ocp.PyTreeCheckpointer().restore(
+        checkpointer = ocp.PyTreeCheckpointer()
+        stored = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        if "params" not in stored:
+            raise KeyError(f"{step_dir}/state has no 'params' (it holds {sorted(stored)})")
+        # Trainable and frozen params are stored apart; the optimizer state is not read.
+        target = {group: _subtree_like(stored[group], pure) for group in ("params", "frozen") if stored.get(group)}
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+        restored = checkpointer.restore(
             os.path.join(step_dir, "state"),
             args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
     params = _merge(restored["params"], restored.get("frozen", {}))
