@@ -51,7 +51,7 @@ print(sum(x.size for x in jax.tree.leaves(params)))
 
 EXPORT = """
 import json, resource, sys, time
-from molmo_jax.convert.export import export_checkpoint
+from molmo_jax.train.hf_interop import export_checkpoint
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--shard-size", default="1GB")
     p.add_argument("--workdir", help="scratch folder (default: a temporary one, removed at the end)")
     args = p.parse_args()
-    from molmo_jax.convert.export import parse_size  # noqa: PLC0415
+    from molmo_jax.train.hf_interop import parse_size  # noqa: PLC0415 (the bench imports JAX only in its subprocesses)
 
     work = tempfile.mkdtemp(prefix="export-bench-", dir=args.workdir)
     try:

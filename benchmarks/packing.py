@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo as demo_config  # noqa: E402
 from data_pipelines import pipeline  # noqa: E402
-from molmo_jax import demo  # noqa: E402
+from molmo_jax.demo import data as demo  # noqa: E402
 
 SETTINGS = ((1, 320), (2, 256), (2, 320), (3, 320))
 

@@ -23,8 +23,8 @@ import numpy as np
 
 import configs
 from configs import common
-from molmo_jax import sharding
-from molmo_jax.flops import params_count
+from molmo_jax.model import sharding
+from molmo_jax.model.flops import params_count
 from molmo_jax.model.config import LLMConfig, MOLMO_7B_D, MOLMO_7B_O, MOLMO_72B, MOLMOE_1B, VisionConfig
 from molmo_jax.train import trainer
 from molmo_jax.train.metrics_logging import peak_flops, train_step_flops

@@ -46,11 +46,11 @@ def get_config(arg=None):
 
 
 def _demo_recipe(c):
-    """What `make demo` (molmo_jax/demo.py) trains in about 12 minutes on a 2-core CPU, from scratch.
+    """What `make demo` (molmo_jax/demo/) trains in about 12 minutes on a 2-core CPU, from scratch.
 
     One stage on the multitask mix, a little wider than TINY_QWEN2 (LLM 128 x 3 blocks, ViT 64 x 10)
     since pointing, counting and clocks are learnt from pixels; 112 px scenes are one crop
-    (+ the global crop), margins of one pooling window as `inference.predict.model_crop_config`
+    (+ the global crop), margins of one pooling window as `inference.predictor.model_crop_config`
     assumes for small crops. Nothing is frozen (the embedding starts random). Up to two examples
     share each 256-token sequence (data.examples_per_row: 1.44 per row on average, 1.31x the
     examples per second of one per 320-token row, benchmarks/packing.py). Batches of 8 rows: a
@@ -63,7 +63,7 @@ def _demo_recipe(c):
     probability of it was the same for absent and present shapes, AUC 0.50), since with one
     category per scene it can count every shape without reading the question; at 0.35 it tells
     them apart (AUC 0.95 on counting questions). The held-out questions keep 0.15
-    (demo.EVAL_ABSENT_RATE).
+    (molmo_jax/demo/data.py: EVAL_ABSENT_RATE).
 
     Three choices make a model this small learn from the image at all (measured: with the
     official N(0, 0.02) init and LR 2e-3 the trained model's loss did not change when its images

@@ -7,7 +7,7 @@ CPU devices, joined by jax.distributed (gloo collectives on CPU).
 Process i gets
   JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count=<devices>  (JAX reads them)
 and, appended to its command line, the experiment-config overrides that the trainer,
-evaluator and exporter read through `molmo_jax.sharding.initialize_distributed`:
+evaluator and exporter read through `molmo_jax.model.sharding.initialize_distributed`:
   --config.distributed.enabled=True --config.distributed.coordinator_address=127.0.0.1:<port>
   --config.distributed.num_processes=<hosts> --config.distributed.process_id=<i>
 For a program with another command line, pass --no-config-overrides and put the placeholders

@@ -12,9 +12,9 @@ Each task reads `<data-dir>/<task>/**/*.parquet` (the HF dataset named by --list
 import argparse
 import sys
 
-from molmo_jax.evaluation.evaluate import evaluate_task, scores_table
+from molmo_jax.evaluation.runner import evaluate_task, scores_table
 from molmo_jax.evaluation.tasks import TASKS, get_task
-from molmo_jax.inference.predict import Predictor
+from molmo_jax.inference.predictor import Predictor
 
 
 def main(argv=None) -> int:

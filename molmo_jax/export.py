@@ -5,14 +5,14 @@
 
 --format hf writes the official Molmo folder (loads where Molmo-7B-D-0924 etc. load);
 torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
-(CLIPVisionModel). The output appears only when complete (see molmo_jax/convert/export.py).
+(CLIPVisionModel). The output appears only when complete (see molmo_jax/train/hf_interop.py).
 """
 import argparse
 import logging
 import signal
 import sys
 
-from molmo_jax.convert.export import DTYPES, FORMATS, ExportError, export_checkpoint, parse_size
+from molmo_jax.train.hf_interop import DTYPES, FORMATS, ExportError, export_checkpoint, parse_size
 
 
 def _parser() -> argparse.ArgumentParser:

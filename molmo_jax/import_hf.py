@@ -8,25 +8,11 @@ fresh optimizer state); --config is the experiment you will fine-tune with, and 
 have the HF checkpoint's shapes.
 """
 import argparse
-import importlib.util
 import logging
-import os
 import sys
 
-from molmo_jax.convert.export import ExportError, import_hf
-
-
-def load_config(spec: str):
-    """'path/to/file.py:arg' -> get_config(arg) of that file (as --config of the trainer)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ExportError(f"--config {spec}: no file {path}")
-    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ExportError(f"--config {spec}: {path} defines no get_config")
-    return module.get_config(arg or None)
+from molmo_jax.train.hf_interop import ExportError, import_hf
+from molmo_jax.train.config_file import ConfigFileError, load_config_file
 
 
 def main(argv=None) -> None:
@@ -38,8 +24,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        print(import_hf(args.hf, args.out, load_config(args.config), force=args.force))
-    except ExportError as e:
+        print(import_hf(args.hf, args.out, load_config_file(args.config), force=args.force))
+    except (ExportError, ConfigFileError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -19,7 +19,7 @@ from data_pipelines import images as images_lib
 from molmo_jax.evaluation.score import read_jsonl
 from molmo_jax.inference.drawing import draw_points
 from molmo_jax.inference.generate import GenerationConfig
-from molmo_jax.inference.predict import Predictor, Request, read_image_source
+from molmo_jax.inference.predictor import Predictor, Request, read_image_source
 
 
 def _parser() -> argparse.ArgumentParser:

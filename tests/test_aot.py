@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from molmo_jax import flops
+from molmo_jax.model import flops
 from molmo_jax.model import config as cfg
 from molmo_jax.tools import aot
 
@@ -100,7 +100,7 @@ def test_a_step_that_does_not_fit_exits_non_zero(capsys):
 
 
 def test_sweep_candidates_cover_the_chips_with_the_batch():
-    exp = aot.load_config("configs/molmo_7b_d.py:pretrain")  # global batch 128
+    exp = aot.load_config_file("configs/molmo_7b_d.py:pretrain")  # global batch 128
     mesh, accum = aot.sweep_candidates(exp, aot.parse_topology("v5p-8"))[1]
     assert mesh == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1} and accum == 32  # 1 sequence per chip
     # 512 chips for 128 sequences: tensor parallelism 4 inside each slice, data parallel across.
@@ -132,7 +132,7 @@ def one_block_demo():
     # The demo config with one block per stack (XLA counts a scanned body once, so only then is
     # its FLOP count complete), widened so that matmuls dominate norms, softmax and param casts
     # (as in the unscanned forward test above); batch 64 for the decode step's per-step casts.
-    exp = aot.prepare_config(aot.load_config("configs/demo.py:pretrain"), batch=64)
+    exp = aot.prepare_config(aot.load_config_file("configs/demo.py:pretrain"), batch=64)
     exp.model.llm.update(dict(n_layers=1, d_model=256, n_heads=4, head_dim=64, n_kv_heads=2, mlp_hidden_size=1024))
     exp.model.vision.update(dict(num_layers=1, feature_layers=(-1, -1), width=128, num_heads=4, head_dim=32,
                                  mlp_dim=512))
@@ -201,10 +201,10 @@ def test_eval_step_is_the_token_loss_of_the_model():
     import numpy as np
     from flax import nnx
     from configs import common
-    from molmo_jax import sharding
+    from molmo_jax.model import sharding
     from molmo_jax.train import optimizer as opt_lib, trainer
 
-    exp = aot.load_config("configs/demo.py:pretrain")
+    exp = aot.load_config_file("configs/demo.py:pretrain")
     exp.model = common.model_config(cfg.TINY_QWEN2)
     exp.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
     mesh = sharding.make_mesh(exp.mesh.to_dict(), jax.devices()[:1])

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from molmo_jax import sharding
+from molmo_jax.model import sharding
 from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import Checkpointer

@@ -9,7 +9,7 @@ from flax import nnx
 import transformers  # the "torch" extra, which `make test` installs
 
 from molmo_jax.convert import hf_backbones  # noqa: E402
-from molmo_jax.convert.hf_molmo import CheckpointError  # noqa: E402
+from molmo_jax.convert.links import CheckpointError  # noqa: E402
 from molmo_jax.model import config as cfg  # noqa: E402
 from molmo_jax.model.llm import LLM  # noqa: E402
 from molmo_jax.model.molmo import Molmo  # noqa: E402

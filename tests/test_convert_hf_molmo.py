@@ -13,6 +13,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from molmo_jax.convert import hf_molmo
+from molmo_jax.convert.hf_folder import INDEX, read_hf_tensors
+from molmo_jax.convert.links import CheckpointError
 from molmo_jax.model import config as cfg
 
 OFFICIAL_TOTALS = {"molmo-7b-d": 8_021_025_280, "molmo-72b": 73_308_285_952, "molmo-7b-o": 7_665_032_192}
@@ -66,9 +68,9 @@ def test_read_write_is_byte_identical(golden_dir, tmp_path, arch):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     hf_molmo.save_hf_checkpoint(str(single), params, config)
     hf_molmo.save_hf_checkpoint(str(sharded), params, config, max_shard_bytes=1 << 20)
-    assert len(json.loads((sharded / hf_molmo.INDEX).read_text())["weight_map"]) == len(original)
+    assert len(json.loads((sharded / INDEX).read_text())["weight_map"]) == len(original)
     for folder in (single, sharded):
-        again = hf_molmo.read_hf_tensors(str(folder))
+        again = read_hf_tensors(str(folder))
         assert set(again) == set(original)
         for key, value in original.items():
             assert again[key].dtype == value.dtype and again[key].tobytes() == value.tobytes(), key
@@ -86,7 +88,7 @@ def test_wrong_shape_names_key_and_both_shapes(olmo_state):
     config, sd, _ = olmo_state
     key = "model.transformer.blocks.1.att_proj.weight"
     bad = dict(sd, **{key: np.zeros((10, 96), np.float32)})
-    with pytest.raises(hf_molmo.CheckpointError, match=r"blocks\.1\.att_proj\.weight.*\(10, 96\).*\(288, 96\)"):
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.att_proj\.weight.*\(10, 96\).*\(288, 96\)"):
         hf_molmo.hf_to_params(bad, config)
 
 
@@ -96,7 +98,7 @@ def test_missing_and_unexpected_keys_are_named(olmo_state):
     bad["model.transformer.blocks.0.att_proj.bias"] = np.zeros(288, np.float32)
     pattern = (r"missing \['model\.transformer\.blocks\.0\.q_norm\.weight'\]"
                r".*unexpected \['model\.transformer\.blocks\.0\.att_proj\.bias'\]")
-    with pytest.raises(hf_molmo.CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=pattern):
         hf_molmo.hf_to_params(bad, config)
 
 
@@ -112,34 +114,34 @@ def test_truncated_file_is_a_clear_error(golden_dir, tmp_path):
     shutil.copy(src / "config.json", tmp_path / "config.json")
     data = (src / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(hf_molmo.CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
         hf_molmo.load_hf_checkpoint(str(tmp_path))
 
 
 def test_missing_files_are_clear_errors(golden_dir, tmp_path):
-    with pytest.raises(hf_molmo.CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         hf_molmo.read_hf_config(str(tmp_path))
-    with pytest.raises(hf_molmo.CheckpointError, match="neither model.safetensors nor"):
-        hf_molmo.read_hf_tensors(str(tmp_path))
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor"):
+        read_hf_tensors(str(tmp_path))
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
-    (tmp_path / hf_molmo.INDEX).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                                                        "b": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(hf_molmo.CheckpointError, match="model-00002-of-00002.safetensors, which does not exist"):
-        hf_molmo.read_hf_tensors(str(tmp_path))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors, which does not exist"):
+        read_hf_tensors(str(tmp_path))
 
 
 def test_unsupported_config_fields_are_named(real_7b_d):
     config_json, _ = real_7b_d
-    with pytest.raises(hf_molmo.CheckpointError, match="clip_qkv=8.0"):
+    with pytest.raises(CheckpointError, match="clip_qkv=8.0"):
         hf_molmo.config_from_hf(dict(config_json, clip_qkv=8.0))
-    with pytest.raises(hf_molmo.CheckpointError, match="missing required key 'hidden_size'"):
+    with pytest.raises(CheckpointError, match="missing required key 'hidden_size'"):
         hf_molmo.config_from_hf({k: v for k, v in config_json.items() if k != "hidden_size"})
 
 
 def test_bfloat16_checkpoint_loads_as_float32_params(olmo_state, tmp_path):
     config, sd, params = olmo_state
     hf_molmo.save_hf_checkpoint(str(tmp_path), params, config, dtype=jnp.bfloat16)
-    assert all(v.dtype == jnp.bfloat16 for v in hf_molmo.read_hf_tensors(str(tmp_path)).values())
+    assert all(v.dtype == jnp.bfloat16 for v in read_hf_tensors(str(tmp_path)).values())
     _, state = hf_molmo.load_hf_checkpoint(str(tmp_path))
     loaded = nnx.to_pure_dict(state)
     rounded = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32), params)

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from molmo_jax import evaluate as evaluate_cli
-from molmo_jax.evaluation.evaluate import evaluate_task, read_finished
+from molmo_jax.evaluation.runner import evaluate_task, read_finished
 from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.evaluation.tasks import get_task
-from molmo_jax.inference.predict import Predictor
+from molmo_jax.inference.predictor import Predictor
 from test_predict import checkpoint  # noqa: F401  (module fixture: golden qwen2_style weights + tiny tokenizer)
 
 

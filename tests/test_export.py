@@ -20,9 +20,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import common
-from molmo_jax import sharding
-from molmo_jax.convert import export
-from molmo_jax.convert.hf_molmo import INDEX, _get, hf_to_params, load_hf_checkpoint, read_hf_config, read_hf_tensors
+from molmo_jax.model import sharding
+from molmo_jax.train import hf_interop as export
+from molmo_jax.convert.hf_folder import INDEX, read_hf_tensors
+from molmo_jax.convert.hf_molmo import hf_to_params, load_hf_checkpoint, read_hf_config, save_hf_checkpoint
+from molmo_jax.convert.links import get_path
+from molmo_jax.train import trainer
 from molmo_jax.model.config import TINY_MOE, TINY_QWEN2, MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import Checkpointer
@@ -146,7 +149,7 @@ def test_moe_model_round_trips_through_the_molmoe_layout(tokenizer_dir, tmp_path
     leaves = [leaf for part in ("params", "frozen") for leaf in jax.tree_util.tree_flatten_with_path(state[part])[0]]
     assert len(leaves) == len(jax.tree.leaves(got))
     for path, value in leaves:
-        np.testing.assert_array_equal(np.asarray(value), np.asarray(_get(got, tuple(k.key for k in path))),
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(get_path(got, tuple(k.key for k in path))),
                                       err_msg=str(path))
 
 
@@ -247,9 +250,6 @@ def test_trainer_fine_tunes_from_an_import_and_its_checkpoint_exports(tokenizer_
     """HF folder -> import_hf -> 2 training steps with config.init.checkpoint -> export of the
     trainer's own checkpoint: the frozen embedding is the imported one, the trained LM head
     the trainer's."""
-    from molmo_jax.convert.hf_molmo import save_hf_checkpoint  # noqa: PLC0415
-    from molmo_jax.train import trainer  # noqa: PLC0415
-
     config = TINY_QWEN2
     cfg = train_config(config)  # the release recipe: the base token embedding is frozen
     cfg.train.total_steps, cfg.train.global_batch, cfg.data.seq_len, cfg.data.max_crops = 2, 2, 16, 1

@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file  # noqa: E402
 
 from configs import common  # noqa: E402
-from molmo_jax.convert import export  # noqa: E402
+from molmo_jax.train import hf_interop as export  # noqa: E402
 from molmo_jax.convert.hf_molmo import load_hf_model, read_hf_config  # noqa: E402
 from molmo_jax.model.config import TINY_MOE  # noqa: E402
 from molmo_jax.model.molmo import Molmo  # noqa: E402

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from molmo_jax.convert import hf_molmo, moe_weights
+from molmo_jax.convert import hf_backbones, hf_molmo, moe_weights
+from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.links import CheckpointError, link_shapes, params_to_tensors, tensors_to_params
 from molmo_jax.model.config import TINY_MOE
 from molmo_jax.model.moe import MoEFeedForward, expert_capacity
 
@@ -48,12 +50,12 @@ def _abstract(config):
 
 def _from_tensors(tensors, layout, prefix="mlp", config=LLM):
     links = moe_weights.moe_links(config, prefix, (), None, layout)
-    return hf_molmo.tensors_to_params(tensors, links, _abstract(config))
+    return tensors_to_params(tensors, links, _abstract(config))
 
 
 def _to_tensors(params, layout, prefix="mlp", config=LLM):
     links = moe_weights.moe_links(config, prefix, (), None, layout)
-    return hf_molmo.params_to_tensors(params, links, _abstract(config))
+    return params_to_tensors(params, links, _abstract(config))
 
 
 @nnx.jit
@@ -158,7 +160,7 @@ def test_megablox_kernel_matches_ragged_dot():
     that divide neither the tiles nor the devices."""
     import functools
 
-    from molmo_jax import sharding
+    from molmo_jax.model import sharding
     from molmo_jax.model.moe import megablox_sharded
 
     x = jax.random.normal(jax.random.key(0), (60, 64))
@@ -178,7 +180,7 @@ def test_megablox_kernel_matches_ragged_dot():
 def test_tpu_compilation_uses_the_grouped_kernel():
     """Compiled for TPU (compile-only devices): "sorted" costs the useful FLOPs through the
     Megablox kernel (ragged_dot would cost E times that), also inside an expert-sharded mesh."""
-    from molmo_jax import sharding
+    from molmo_jax.model import sharding
     from molmo_jax.tools import aot
 
     config = _config(d_model=256, moe_hidden_size=256, mlp_hidden_size=512)
@@ -245,13 +247,13 @@ def test_checkpoint_layouts_round_trip():
                                   tensors["per_expert"]["mlp.experts.1.up_proj.weight"])
     bad = dict(tensors["megablocks"])
     bad["mlp.experts.mlp.v1"] = bad["mlp.experts.mlp.v1"][:5]
-    with pytest.raises(hf_molmo.CheckpointError, match="experts.mlp.v1"):
+    with pytest.raises(CheckpointError, match="experts.mlp.v1"):
         _from_tensors(bad, "megablocks")
     missing = dict(tensors["per_expert"])
     del missing["mlp.experts.3.up_proj.weight"]
-    with pytest.raises(hf_molmo.CheckpointError, match="experts.3.up_proj"):
+    with pytest.raises(CheckpointError, match="experts.3.up_proj"):
         _from_tensors(missing, "per_expert")
-    with pytest.raises(hf_molmo.CheckpointError, match="unknown MoE checkpoint layout"):
+    with pytest.raises(CheckpointError, match="unknown MoE checkpoint layout"):
         _from_tensors({}, "grouped")
 
 
@@ -262,7 +264,7 @@ def test_expert_parallel_train_step_matches_one_device(dispatch, mesh_axes):
     FSDP / tensor parallelism on the rest) gives the loss, aux values and updated parameters
     of one device."""
     import optax
-    from molmo_jax import sharding
+    from molmo_jax.model import sharding
     from molmo_jax.model.llm import LLM as Decoder
 
     config = _config(moe_dispatch=dispatch, moe_capacity_factor=1.0, n_layers=1)
@@ -347,7 +349,6 @@ def test_olmoe_llm_matches_transformers(olmoe_hf, dispatch):
     the in-memory (fused experts) state dict and from the hub-layout safetensors file."""
     from safetensors.numpy import load_file
 
-    from molmo_jax.convert import hf_backbones
 
     model, folder = olmoe_hf
     config = _config(moe_dispatch=dispatch, moe_capacity_factor=float(LLM.moe_num_experts))
@@ -366,13 +367,12 @@ def test_olmoe_export_loads_in_transformers(olmoe_hf, tmp_path):
     """Our tiny MoE LLM written in the hub layout loads into OlmoeForCausalLM with equal logits."""
     from safetensors.numpy import save_file
 
-    from molmo_jax.convert import hf_backbones, hf_molmo
     from molmo_jax.model.llm import LLM as Decoder
 
     model, folder = olmoe_hf
     llm = Decoder(LLM, rngs=nnx.Rngs(11))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(llm, nnx.Param)))
-    tensors = hf_molmo.params_to_tensors(params, hf_backbones.llm_links_hf(LLM), params)
+    tensors = params_to_tensors(params, hf_backbones.llm_links_hf(LLM), params)
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in tensors
     model.config.save_pretrained(tmp_path)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"),
@@ -403,7 +403,6 @@ MOLMOE_CONFIG_JSON = {
 
 
 def test_molmoe_1b_preset_config_and_parameter_count():
-    from molmo_jax.convert import hf_molmo
     from molmo_jax.model.config import MOLMOE_1B
     from molmo_jax.model.molmo import Molmo
 
@@ -415,7 +414,7 @@ def test_molmoe_1b_preset_config_and_parameter_count():
     shapes = {}
     abstract_pure = hf_molmo.abstract_params(MOLMOE_1B)
     for link in hf_molmo.molmo_links(MOLMOE_1B):
-        ours = [hf_molmo._layer_shape(abstract_pure, p, link.layer) for p in link.ours]
+        ours = link_shapes(link, abstract_pure)
         shapes.update(zip(link.hf, link.hf_shapes(*ours)))
     assert sum(int(np.prod(s)) for s in shapes.values()) == 7_221_875_712
     assert shapes["lm_head.weight"] == (50304, 2048)
@@ -427,7 +426,6 @@ def test_molmoe_1b_preset_config_and_parameter_count():
 
 
 def test_molmoe_checkpoint_round_trip(tmp_path):
-    from molmo_jax.convert import hf_molmo
     from molmo_jax.model.molmo import Molmo
 
     model = Molmo(TINY_MOE, rngs=nnx.Rngs(2))
@@ -436,9 +434,9 @@ def test_molmoe_checkpoint_round_trip(tmp_path):
     assert config == TINY_MOE
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(state),
                  nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    tensors = hf_molmo.read_hf_tensors(str(tmp_path))
+    tensors = read_hf_tensors(str(tmp_path))
     assert {"lm_head.weight", "model.transformer.blocks.1.mlp.experts.7.gate_proj.weight",
             "model.transformer.blocks.1.attn.q_norm.weight"} <= set(tensors)
     del tensors["model.transformer.blocks.1.mlp.experts.7.gate_proj.weight"]
-    with pytest.raises(hf_molmo.CheckpointError, match="experts.7.gate_proj"):
+    with pytest.raises(CheckpointError, match="experts.7.gate_proj"):
         hf_molmo.hf_to_params(tensors, TINY_MOE)

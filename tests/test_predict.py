@@ -12,7 +12,7 @@ from PIL import Image
 from molmo_jax import predict as predict_cli
 from molmo_jax.inference.drawing import PointGroup, draw_points, find_points
 from molmo_jax.inference.generate import GenerationConfig
-from molmo_jax.inference.predict import (Predictor, Request, collate, crop_bucket, with_compute_dtype,
+from molmo_jax.inference.predictor import (Predictor, Request, collate, crop_bucket, with_compute_dtype,
                                          load_orbax_model)
 
 MAX_NEW = 5
@@ -156,7 +156,7 @@ def test_image_from_url(image_path):
     import functools
     import http.server
     import threading
-    from molmo_jax.inference.predict import read_image_source
+    from molmo_jax.inference.predictor import read_image_source
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_path.parent))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from molmo_jax import sharding
+from molmo_jax.model import sharding
 from molmo_jax.model.config import TINY_MOE, TINY_QWEN2
 from molmo_jax.model.molmo import Molmo
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 import configs
 from configs import common
-from molmo_jax import sharding
+from molmo_jax.model import sharding
 from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import optimizer as opt_lib
@@ -415,7 +415,7 @@ def test_stage1_starts_from_transformers_backbones(tiny_init):
     embedding included); the connector and the new token rows keep the random init. A folder
     that does not fit is refused by name."""
     from molmo_jax.convert import hf_backbones
-    from molmo_jax.convert.hf_molmo import CheckpointError
+    from molmo_jax.convert.links import CheckpointError
 
     root, cfg, model_cfg, setup, clip_sd, qwen_sd = tiny_init
     cfg = cfg.copy_and_resolve_references()

@@ -1,18 +1,17 @@
 """What an exported folder says about the model: config.json files and the key links of the
 official Molmo layout and of the transformers backbones (Qwen2 / OLMo2 / OLMoE CausalLM and
-CLIPVisionModel). Keys and layouts: spec §7; the links themselves live in hf_molmo /
-hf_backbones and run in both directions.
+CLIPVisionModel). Keys and layouts: spec §7; the links themselves live in the key maps
+(molmo_keys, molmoe_keys, hf_backbones) and run in both directions.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
 from molmo_jax.convert import hf_backbones
-from molmo_jax.convert.hf_molmo import CheckpointError, Link, Path, config_to_hf
-from molmo_jax.convert.safetensors_stream import constant_link
+from molmo_jax.convert.hf_molmo import config_to_hf
+from molmo_jax.convert.links import CheckpointError, Link, constant_link, prefixed_links
 from molmo_jax.model.config import MolmoConfig
 
 # transformers loads the official remote code from these repositories (auto_map "repo--module.Class").
@@ -21,11 +20,6 @@ OFFICIAL_CODE = {"dense": "allenai/Molmo-7B-D-0924", "olmo": "allenai/Molmo-7B-O
 
 class ExportError(CheckpointError):
     """Bad export/import input: the message names the folder, file, step or flag."""
-
-
-def _prefixed(links: Sequence[Link], hf_prefix: str, ours_prefix: Path) -> List[Link]:
-    return [dataclasses.replace(link, hf=tuple(hf_prefix + k for k in link.hf),
-                                ours=tuple(ours_prefix + p for p in link.ours)) for link in links]
 
 
 def official_code_repo(config: MolmoConfig) -> str:
@@ -76,7 +70,7 @@ def clip_vision_links(config: MolmoConfig) -> List[Link]:
     """CLIPVisionModel keys; Molmo drops CLIP's post_layernorm, exported as the identity
     (hidden_states are unaffected, last_hidden_state/pooler_output see an untrained LN)."""
     w = config.vision.width
-    links = _prefixed(hf_backbones.vision_links_hf(config.vision), "vision_model.", ("vision",))
+    links = prefixed_links(hf_backbones.vision_links_hf(config.vision), "vision_model.", ("vision",))
     return links + [constant_link("vision_model.post_layernorm.weight", np.ones((w,), np.float32)),
                     constant_link("vision_model.post_layernorm.bias", np.zeros((w,), np.float32))]
 
@@ -114,7 +108,7 @@ def causal_lm_links(config: MolmoConfig) -> List[Link]:
     have no place in a text-only model and are left out; tensors the architecture always has
     but this model lacks are written as their identity values (zero biases, unit QK-norms)."""
     c = config.llm
-    links = _prefixed(hf_backbones.llm_links_hf(c, "per_expert"), "", ("llm",))
+    links = prefixed_links(hf_backbones.llm_links_hf(c, "per_expert"), "", ("llm",))
     for i in range(c.n_layers):
         p = f"model.layers.{i}.self_attn"
         if not c.qkv_bias and not c.norm_after and c.block_type == "dense":  # Qwen2 always has q/k/v biases

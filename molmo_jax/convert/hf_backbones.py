@@ -26,14 +26,12 @@ from typing import Dict, List, Mapping, Optional
 import jax.numpy as jnp
 from flax import nnx
 
-from molmo_jax.convert.hf_molmo import (CheckpointError, Link, Path, linear_link, norm_links, same_link,
-                                        tensors_to_params, vector_link)
+from molmo_jax.convert.links import (CheckpointError, Link, Path, abstract_state, linear_link, norm_links,
+                                     same_link, tensors_to_params, vector_link)
 from molmo_jax.convert.moe_weights import moe_links
 from molmo_jax.model.config import LLMConfig, VisionConfig
-
-
-def _abstract(module_fn) -> Dict:
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(module_fn), nnx.Param))
+from molmo_jax.model.llm import LLM
+from molmo_jax.model.vit import VisionTransformer
 
 
 def _patch_link(hf: str, ours: Path, vc: VisionConfig) -> Link:
@@ -92,8 +90,6 @@ def vision_links_hf(vc: VisionConfig, prefix: str = "") -> List[Link]:
 def vision_params_from_hf(state_dict: Mapping, config: VisionConfig) -> Dict:
     """CLIPVisionModel / SiglipVisionModel (or CLIPModel / SiglipModel) state dict -> the
     pure parameter dict of `VisionTransformer(config)`."""
-    from molmo_jax.model.vit import VisionTransformer  # noqa: PLC0415
-
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in state_dict) else ""
     layer = re.compile(re.escape(prefix) + r"encoder\.layers\.(\d+)\.")
 
@@ -106,7 +102,7 @@ def vision_params_from_hf(state_dict: Mapping, config: VisionConfig) -> Dict:
         return (tower.startswith(("post_layernorm.", "head.", "embeddings.position_ids"))
                 or key.startswith(("text_model.", "logit_", "visual_projection.", "text_projection.")))
 
-    abstract = _abstract(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_state(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)))
     return tensors_to_params(state_dict, vision_links_hf(config, prefix), abstract, dropped=dropped)
 
 
@@ -147,9 +143,7 @@ def llm_links_hf(c: LLMConfig, moe_layout: str = "per_expert") -> List[Link]:
 def llm_params_from_hf(state_dict: Mapping, config: LLMConfig) -> Dict:
     """Qwen2ForCausalLM / Olmo2ForCausalLM / OlmoeForCausalLM state dict -> pure parameter dict
     of `LLM(config)` without `embed/new_embedding` (no counterpart; keep the model's init)."""
-    from molmo_jax.model.llm import LLM  # noqa: PLC0415
-
-    abstract = _abstract(lambda: LLM(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_state(lambda: LLM(config, rngs=nnx.Rngs(0)))
     del abstract["embed"]["new_embedding"]
     # transformers >= 5 fuses the hub's per-expert OLMoE tensors when it loads them.
     moe_layout = "fused" if any(k.endswith(".mlp.experts.gate_up_proj") for k in state_dict) else "per_expert"

@@ -5,7 +5,7 @@
     stream_tensors(read, links, writer)                        # read(paths) -> {path: array}
     writer.write_index()                                       # model.safetensors.index.json
 
-Links (convert/hf_molmo.Link) that share a parameter form a group; a group's parameters are
+Links (convert/links.Link) that share a parameter form a group; a group's parameters are
 read together once and every tensor they feed is converted and appended to its shard. Shard
 boundaries and safetensors headers are known up front, so nothing but the current group and
 tensor is held in memory.
@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from molmo_jax.convert.hf_molmo import INDEX, Link, Path, _get
+from molmo_jax.convert.hf_folder import INDEX
+from molmo_jax.convert.links import Link, Path, link_shapes
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 ReadFn = Callable[[Sequence[Path]], Dict[Path, np.ndarray]]
@@ -59,20 +60,10 @@ def group_links(links: Sequence[Link]) -> List[Group]:
     return [g for g in groups if g is not None]
 
 
-def _layer_shapes(link: Link, abstract: Mapping) -> List[Tuple[int, ...]]:
-    shapes = [tuple(_get(abstract, p).shape) for p in link.ours]
-    return shapes if link.layer is None else [s[1:] for s in shapes]
-
-
 def plan_tensors(groups: Sequence[Group], abstract: Mapping) -> List[Tuple[str, Tuple[int, ...]]]:
     """(key, shape) of every output tensor, in the order the groups produce them."""
     return [(key, tuple(shape)) for g in groups for link in g.links
-            for key, shape in zip(link.hf, link.hf_shapes(*_layer_shapes(link, abstract)))]
-
-
-def constant_link(key: str, value: np.ndarray) -> Link:
-    """A tensor the target format needs but Molmo does not have (e.g. CLIP's post_layernorm)."""
-    return Link((key,), (), None, lambda: [], lambda: [value], lambda: [value.shape])
+            for key, shape in zip(link.hf, link.hf_shapes(*link_shapes(link, abstract)))]
 
 
 # ----------------------------------------------------------------------------- writing

@@ -31,7 +31,8 @@ from molmo_jax.model.attention import causal_mask, dot_product_attention
 from molmo_jax.model.config import LLMConfig
 from molmo_jax.model.layers import (Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
                                     scan_stack, stacked)
-from molmo_jax.sharding import with_logical_constraint
+from molmo_jax.model.moe import MoEFeedForward
+from molmo_jax.model.sharding import with_logical_constraint
 
 
 class KVCache(NamedTuple):
@@ -98,7 +99,6 @@ class FeedForward(nnx.Module):
 def make_feed_forward(config: LLMConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """The block's FFN: `__call__(x [B, T, D]) -> (y [B, T, D], aux dict of scalars)`."""
     if config.block_type == "moe":
-        from molmo_jax.model.moe import MoEFeedForward  # noqa: PLC0415 (only MolmoE needs it)
         return MoEFeedForward(config, rngs=rngs)
     if config.block_type != "dense":
         raise ValueError(f"unknown block_type {config.block_type!r}; choose 'dense' or 'moe'")

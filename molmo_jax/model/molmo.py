@@ -29,7 +29,7 @@ from molmo_jax.model.connector import Connector
 from molmo_jax.model.layers import rescale_to_fan_in
 from molmo_jax.model.llm import LLM
 from molmo_jax.model.vit import VisionTransformer
-from molmo_jax.sharding import with_logical_constraint
+from molmo_jax.model.sharding import with_logical_constraint
 
 
 def splice(embeds: jax.Array, features: jax.Array, image_input_idx: jax.Array) -> jax.Array:

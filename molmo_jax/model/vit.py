@@ -20,7 +20,7 @@ from flax import nnx
 from molmo_jax.model.attention import MultiHeadAttention
 from molmo_jax.model.config import VisionConfig
 from molmo_jax.model.layers import Dense, LayerNorm, activation, normal, param, scan_stack, stacked
-from molmo_jax.sharding import with_logical_constraint
+from molmo_jax.model.sharding import with_logical_constraint
 
 
 class ViTBlock(nnx.Module):

@@ -35,6 +35,8 @@ import sys
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from molmo_jax.train.config_file import load_config_file
+
 # libtpu looks for a TPU VM's metadata when it loads; these tell it there is none, which
 # silences its warnings. It also takes a machine-wide lock file meant for processes that
 # own TPU chips; compiling only, several processes may load it at once. (Set before the
@@ -185,7 +187,7 @@ class Report:
             "FLOPs per step:",
             f"  XLA           {xla_total:.4g}  ({self.xla_flops_per_chip:.4g} per chip; XLA counts the body of "
             "each scanned layer stack once, not once per layer)",
-            f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.flops; "
+            f"  analytic      {self.analytic_flops:.4g}  (model FLOPs, molmo_jax.model.flops; "
             f"{self.analytic_flops / self.tokens:.4g} per token)",
             f"  est. step time at {mfu:.0%} MFU: {duration} ({chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 "
             "per chip)",
@@ -199,18 +201,6 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 # --------------------------------------------------------------------------- compile
-
-
-def load_config(spec: str):
-    """'configs/x.py:arg' -> the experiment ConfigDict (`get_config(arg)` of that file)."""
-    import importlib.util  # noqa: PLC0415
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {spec!r}: no such file {path!r}")
-    module_spec = importlib.util.spec_from_file_location(f"aot_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def prepare_config(exp, *, mesh: Optional[Dict[str, int]] = None, remat: Optional[str] = None,
@@ -241,7 +231,7 @@ def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: 
     apply to decode. Raises ValueError when the config cannot run on the mesh, and the
     compiler's error (RESOURCE_EXHAUSTED) when it runs out of HBM."""
     import jax  # noqa: PLC0415
-    from molmo_jax import sharding  # noqa: PLC0415
+    from molmo_jax.model import sharding  # noqa: PLC0415
     from molmo_jax.tools import aot_programs  # noqa: PLC0415
     from molmo_jax.train import trainer  # noqa: PLC0415
 
@@ -314,7 +304,7 @@ def state_bytes_per_chip(exp, chips: int) -> float:
     gradients, evenly split (the gradients all exist at once because each group is clipped by
     its global norm before any update). A slice below it cannot fit, so the sweep does not
     compile there."""
-    from molmo_jax import flops  # noqa: PLC0415
+    from molmo_jax.model import flops  # noqa: PLC0415
     from molmo_jax.train.trainer import model_config_from  # noqa: PLC0415
     n = flops.params_count(model_config_from(exp))["total"]
     return 16.0 * n / chips
@@ -331,7 +321,7 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
                 key = f"{model}|{stage}|{gen}"
                 if key in results:
                     continue
-                base = load_config(f"{path}:{stage}")
+                base = load_config_file(f"{path}:{stage}")
                 tried = []
                 for accelerator, slices in SWEEP_SLICES[gen]:
                     topology = parse_topology(accelerator, slices)
@@ -456,7 +446,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.mesh:
             mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
         topology = parse_topology(args.topology, args.slices)
-        exp = prepare_config(load_config(args.config), mesh=mesh, remat=args.remat, batch=args.batch,
+        exp = prepare_config(load_config_file(args.config), mesh=mesh, remat=args.remat, batch=args.batch,
                              grad_accum=args.grad_accum)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from molmo_jax import flops, sharding
+from molmo_jax.model import flops, sharding
 from molmo_jax.inference import generate
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.train import optimizer as opt_lib, trainer

@@ -21,6 +21,8 @@ import numpy as np
 from flax import nnx
 
 from molmo_jax.convert import hf_molmo
+from molmo_jax.convert.hf_folder import is_hf_folder
+from molmo_jax.inference.predictor import load_orbax_model, with_compute_dtype
 
 REQUIRED = ("input_ids",)
 OPTIONAL = ("images", "image_masks", "image_input_idx", "position_ids", "subsegment_ids")
@@ -46,9 +48,8 @@ def read_inputs(path: str) -> Dict[str, np.ndarray]:
 
 def load_model(checkpoint: str, dtype: str):
     """A Molmo from an HF folder or an orbax training checkpoint, computing in `dtype`."""
-    if hf_molmo.is_hf_folder(checkpoint):
+    if is_hf_folder(checkpoint):
         return hf_molmo.load_hf_model(checkpoint, dtype=dtype)
-    from molmo_jax.inference.predict import load_orbax_model, with_compute_dtype  # noqa: PLC0415 (orbax only)
 
     return with_compute_dtype(load_orbax_model(checkpoint), dtype)
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Optional
 import jax
 import numpy as np
 
-from molmo_jax.flops import forward_flops
+from molmo_jax.model.flops import forward_flops
 from molmo_jax.model.config import MolmoConfig
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines.pipeline import crops_per_row, make_pipeline
-from molmo_jax import sharding
+from molmo_jax.convert import hf_backbones
+from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.links import CheckpointError
+from molmo_jax.model import sharding
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import loss as loss_lib
@@ -340,9 +343,6 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
     (convert/hf_backbones) replace their random init, on the shardings of `state`. The connector
     and `new_embedding` keep theirs; the fresh Adam moments are zeros whatever the params, so the
     optimizer state stays valid."""
-    from molmo_jax.convert import hf_backbones  # noqa: PLC0415  (torch-free, but only needed here)
-    from molmo_jax.convert.hf_molmo import CheckpointError, read_hf_tensors  # noqa: PLC0415
-
     updates = {}
     for key, folder, tower, convert, tower_cfg in (
             ("vit", vit_folder, "vision", hf_backbones.vision_params_from_hf, model_cfg.vision),

@@ -28,6 +28,7 @@ from flax import nnx
 
 from data_pipelines import formatting, multicrop, preprocess, tokenizer as tokenizer_lib
 from molmo_jax.convert import hf_molmo
+from molmo_jax.convert.hf_folder import SAFETENSORS, is_hf_folder
 from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig, Generator
 from molmo_jax.model.config import MolmoConfig
@@ -91,11 +92,6 @@ def collate(examples: Sequence[dict], max_crops: Optional[int] = None) -> dict[s
     return batch
 
 
-def _is_hf_folder(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "config.json")) and any(
-        os.path.exists(os.path.join(path, name)) for name in (hf_molmo.SAFETENSORS, hf_molmo.INDEX))
-
-
 def _orbax_step_dir(path: str) -> str:
     """The newest `<step>/` with a `state` item under a run dir, its checkpoints/ dir, or itself."""
     for base in (path, os.path.join(path, "checkpoints")):
@@ -104,7 +100,7 @@ def _orbax_step_dir(path: str) -> str:
         steps = [d for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
         if steps:
             return os.path.join(base, max(steps, key=int))
-    raise FileNotFoundError(f"{path}: neither an HF Molmo folder (config.json + {hf_molmo.SAFETENSORS}) "
+    raise FileNotFoundError(f"{path}: neither an HF Molmo folder (config.json + {SAFETENSORS}) "
                             f"nor a molmo-jax checkpoint (<step>/state, or checkpoints/<step>/state)")
 
 
@@ -195,7 +191,7 @@ class Predictor:
         """path: HF folder or orbax checkpoint; tokenizer: file/folder (default: the checkpoint's);
         dtype: compute dtype override ("bfloat16" for speed); captioner: a stage-1 checkpoint."""
         changes = {"dtype": dtype} if dtype else {}
-        if _is_hf_folder(path):
+        if is_hf_folder(path):
             model = hf_molmo.load_hf_model(path, **changes)
         else:
             model = load_orbax_model(path)

@@ -1,7 +1,7 @@
 """The demo's evaluation: one model answers the held-out synthetic scenes, the project's metrics
 score the answers (molmo_jax.evaluation.metrics), and the caption loss is measured.
 
-    evaluator = Evaluator(config, sets, batch_size=32)      # sets: demo.held_out_sets(...)
+    evaluator = Evaluator(config, sets, batch_size=32)      # sets: demo.data.held_out_sets(...)
     result = evaluator.run(model)      # {"scores": {...}, "records": {task: [record, ...]}}
 
 Prompts are built exactly as at inference (`preprocess_example(..., for_inference=True)`, the
@@ -24,7 +24,7 @@ from data_pipelines.tokenizer import load_tokenizer
 from molmo_jax.evaluation.counting import point_count_score
 from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.inference.generate import GenerationConfig, Generator, prompt_bucket
-from molmo_jax.inference.predict import collate
+from molmo_jax.inference.predictor import collate
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.trainer import init_train_state, model_config_from, token_loss_sums
 

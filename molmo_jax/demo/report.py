@@ -7,7 +7,7 @@
       images/<task>.png             the first held-out image of each task, as is
       loss_curve.png                training loss per step (from the trainer's metrics.jsonl)
 
-`before` / `after` are `demo_eval.Evaluator.run` results.
+`before` / `after` are `demo.evaluator.Evaluator.run` results.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from data_pipelines import formatting, images as images_lib, preprocess
 from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.evaluation.tasks import Task, TaskExample
 from molmo_jax.inference.generate import GenerationConfig
-from molmo_jax.inference.predict import Predictor, read_image_source
+from molmo_jax.inference.predictor import Predictor, read_image_source
 
 log = logging.getLogger(__name__)
 SCORES_FILE = "scores.json"

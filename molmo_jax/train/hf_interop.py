@@ -21,16 +21,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 
 from molmo_jax.convert import export_formats as formats
 from molmo_jax.convert.export_formats import ExportError
-from molmo_jax.convert.hf_molmo import (CheckpointError, Path, _get, _set, abstract_params, hf_to_params,
-                                        molmo_links, read_hf_config, read_hf_tensors)
+from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_links, read_hf_config
+from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.model.config import MolmoConfig
+from molmo_jax.train import optimizer as opt_lib
+from molmo_jax.train.checkpointing import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,6 @@ def numpy_dtype(dtype: str):
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose from {DTYPES}")
     if dtype == "bfloat16":
-        import ml_dtypes  # noqa: PLC0415
-
         return ml_dtypes.bfloat16
     return np.float32
 
@@ -77,9 +82,6 @@ class CheckpointParams:
     """
 
     def __init__(self, directory: str, step: Optional[int] = None):
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
-        self._ocp = ocp
         if not os.path.isdir(directory):
             raise ExportError(f"--checkpoint {directory}: not a folder")
         if os.path.isdir(os.path.join(directory, "checkpoints")):  # a run's workdir
@@ -101,12 +103,12 @@ class CheckpointParams:
         tree = self.manager.item_metadata(self.step)["state"].tree
         self.abstract = abstract_params(self.config)
         self.location: Dict[Path, Tuple[str, ...]] = {}
-        for path, leaf in _leaves(self.abstract):
-            where = [k for k in ("params", "frozen") if _has(tree.get(k, {}), path)]
+        for path, leaf in leaves(self.abstract):
+            where = [k for k in ("params", "frozen") if has_path(tree.get(k, {}), path)]
             if not where:
                 raise ExportError(f"{directory}/{self.step}/state: parameter {'/'.join(path)} is in neither "
                                   f"'params' nor 'frozen'")
-            stored = _get(tree[where[0]], path)
+            stored = get_path(tree[where[0]], path)
             if tuple(stored.shape) != tuple(leaf.shape):
                 raise ExportError(f"{directory}/{self.step}/state: {where[0]}/{'/'.join(path)} has shape "
                                   f"{tuple(stored.shape)}, the recorded model config needs {tuple(leaf.shape)}")
@@ -114,33 +116,16 @@ class CheckpointParams:
 
     def read(self, paths: Sequence[Path]) -> Dict[Path, np.ndarray]:
         """float32 numpy arrays of `paths`, whatever mesh the checkpoint was saved on."""
-        ocp = self._ocp
         item, restore_args = {}, {}
         for path in paths:
-            _set(item, self.location[path], 0)
-            _set(restore_args, self.location[path], ocp.RestoreArgs(restore_type=np.ndarray))
+            set_path(item, self.location[path], 0)
+            set_path(restore_args, self.location[path], ocp.RestoreArgs(restore_type=np.ndarray))
         state = self.manager.restore(self.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))["state"]
-        return {path: np.asarray(_get(state, self.location[path]), np.float32) for path in paths}
+        return {path: np.asarray(get_path(state, self.location[path]), np.float32) for path in paths}
 
     def close(self) -> None:
         self.manager.close()
-
-
-def _leaves(tree: Mapping, prefix: Path = ()) -> Iterator[Tuple[Path, object]]:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _has(tree, path: Path) -> bool:
-    for p in path:
-        if not isinstance(tree, Mapping) or p not in tree:
-            return False
-        tree = tree[p]
-    return True
 
 
 # ----------------------------------------------------------------------------- folders
@@ -274,11 +259,6 @@ def training_state(params: Dict, optimizer_config: Mapping, total_steps: int, se
     """The trainer's step-0 state with `params` (pure dict of float32 arrays) as the weights:
     params/frozen split by optimizer_config.frozen, a fresh optimizer state, step 0, the RNG
     key of `seed` (as train/trainer.init_train_state lays it out)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from molmo_jax.train import optimizer as opt_lib  # noqa: PLC0415
-
     patterns = [tuple(p) for p in optimizer_config["groups"]]
     tx = opt_lib.make_optimizer(optimizer_config, total_steps, patterns)
     trainable, frozen = opt_lib.split_trainable(jax.device_put(params), optimizer_config["frozen"])
@@ -293,15 +273,13 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
     optimizer). train_config: the experiment ConfigDict to fine-tune with; its optimizer
     decides the params/frozen split and the optimizer state layout, its model must have the
     HF model's shapes."""
-    from molmo_jax.train.checkpointing import Checkpointer  # noqa: PLC0415
-
     try:
         config = read_hf_config(hf_folder)
         params = hf_to_params(read_hf_tensors(hf_folder), config)
     except CheckpointError as e:
         raise ExportError(f"--hf {hf_folder}: {e}") from e
     wanted = MolmoConfig.from_dict({**train_config.model.to_dict(), "dtype": "float32"})
-    ours, theirs = dict(_leaves(abstract_params(wanted))), dict(_leaves(abstract_params(config)))
+    ours, theirs = dict(leaves(abstract_params(wanted))), dict(leaves(abstract_params(config)))
     for path in sorted(set(ours) | set(theirs)):
         a, b = ours.get(path), theirs.get(path)
         if a is None or b is None or a.shape != b.shape:
