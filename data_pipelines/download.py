@@ -39,7 +39,6 @@ import random
 import socket
 import ssl
 import sys
-import tempfile
 import time
 import urllib.parse
 import warnings
@@ -47,30 +46,12 @@ from typing import Iterable
 
 import PIL.Image
 
-IMAGE_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-    (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"\x00\x00\x01\x00", "ico"),
-)
+from data_pipelines.image_cache import ImageCache, atomic_write, sniff_image
+from data_pipelines.sources import pixmo
+
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 FOUND = ("downloaded", "cached")
-
-
-def url_key(url: str) -> str:
-    """Cache key of an image URL: sha256 of the URL string (the official Molmo layout)."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()
-
-
-def sniff_image(head: bytes) -> str | None:
-    """Image format from the first bytes, or None. WebP and HEIF/AVIF carry their tag at offset 4-8."""
-    for magic, name in IMAGE_MAGIC:
-        if head.startswith(magic):
-            return name
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"heic", b"heix", b"mif1"):
-        return "heif"
-    return None
 
 
 def check_image_bytes(body: bytes, expected_sha256: str | None = None) -> str | None:
@@ -89,60 +70,6 @@ def check_image_bytes(body: bytes, expected_sha256: str | None = None) -> str | 
     except Exception:  # PIL raises many types for corrupt files; all mean the same here
         return "undecodable"
     return None
-
-
-class ImageCache:
-    """Flat folder of images keyed by sha256(url), plus `failed/<key>.json` failure records."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.failed_dir = os.path.join(root, "failed")  # created on the first failure (readers never write)
-
-    def path(self, url: str) -> str:
-        return os.path.join(self.root, url_key(url))
-
-    def lookup(self, url: str) -> str | None:
-        """Path of the cached image of `url`, or None (absent, or an official error-text file)."""
-        path = self.path(url)
-        try:
-            with open(path, "rb") as f:
-                return path if sniff_image(f.read(16)) else None
-        except FileNotFoundError:
-            return None
-
-    def store(self, url: str, body: bytes) -> str:
-        os.makedirs(self.root, exist_ok=True)
-        return _atomic_write(self.path(url), body)
-
-    def failure(self, url: str) -> dict | None:
-        try:
-            with open(os.path.join(self.failed_dir, url_key(url) + ".json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
-    def record_failure(self, url: str, cause: str, detail: str) -> None:
-        record = {"url": url, "cause": cause, "detail": detail[:500], "time": time.time()}
-        os.makedirs(self.failed_dir, exist_ok=True)
-        _atomic_write(os.path.join(self.failed_dir, url_key(url) + ".json"), json.dumps(record).encode())
-
-    def clear_failure(self, url: str) -> None:
-        try:
-            os.remove(os.path.join(self.failed_dir, url_key(url) + ".json"))
-        except FileNotFoundError:
-            pass
-
-
-def _atomic_write(path: str, data: bytes) -> str:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,7 +334,6 @@ def format_report(report: dict[str, collections.Counter]) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from data_pipelines.sources import pixmo
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding the HF parquet folders (pixmo-cap/, ...)")
     parser.add_argument("--cache-dir", required=True, help="image cache; an existing PIXMO_IMAGE_DIR is reused")
@@ -439,7 +365,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     report = download(datasets, cache, config, args.workers, args.retry_failed, not args.no_check_sha)
     print(format_report(report))
     if args.report:
-        _atomic_write(args.report, json.dumps({k: dict(v) for k, v in report.items()}, indent=1).encode())
+        atomic_write(args.report, json.dumps({k: dict(v) for k, v in report.items()}, indent=1).encode())
     return 0
 
 
