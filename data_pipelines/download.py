@@ -86,6 +86,8 @@ class ImageRequest:
 def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, retry_failed: bool = False,
               check_sha: bool = True) -> str:
     """Makes sure the image of `request` is cached; returns its outcome ("downloaded", "cached" or a cause)."""
+    if not isinstance(request.url, str):
+        return "bad_url"  # a null image_url in a parquet row: nothing to fetch and no key to record it under
     expected = request.sha256 if check_sha else None
     path = cache.path(request.url)
     if os.path.exists(path):

@@ -116,6 +116,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.raw(b"HTTP/1.0 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: \xb2")
         elif path == "/ra-arabic":
             self.raw(b"HTTP/1.0 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: " + "١".encode())
+        elif path == "/redirect-utf8":  # a Location sent as UTF-8 bytes, as servers do
+            self.raw(b"HTTP/1.0 302 Found\r\nContent-Length: 0\r\nLocation: " + "/good/é x.png?q=ä b".encode())
+        elif path == "/redirect-bad":
+            self.send(302, b"", [("Location", "http://[::1/x")])
         elif path == "/drip-status":
             self.drip(b"HTTP/1.0 200 OK\r\nX-Pad: " + b"a" * 100)
         elif path == "/drip-headers":
@@ -337,6 +341,8 @@ BAD_INPUTS = {
     "space_in_host": ("http://exa mple.com/x.png", "bad_url"),
     "no_host": ("http:///x.png", "bad_url"),
     "bad_ipv6_literal": ("http://[::1/x", "bad_url"),
+    "redirect_to_non_ascii_path": ("{base}/redirect-utf8", "downloaded"),
+    "redirect_to_bad_url": ("{base}/redirect-bad", "bad_url"),
     "content_length_superscript_digits": ("{base}/cl-superscript", "bad_header"),
     "content_length_arabic_digits": ("{base}/cl-arabic", "bad_header"),
     "retry_after_superscript_digits": ("{base}/ra-superscript", "http_429"),  # treated as absent: back-off
@@ -389,7 +395,7 @@ def test_an_unforeseen_error_costs_one_url(server, tmp_path, monkeypatch):
 def test_mixed_batch_cli_downloads_every_good_url_and_writes_its_report(server, tmp_path, capsys):
     good = [f"{server}/good/{i}" for i in range(6)]
     bad = [template.format(base=server) for template, expected in BAD_INPUTS.values() if expected != "downloaded"]
-    urls = [u for pair in itertools.zip_longest(good, bad) for u in pair if u]  # interleaved
+    urls = [u for pair in itertools.zip_longest(good, bad) for u in pair if u] + [None]  # interleaved; a null
     data = tmp_path / "data" / "pixmo-cap" / "data"
     data.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([{"image_url": u, "caption": "c", "transcripts": []} for u in urls]),
@@ -398,7 +404,7 @@ def test_mixed_batch_cli_downloads_every_good_url_and_writes_its_report(server, 
                   "--deadline", "2.5", "--report", str(tmp_path / "report.json")])
     capsys.readouterr()
     counts = json.loads((tmp_path / "report.json").read_text())["pixmo-cap"]
-    assert rc == 0 and counts == {"downloaded": 6, "bad_url": 6, "bad_header": 2, "http_429": 2}
+    assert rc == 0 and counts == {"downloaded": 6, "bad_url": 8, "bad_header": 2, "http_429": 2}
     cache = dl.ImageCache(str(tmp_path / "cache"))
     assert all(cache.lookup(u) for u in good) and all(cache.failure(u) for u in bad)
 
