@@ -28,7 +28,7 @@ No URL can stop the run: every URL ends in exactly one outcome:
     unexpected_error                   -> anything else (type and message in the failure record)
 
 Failures are recorded in `IMAGES/failed/<key>.json` and not retried on the next run unless
-`--retry-failed` is given. Writes are atomic (temporary file + rename), so a killed run leaves no
+`--retry-failed` is given; a cached file that fails the checks is set aside as `failed/<key>.body`. Writes are atomic (temporary file + rename), so a killed run leaves no
 partial image behind, and a resumed run refetches nothing that is already cached.
 """
 import argparse
@@ -96,10 +96,10 @@ def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, ret
         cause = check_image_bytes(body, expected)
         if cause is None:
             return "cached"
-        os.remove(path)  # never leave a bad body where sources would pick it up
+        kept = cache.set_aside(request.url)  # never left where sources would pick it up, never deleted
         if sniff_image(body[:SNIFF_BYTES]) is None and not body.lstrip().startswith(b"<"):
             cause = "cached_failure"  # official downloader wrote its exception text into the file
-        cache.record_failure(request.url, cause, body[:200].decode("utf-8", "replace"))
+        cache.record_failure(request.url, cause, f"set aside as {kept}: {body[:200].decode('utf-8', 'replace')}")
         if not retry_failed:
             return cause
     elif not retry_failed and (record := cache.failure(request.url)) is not None:

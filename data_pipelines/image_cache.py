@@ -57,6 +57,14 @@ class ImageCache:
         os.makedirs(self.root, exist_ok=True)
         return atomic_write(self.path(url), body)
 
+    def set_aside(self, url: str) -> str:
+        """Moves the cached file of `url` to `failed/<key>.body`, out of the sources' sight but kept: it
+        may be the only copy of an image whose URL is dead. Returns the new path."""
+        os.makedirs(self.failed_dir, exist_ok=True)
+        target = os.path.join(self.failed_dir, url_key(url) + ".body")
+        os.replace(self.path(url), target)
+        return target
+
     def failure(self, url: str) -> dict | None:
         try:
             with open(os.path.join(self.failed_dir, url_key(url) + ".json")) as f:

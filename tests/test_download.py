@@ -441,11 +441,14 @@ def test_image_counts_only_when_its_pixels_decode(server, tmp_path, path, cause)
     report = dl.download({"set": [dl.ImageRequest(server + path)]}, cache, CONFIG, progress=False)
     assert report["set"] == {cause: 1} and cache.failure(server + path)["cause"] == cause
     assert cache.lookup(server + path) is None
-    # The same bytes already in the cache (e.g. an official image folder) are refused and removed too.
+    # The same bytes already in the cache (e.g. an official image folder) are refused too, and set aside
+    # where sources do not look, not deleted: the URL may be dead by now.
     with open(cache.path(server + path), "wb") as f:
         f.write(BROKEN[path])
     assert dl.get_image(dl.ImageRequest(server + path), cache, CONFIG) == cause
-    assert not os.path.exists(cache.path(server + path))
+    assert cache.lookup(server + path) is None and not os.path.exists(cache.path(server + path))
+    with open(os.path.join(cache.failed_dir, os.path.basename(cache.path(server + path)) + ".body"), "rb") as f:
+        assert f.read() == BROKEN[path]
 
 
 def test_non_image_body_is_refused_from_its_first_bytes(server, tmp_path):
