@@ -121,14 +121,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/redirect-bad":
             self.send(302, b"", [("Location", "http://[::1/x")])
         elif path == "/drip-status":
-            self.drip(b"HTTP/1.0 200 OK\r\nX-Pad: " + b"a" * 100)
+            self.drip(b"HTTP/1.0 200 OK\r\nX-Pad: " + b"a" * 150)
         elif path == "/drip-headers":
             self.wfile.write(b"HTTP/1.0 200 OK\r\n")
-            self.drip(b"X-Pad: " + b"a" * 100)
+            self.drip(b"X-Pad: " + b"a" * 150)
         elif path == "/drip-chunks":  # one good chunk of image bytes, then a chunk-size line that never ends
             self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                              b"10\r\n" + GOOD["/good/0"][:16] + b"\r\n")
-            self.drip(b"0" * 100)
+            self.drip(b"0" * 150)
         elif path == "/endless-text":  # up to 1 GiB of text, as fast as the client takes it
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -417,8 +417,8 @@ def test_deadline_bounds_status_line_headers_and_chunk_sizes(server, tmp_path):
                          workers=3, progress=False)
     elapsed = time.monotonic() - start
     assert report["drip"] == {"timeout": 3}
-    # The drips last 20 s; a read timeout (0.5 s) never fires between bytes 0.2 s apart.
-    assert elapsed < CONFIG.deadline + 2.0, elapsed
+    # Each drip lasts 30 s, and a read timeout (0.5 s) never fires between bytes 0.2 s apart.
+    assert elapsed < CONFIG.deadline + 3.0, elapsed
 
 
 # Case 8: a refused connection is final for that URL, not retried with back-off.
