@@ -4,10 +4,11 @@
 
 1. Serves `--images` distinct URLs (JPEGs of about 30 kB) from a ThreadingHTTPServer on 127.0.0.1
    and fetches them all into an empty cache with `data_pipelines.download` (`--workers` threads,
-   sha256 + PIL checks on). The rate is bounded by this machine's CPUs (server and client share
+   sha256 + full pixel decode on). The rate is bounded by this machine's CPUs (server and client share
    them), not by the network: a lower bound on the per-host client overhead.
-2. A resumed run over the same URLs (everything cached: reads and verifies the files).
-3. Writes them as a PixMo-AMA-shaped set to ArrayRecord with the TFDS builder and reads every
+2. A resumed run over the same URLs (everything cached: reads, hashes and decodes the files).
+3. `--dead` URLs to a closed port (refused connections, the default FetchConfig).
+4. Writes them as a PixMo-AMA-shaped set to ArrayRecord with the TFDS builder and reads every
    example back in random order through `prepared_source` (what a grain worker does).
 Prints one table.
 """
@@ -17,6 +18,7 @@ import hashlib
 import http.server
 import io
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -72,6 +74,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--dead", type=int, default=1000, help="URLs to a closed port")
     args = parser.parse_args()
     tfds.disable_progress_bar()
     # Distinct bytes per URL (a suffix after the JPEG end marker) so every sha256 differs.
@@ -97,8 +100,20 @@ def main():
         seconds = time.perf_counter() - start
         assert report["bench"]["cached"] == args.images, report
         table.append(("resume, all cached", f"{args.images / seconds:,.0f}", "images/s",
-                      "read + sha256 + PIL verify, 0 requests"))
+                      "read + sha256 + full decode, 0 requests"))
         httpd.shutdown()
+
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()  # nothing listens there now: every connection is refused
+        dead = [dl.ImageRequest(f"http://127.0.0.1:{port}/{i}.jpg") for i in range(args.dead)]
+        start = time.perf_counter()
+        report = dl.download({"dead": dead}, dl.ImageCache(os.path.join(tmp, "dead")), workers=args.workers,
+                             progress=False)
+        seconds = time.perf_counter() - start
+        assert report["dead"]["connection_refused"] == args.dead, report
+        table.append(("closed port", f"{seconds:.2f}", "s", f"{args.dead} URLs refused, {args.workers} workers"))
 
         data = os.path.join(tmp, "data", "pixmo-ask-model-anything", "data")
         os.makedirs(data)

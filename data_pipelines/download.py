@@ -8,279 +8,73 @@ layout of the official Molmo downloader, so an existing Molmo image folder (PIXM
 
 Why not the official loop: one in five PixMo-Cap URLs is dead, some servers answer 429 with a
 Retry-After days in the future (which the official retry adapter honours, so runs hang near the end),
-and others drip bytes forever. Here every image has one total deadline covering connect, body and
-retries; Retry-After above a cap fails fast; bodies are size-capped; only http(s) is followed, with a
-bounded number of redirects. Every URL ends in exactly one outcome:
+and others drip bytes forever. Here (`data_pipelines.fetch`) every image has one total deadline covering
+the whole exchange and the retries; Retry-After above a cap fails fast; a refused connection is not
+retried; bodies are size-capped and refused from their first bytes when they are no image; only http(s)
+is followed, with a bounded number of redirects; URLs are percent-encoded as the official downloader
+sends them. An image counts only when its pixels decode, as `images.load_image` decodes them for training.
+No URL can stop the run: every URL ends in exactly one outcome:
 
     downloaded, cached                 -> the image is in the cache (and matches image_sha256 if known)
     http_<code>                        -> final HTTP status (404, 403, 500 after retries, 429 after retries...)
     retry_after_too_long               -> 429/503 whose Retry-After exceeds the cap
-    timeout, truncated, too_large, too_many_redirects, connection_error, unsupported_scheme
+    timeout, truncated, too_large, too_many_redirects, connection_error, connection_refused
+    bad_url, unsupported_scheme        -> the URL cannot be sent (bad port, host or IPv6 literal; not http)
+    bad_header                         -> a header that cannot be parsed (a Content-Length of non-digits)
     html, not_image, undecodable       -> the body is a web page / not an image / an image PIL cannot open
+    corrupt_image, too_many_pixels     -> pixels do not decode (truncated, broken data) / over load_image's limit
     sha_mismatch                       -> bytes differ from the dataset's image_sha256
     cached_failure                     -> an old official cache file that holds an error text
+    unexpected_error                   -> anything else (type and message in the failure record)
 
 Failures are recorded in `IMAGES/failed/<key>.json` and not retried on the next run unless
-`--retry-failed` is given. Writes are atomic (temporary file + rename), so a killed run leaves no
+`--retry-failed` is given; a cached file that fails the checks is set aside as `failed/<key>.body`. Writes are atomic (temporary file + rename), so a killed run leaves no
 partial image behind, and a resumed run refetches nothing that is already cached.
 """
 import argparse
 import collections
 import concurrent.futures
 import dataclasses
-import email.utils
 import hashlib
-import http.client
-import io
 import itertools
 import json
 import os
-import random
-import socket
-import ssl
 import sys
-import tempfile
-import time
-import urllib.parse
 import warnings
 from typing import Iterable
 
-import PIL.Image
+from data_pipelines import images
+from data_pipelines.fetch import FetchConfig, FetchError, fetch
+from data_pipelines.image_cache import SNIFF_BYTES, ImageCache, atomic_write, sniff_image
+from data_pipelines.sources import pixmo
 
-IMAGE_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
-    (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"\x00\x00\x01\x00", "ico"),
-)
-REDIRECTS = (301, 302, 303, 307, 308)
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 FOUND = ("downloaded", "cached")
+# ImageDecodeError names its cause in the message (see its docstring); the rest is "undecodable".
+DECODE_CAUSES = (("decompression bomb", "too_many_pixels"), ("truncated or corrupt data", "corrupt_image"))
 
 
-def url_key(url: str) -> str:
-    """Cache key of an image URL: sha256 of the URL string (the official Molmo layout)."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()
-
-
-def sniff_image(head: bytes) -> str | None:
-    """Image format from the first bytes, or None. WebP and HEIF/AVIF carry their tag at offset 4-8."""
-    for magic, name in IMAGE_MAGIC:
-        if head.startswith(magic):
-            return name
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"heic", b"heix", b"mif1"):
-        return "heif"
+def refuse_non_image(head: bytes) -> str | None:
+    """"html" or "not_image" when the first bytes of a body are no image signature, else None."""
+    if sniff_image(head[:SNIFF_BYTES]) is None:
+        return "html" if head[:512].lstrip().startswith(b"<") else "not_image"
     return None
 
 
 def check_image_bytes(body: bytes, expected_sha256: str | None = None) -> str | None:
-    """None when `body` is a usable image (and matches `expected_sha256`), else the failure cause."""
+    """None when `body` is an image whose pixels decode within `images.load_image`'s pixel limit (and
+    matches `expected_sha256`), else the failure cause: a truncated JPEG or a PNG with broken compressed
+    data have a valid header, so only a full decode tells (the same one training will do)."""
     if expected_sha256 and hashlib.sha256(body).hexdigest() != expected_sha256.lower():
         return "sha_mismatch"
-    if sniff_image(body[:16]) is None:
-        return "html" if body[:512].lstrip().startswith(b"<") else "not_image"
+    if (cause := refuse_non_image(body)) is not None:
+        return cause
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with PIL.Image.open(io.BytesIO(body)) as image:
-                if min(image.size) <= 0:
-                    return "undecodable"
-                image.verify()
-    except Exception:  # PIL raises many types for corrupt files; all mean the same here
-        return "undecodable"
+            warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings of web images
+            images.load_image(body)
+    except images.ImageDecodeError as e:
+        return next((cause for phrase, cause in DECODE_CAUSES if phrase in str(e)), "undecodable")
     return None
-
-
-class ImageCache:
-    """Flat folder of images keyed by sha256(url), plus `failed/<key>.json` failure records."""
-
-    def __init__(self, root: str):
-        self.root = root
-        self.failed_dir = os.path.join(root, "failed")  # created on the first failure (readers never write)
-
-    def path(self, url: str) -> str:
-        return os.path.join(self.root, url_key(url))
-
-    def lookup(self, url: str) -> str | None:
-        """Path of the cached image of `url`, or None (absent, or an official error-text file)."""
-        path = self.path(url)
-        try:
-            with open(path, "rb") as f:
-                return path if sniff_image(f.read(16)) else None
-        except FileNotFoundError:
-            return None
-
-    def store(self, url: str, body: bytes) -> str:
-        os.makedirs(self.root, exist_ok=True)
-        return _atomic_write(self.path(url), body)
-
-    def failure(self, url: str) -> dict | None:
-        try:
-            with open(os.path.join(self.failed_dir, url_key(url) + ".json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-
-    def record_failure(self, url: str, cause: str, detail: str) -> None:
-        record = {"url": url, "cause": cause, "detail": detail[:500], "time": time.time()}
-        os.makedirs(self.failed_dir, exist_ok=True)
-        _atomic_write(os.path.join(self.failed_dir, url_key(url) + ".json"), json.dumps(record).encode())
-
-    def clear_failure(self, url: str) -> None:
-        try:
-            os.remove(os.path.join(self.failed_dir, url_key(url) + ".json"))
-        except FileNotFoundError:
-            pass
-
-
-def _atomic_write(path: str, data: bytes) -> str:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-@dataclasses.dataclass(frozen=True)
-class FetchConfig:
-    """Limits of one image fetch. `deadline` bounds everything (connect, body, retries, waits)."""
-    connect_timeout: float = 10.0
-    read_timeout: float = 20.0  # longest silence between two chunks of the body
-    deadline: float = 90.0  # total seconds per image, so a slow-drip body cannot hang a worker
-    max_bytes: int = 64 * 2**20
-    max_redirects: int = 5
-    max_attempts: int = 3
-    backoff: float = 1.0  # first retry waits about this long, doubling, jittered
-    max_backoff: float = 30.0
-    max_retry_after: float = 60.0  # a longer Retry-After fails the URL now instead of sleeping
-    verify_tls: bool = True
-    user_agent: str = "molmo-jax-image-downloader/0.1"
-
-    def __post_init__(self):
-        for name in ("connect_timeout", "read_timeout", "deadline", "max_bytes", "max_attempts"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"FetchConfig.{name} must be positive, got {getattr(self, name)!r}")
-
-
-class FetchError(Exception):
-    def __init__(self, cause: str, detail: str = "", retryable: bool = False, retry_after: float | None = None):
-        super().__init__(f"{cause}: {detail}")
-        self.cause, self.detail, self.retryable, self.retry_after = cause, detail, retryable, retry_after
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date), None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def fetch(url: str, config: FetchConfig) -> bytes:
-    """GET `url` with retries on 429/5xx/timeouts/resets; raises FetchError(cause) on failure."""
-    deadline = time.monotonic() + config.deadline
-    for attempt in range(config.max_attempts):
-        try:
-            return _fetch_once(url, config, deadline)
-        except FetchError as e:
-            if e.retry_after is not None and e.retry_after > config.max_retry_after:
-                raise FetchError("retry_after_too_long", f"server asks to wait {e.retry_after:.0f}s "
-                                 f"(cap {config.max_retry_after:.0f}s)") from e
-            if not e.retryable or attempt + 1 == config.max_attempts:
-                raise
-            wait = e.retry_after if e.retry_after is not None else (
-                min(config.backoff * 2**attempt, config.max_backoff) * random.uniform(0.5, 1.0))
-            if time.monotonic() + wait >= deadline:
-                raise FetchError(e.cause, e.detail + "; no time left in the deadline to retry") from e
-            time.sleep(wait)
-    raise AssertionError("the last attempt always returns or raises")
-
-
-def _fetch_once(url: str, config: FetchConfig, deadline: float) -> bytes:
-    seen = {url}
-    for _ in range(config.max_redirects + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError("unsupported_scheme", url[:200])
-        status, headers, body = _request(parts, config, deadline)
-        if status in REDIRECTS and headers.get("location"):
-            url = urllib.parse.urljoin(url, headers["location"])
-            if url in seen:
-                raise FetchError("too_many_redirects", f"redirect loop back to {url[:200]}")
-            seen.add(url)
-            continue
-        if status in RETRY_STATUSES:
-            raise FetchError(f"http_{status}", "", retryable=True,
-                             retry_after=parse_retry_after(headers.get("retry-after")))
-        if status != 200:
-            raise FetchError(f"http_{status}")
-        return body
-    raise FetchError("too_many_redirects", f"more than {config.max_redirects} redirects")
-
-
-def _request(parts, config: FetchConfig, deadline: float) -> tuple[int, dict, bytes]:
-    """One GET; returns (status, lower-cased headers, body). The body is read only for status 200."""
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise FetchError("timeout", "deadline exceeded", retryable=True)
-        return left
-
-    if parts.scheme == "https":
-        context = ssl.create_default_context()
-        if not config.verify_tls:
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=context,
-                                           timeout=min(config.connect_timeout, remaining()))
-    else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port,
-                                          timeout=min(config.connect_timeout, remaining()))
-    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    try:
-        conn.connect()
-        sock = conn.sock  # kept: http.client drops conn.sock once the response owns the connection
-        sock.settimeout(min(config.read_timeout, remaining()))
-        conn.request("GET", path, headers={"User-Agent": config.user_agent, "Accept": "image/*,*/*;q=0.8"})
-        response = conn.getresponse()
-        headers = {k.lower(): v for k, v in response.getheaders()}
-        if response.status != 200:
-            return response.status, headers, b""
-        length = int(headers["content-length"]) if headers.get("content-length", "").isdigit() else None
-        if length is not None and length > config.max_bytes:
-            raise FetchError("too_large", f"Content-Length {length} > {config.max_bytes}")
-        chunks, size = [], 0
-        while True:
-            sock.settimeout(min(config.read_timeout, remaining()))
-            chunk = response.read1(1 << 16)  # read1: returns after one socket read, so deadlines hold
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > config.max_bytes:
-                raise FetchError("too_large", f"body exceeds {config.max_bytes} bytes")
-            chunks.append(chunk)
-        if length is not None and size < length:
-            raise FetchError("truncated", f"got {size} of {length} bytes", retryable=True)
-        return response.status, headers, b"".join(chunks)
-    except FetchError:
-        raise
-    except (socket.timeout, TimeoutError) as e:
-        raise FetchError("timeout", str(e), retryable=True) from e
-    except http.client.IncompleteRead as e:
-        raise FetchError("truncated", repr(e), retryable=True) from e
-    except (OSError, http.client.HTTPException) as e:
-        raise FetchError("connection_error", f"{type(e).__name__}: {e}", retryable=True) from e
-    finally:
-        conn.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +86,8 @@ class ImageRequest:
 def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, retry_failed: bool = False,
               check_sha: bool = True) -> str:
     """Makes sure the image of `request` is cached; returns its outcome ("downloaded", "cached" or a cause)."""
+    if not isinstance(request.url, str):
+        return "bad_url"  # a null image_url in a parquet row: nothing to fetch and no key to record it under
     expected = request.sha256 if check_sha else None
     path = cache.path(request.url)
     if os.path.exists(path):
@@ -300,22 +96,24 @@ def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, ret
         cause = check_image_bytes(body, expected)
         if cause is None:
             return "cached"
-        os.remove(path)  # never leave a bad body where sources would pick it up
-        if sniff_image(body[:16]) is None and not body.lstrip().startswith(b"<"):
+        kept = cache.set_aside(request.url)  # never left where sources would pick it up, never deleted
+        if sniff_image(body[:SNIFF_BYTES]) is None and not body.lstrip().startswith(b"<"):
             cause = "cached_failure"  # official downloader wrote its exception text into the file
-        cache.record_failure(request.url, cause, body[:200].decode("utf-8", "replace"))
+        cache.record_failure(request.url, cause, f"set aside as {kept}: {body[:200].decode('utf-8', 'replace')}")
         if not retry_failed:
             return cause
     elif not retry_failed and (record := cache.failure(request.url)) is not None:
         return record["cause"]
     try:
-        body = fetch(request.url, config)
+        body = fetch(request.url, config, refuse_non_image)
+        cause = check_image_bytes(body, expected)
+        detail = f"{len(body)} bytes starting {body[:40]!r}"
     except FetchError as e:
-        cache.record_failure(request.url, e.cause, e.detail)
-        return e.cause
-    cause = check_image_bytes(body, expected)
+        cause, detail = e.cause, e.detail
+    except Exception as e:  # noqa: BLE001 (an input no rule above foresaw costs this URL, not the run)
+        cause, detail = "unexpected_error", f"{type(e).__name__}: {e}"
     if cause is not None:
-        cache.record_failure(request.url, cause, f"{len(body)} bytes starting {body[:40]!r}")
+        cache.record_failure(request.url, cause, detail)
         return cause
     cache.store(request.url, body)
     cache.clear_failure(request.url)
@@ -407,7 +205,6 @@ def format_report(report: dict[str, collections.Counter]) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from data_pipelines.sources import pixmo
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="folder holding the HF parquet folders (pixmo-cap/, ...)")
     parser.add_argument("--cache-dir", required=True, help="image cache; an existing PIXMO_IMAGE_DIR is reused")
@@ -439,7 +236,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     report = download(datasets, cache, config, args.workers, args.retry_failed, not args.no_check_sha)
     print(format_report(report))
     if args.report:
-        _atomic_write(args.report, json.dumps({k: dict(v) for k, v in report.items()}, indent=1).encode())
+        atomic_write(args.report, json.dumps({k: dict(v) for k, v in report.items()}, indent=1).encode())
     return 0
 
 

@@ -1,28 +1,71 @@
 """Downloader against a real HTTP server on 127.0.0.1 that serves good images and every failure."""
+import ast
 import collections
+import dataclasses
 import email.utils
 import hashlib
 import http.server
 import io
+import itertools
+import json
 import os
 import socket
+import struct
 import threading
 import time
+import zlib
 
+import numpy as np
 import PIL.Image
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from data_pipelines import download as dl
+from data_pipelines import fetch
 
 GOOD = {}
+BROKEN = {}  # bodies whose header reads but whose pixels do not decode, built by the server fixture
+ENDLESS = {"written": 0, "done": threading.Event()}  # what /endless-text managed to send
 
 
 def png(seed: int) -> bytes:
     out = io.BytesIO()
     PIL.Image.new("RGB", (4 + seed % 5, 3), (seed % 256, 7, 9)).save(out, format="PNG")
     return out.getvalue()
+
+
+def noise(fmt: str) -> bytes:
+    out = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    return chunks
+
+
+def png_from_chunks(chunks) -> bytes:
+    """A PNG with valid CRCs, so that only what the chunks hold is wrong."""
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d)) for t, d in chunks)
+
+
+def broken_images() -> dict[str, bytes]:
+    jpeg, chunks = noise("JPEG"), png_chunks(noise("PNG"))
+    return {
+        "/truncated-jpeg": jpeg[:len(jpeg) * 6 // 10],  # served whole (Content-Length fits): only pixels tell
+        "/broken-png": png_from_chunks([(t, d[:10] + bytes(255 - x for x in d[10:60]) + d[60:])
+                                        if t == b"IDAT" else (t, d) for t, d in chunks]),
+        # 12000 x 12000 = 144 megapixels announced by the header, over load_image's limit
+        "/bomb-png": png_from_chunks([(t, struct.pack(">II", 12000, 12000) + d[8:]) if t == b"IHDR" else (t, d)
+                                      for t, d in chunks]),
+    }
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,6 +84,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def raw(self, head: bytes, body: bytes = b""):
+        """Status line and headers as given bytes: what send_header cannot write (non-latin-1 values)."""
+        self.wfile.write(head + b"\r\n\r\n" + body)
+        self.close_connection = True
+
+    def drip(self, data: bytes):
+        """One byte every 0.2 s: each read returns well inside any read timeout, the whole never ends."""
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                time.sleep(0.2)
+        except OSError:  # the client gave up
+            pass
+        self.close_connection = True
+
     def do_GET(self):
         with self.lock:
             self.hits[self.path] += 1
@@ -48,6 +106,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = self.path
         if path.startswith("/good/"):
             self.send(200, GOOD[path], [("Content-Type", "image/png")])
+        elif path in BROKEN:
+            self.send(200, BROKEN[path], [("Content-Type", "image/jpeg")])
+        elif path == "/cl-superscript":  # latin-1 "¹²": str.isdigit() says yes, int() raises
+            self.raw(b"HTTP/1.0 200 OK\r\nContent-Length: \xb9\xb2", GOOD["/good/0"])
+        elif path == "/cl-arabic":
+            self.raw(b"HTTP/1.0 200 OK\r\nContent-Length: " + "١٢".encode(), GOOD["/good/0"])
+        elif path == "/ra-superscript":
+            self.raw(b"HTTP/1.0 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: \xb2")
+        elif path == "/ra-arabic":
+            self.raw(b"HTTP/1.0 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: " + "١".encode())
+        elif path == "/redirect-utf8":  # a Location sent as UTF-8 bytes, as servers do
+            self.raw(b"HTTP/1.0 302 Found\r\nContent-Length: 0\r\nLocation: " + "/good/é x.png?q=ä b".encode())
+        elif path == "/redirect-bad":
+            self.send(302, b"", [("Location", "http://[::1/x")])
+        elif path == "/drip-status":
+            self.drip(b"HTTP/1.0 200 OK\r\nX-Pad: " + b"a" * 150)
+        elif path == "/drip-headers":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            self.drip(b"X-Pad: " + b"a" * 150)
+        elif path == "/drip-chunks":  # one good chunk of image bytes, then a chunk-size line that never ends
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                             b"10\r\n" + GOOD["/good/0"][:16] + b"\r\n")
+            self.drip(b"0" * 150)
+        elif path == "/endless-text":  # up to 1 GiB of text, as fast as the client takes it
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            try:
+                for _ in range(2**14):
+                    self.wfile.write(b"x" * 2**16)
+                    ENDLESS["written"] += 2**16
+            except OSError:
+                pass
+            finally:
+                ENDLESS["done"].set()
+                self.close_connection = True
         elif path == "/404":
             self.send(404, b"not found")
         elif path == "/500":
@@ -64,6 +158,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "100000")
             self.end_headers()
             try:
+                self.wfile.write(GOOD["/good/0"][:16])  # an image's first bytes pass the sniffing
                 for _ in range(600):  # a byte every 50 ms: each read is fast, the whole body never ends
                     self.wfile.write(b"\x00")
                     self.wfile.flush()
@@ -82,6 +177,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send(200, b"\x00\x01binary but not an image")
         elif path == "/corrupt":
             self.send(200, b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+        elif path == "/unidentified":  # an ICO signature PIL cannot make sense of
+            self.send(200, b"\x00\x00\x01\x00" + b"garbage" * 20)
         elif path in ("/loop-a", "/loop-b"):
             self.send(302, b"", [("Location", "/loop-b" if path == "/loop-a" else "/loop-a")])
         elif path == "/moved":
@@ -112,6 +209,10 @@ class Server(http.server.ThreadingHTTPServer):
 def server():
     for i in range(6):
         GOOD[f"/good/{i}"] = png(i)
+    # Paths as the downloader must send them for URLs with spaces, non-ASCII and a stray "%".
+    GOOD["/good/%C3%A9%20x.png?q=%C3%A4%20b"] = png(6)
+    GOOD["/good/already%20escaped%25"] = png(7)
+    BROKEN.update(broken_images())
     httpd = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -149,12 +250,13 @@ def failure_matrix(base):
         (dl.ImageRequest(f"{base}/good/3", wrong), "sha_mismatch"),
         (dl.ImageRequest(f"{base}/html"), "html"),
         (dl.ImageRequest(f"{base}/text"), "not_image"),
-        (dl.ImageRequest(f"{base}/corrupt"), "undecodable"),
+        (dl.ImageRequest(f"{base}/corrupt"), "corrupt_image"),
+        (dl.ImageRequest(f"{base}/unidentified"), "undecodable"),
         (dl.ImageRequest(f"{base}/loop-a"), "too_many_redirects"),
         (dl.ImageRequest(f"{base}/big"), "too_large"),
         (dl.ImageRequest(f"{base}/big-chunked"), "too_large"),
         (dl.ImageRequest("ftp://127.0.0.1/x.png"), "unsupported_scheme"),
-        (dl.ImageRequest(f"http://127.0.0.1:{closed_port()}/x.png"), "connection_error"),
+        (dl.ImageRequest(f"http://127.0.0.1:{closed_port()}/x.png"), "connection_refused"),
     ]
 
 
@@ -196,10 +298,12 @@ def test_official_cache_is_reused(server, tmp_path):
 
 
 def test_retry_after_forms():
-    assert dl.parse_retry_after("120") == 120.0
-    assert dl.parse_retry_after(email.utils.formatdate(1000.0 + 30, usegmt=True), now=1000.0) == pytest.approx(30)
-    assert dl.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=2e9) == 0.0
-    assert dl.parse_retry_after("soon") is None and dl.parse_retry_after(None) is None
+    assert fetch.parse_retry_after("120") == 120.0
+    assert fetch.parse_retry_after(email.utils.formatdate(1000.0 + 30, usegmt=True), now=1000.0) == pytest.approx(30)
+    assert fetch.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=2e9) == 0.0
+    assert fetch.parse_retry_after("soon") is None and fetch.parse_retry_after(None) is None
+    # Digits other than ASCII: "²" passes str.isdigit() and makes float() raise, "١" float() would take.
+    assert fetch.parse_retry_after("²") is None and fetch.parse_retry_after("١") is None
 
 
 def test_mirror_import_and_cli_report(server, tmp_path, capsys):
@@ -225,3 +329,163 @@ def test_mirror_import_and_cli_report(server, tmp_path, capsys):
     assert Handler.hits["/good/1"] == before["/good/1"]  # came from the mirror
     with pytest.raises(SystemExit):
         dl.main(["--data-dir", "x", "--cache-dir", str(tmp_path), "--sets", "pixmo-nope"])
+
+
+# Case 6: no URL and no header can raise out of download(); each is counted by cause and the run goes on.
+BAD_INPUTS = {
+    "non_ascii_path": ("{base}/good/é x.png?q=ä b", "downloaded"),  # sent percent-encoded (case 8)
+    "stray_percent": ("{base}/good/already%20escaped%", "downloaded"),
+    "port_out_of_range": ("http://127.0.0.1:99999/x.png", "bad_url"),
+    "port_not_a_number": ("http://127.0.0.1:abc/x.png", "bad_url"),
+    "empty_host_label": ("http://a..b/x.png", "bad_url"),
+    "space_in_host": ("http://exa mple.com/x.png", "bad_url"),
+    "no_host": ("http:///x.png", "bad_url"),
+    "bad_ipv6_literal": ("http://[::1/x", "bad_url"),
+    "redirect_to_non_ascii_path": ("{base}/redirect-utf8", "downloaded"),
+    "redirect_to_bad_url": ("{base}/redirect-bad", "bad_url"),
+    "content_length_superscript_digits": ("{base}/cl-superscript", "bad_header"),
+    "content_length_arabic_digits": ("{base}/cl-arabic", "bad_header"),
+    "retry_after_superscript_digits": ("{base}/ra-superscript", "http_429"),  # treated as absent: back-off
+    "retry_after_arabic_digits": ("{base}/ra-arabic", "http_429"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_url_or_header_is_counted_and_the_run_goes_on(server, tmp_path, name):
+    template, expected = BAD_INPUTS[name]
+    url, good = template.format(base=server), f"{server}/good/2"
+    cache = dl.ImageCache(str(tmp_path))
+    report = dl.download({"set": [dl.ImageRequest(url), dl.ImageRequest(good)]}, cache, CONFIG, progress=False)
+    assert report["set"] == ({"downloaded": 2} if expected == "downloaded" else {expected: 1, "downloaded": 1})
+    assert cache.lookup(good) is not None
+    if expected == "downloaded":
+        assert cache.lookup(url) is not None  # the cache key stays sha256 of the URL as the dataset spells it
+    else:
+        assert cache.failure(url)["cause"] == expected and cache.lookup(url) is None
+
+
+def test_urls_are_percent_encoded_as_the_official_downloader_sends_them(server, tmp_path):
+    assert fetch.encode_url_part("/a b/é.png") == "/a%20b/%C3%A9.png"
+    assert fetch.encode_url_part("/x%20y%zz%") == "/x%20y%25zz%25"  # escapes kept, stray "%" encoded
+    assert fetch.encode_url_part("/p;q=1,2&r=[~]!*'()$@:+") == "/p;q=1,2&r=[~]!*'()$@:+"  # RFC 3986 delimiters
+    assert fetch.parse_url("http://bücher.example/ü").host == "xn--bcher-kva.example"
+    assert fetch.parse_url("http://[::1]:8080/").host == "[::1]"
+    before = Handler.hits.copy()
+    dl.download({"set": [dl.ImageRequest(f"{server}/good/é x.png?q=ä b")]}, dl.ImageCache(str(tmp_path)), CONFIG,
+                progress=False)
+    assert Handler.hits["/good/%C3%A9%20x.png?q=%C3%A4%20b"] == before["/good/%C3%A9%20x.png?q=%C3%A4%20b"] + 1
+
+
+def test_an_unforeseen_error_costs_one_url(server, tmp_path, monkeypatch):
+    real = fetch._request
+
+    def request(target, *args):
+        if target.path == "/good/3":
+            raise KeyError("something no rule names")
+        return real(target, *args)
+
+    monkeypatch.setattr(fetch, "_request", request)
+    cache = dl.ImageCache(str(tmp_path))
+    bad, good = f"{server}/good/3", f"{server}/good/4"
+    report = dl.download({"set": [dl.ImageRequest(bad), dl.ImageRequest(good)]}, cache, CONFIG, progress=False)
+    assert report["set"] == {"unexpected_error": 1, "downloaded": 1}
+    assert "KeyError" in cache.failure(bad)["detail"]
+
+
+def test_mixed_batch_cli_downloads_every_good_url_and_writes_its_report(server, tmp_path, capsys):
+    good = [f"{server}/good/{i}" for i in range(6)]
+    bad = [template.format(base=server) for template, expected in BAD_INPUTS.values() if expected != "downloaded"]
+    urls = [u for pair in itertools.zip_longest(good, bad) for u in pair if u] + [None]  # interleaved; a null
+    data = tmp_path / "data" / "pixmo-cap" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"image_url": u, "caption": "c", "transcripts": []} for u in urls]),
+                   data / "train-00000-of-00001.parquet")
+    rc = dl.main(["--data-dir", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--workers", "4",
+                  "--deadline", "2.5", "--report", str(tmp_path / "report.json")])
+    capsys.readouterr()
+    counts = json.loads((tmp_path / "report.json").read_text())["pixmo-cap"]
+    assert rc == 0 and counts == {"downloaded": 6, "bad_url": 8, "bad_header": 2, "http_429": 2}
+    cache = dl.ImageCache(str(tmp_path / "cache"))
+    assert all(cache.lookup(u) for u in good) and all(cache.failure(u) for u in bad)
+
+
+# Case 7: the deadline bounds the whole exchange, not only the body.
+def test_deadline_bounds_status_line_headers_and_chunk_sizes(server, tmp_path):
+    urls = [f"{server}/drip-status", f"{server}/drip-headers", f"{server}/drip-chunks"]
+    start = time.monotonic()
+    report = dl.download({"drip": [dl.ImageRequest(u) for u in urls]}, dl.ImageCache(str(tmp_path)), CONFIG,
+                         workers=3, progress=False)
+    elapsed = time.monotonic() - start
+    assert report["drip"] == {"timeout": 3}
+    # Each drip lasts 30 s, and a read timeout (0.5 s) never fires between bytes 0.2 s apart.
+    assert elapsed < CONFIG.deadline + 3.0, elapsed
+
+
+# Case 8: a refused connection is final for that URL, not retried with back-off.
+def test_closed_port_is_not_retried(tmp_path):
+    port = closed_port()
+    requests = [dl.ImageRequest(f"http://127.0.0.1:{port}/{i}.png") for i in range(200)]
+    config = dl.FetchConfig()  # the defaults: 3 attempts, back-off from 1 s
+    start = time.monotonic()
+    report = dl.download({"dead": requests}, dl.ImageCache(str(tmp_path)), config, workers=16, progress=False)
+    assert report["dead"] == {"connection_refused": 200}
+    # Back-off alone would take >= 200 / 16 workers x (0.5 + 1.0) s = 18.75 s.
+    assert time.monotonic() - start < 6.0
+
+
+# Case 9: an image counts only when its pixels decode; a non-image body is refused from its first bytes.
+@pytest.mark.parametrize("path, cause", [("/truncated-jpeg", "corrupt_image"), ("/broken-png", "corrupt_image"),
+                                         ("/bomb-png", "too_many_pixels")])
+def test_image_counts_only_when_its_pixels_decode(server, tmp_path, path, cause):
+    cache = dl.ImageCache(str(tmp_path))
+    report = dl.download({"set": [dl.ImageRequest(server + path)]}, cache, CONFIG, progress=False)
+    assert report["set"] == {cause: 1} and cache.failure(server + path)["cause"] == cause
+    assert cache.lookup(server + path) is None
+    # The same bytes already in the cache (e.g. an official image folder) are refused too, and set aside
+    # where sources do not look, not deleted: the URL may be dead by now.
+    with open(cache.path(server + path), "wb") as f:
+        f.write(BROKEN[path])
+    assert dl.get_image(dl.ImageRequest(server + path), cache, CONFIG) == cause
+    assert cache.lookup(server + path) is None and not os.path.exists(cache.path(server + path))
+    with open(os.path.join(cache.failed_dir, os.path.basename(cache.path(server + path)) + ".body"), "rb") as f:
+        assert f.read() == BROKEN[path]
+
+
+def test_non_image_body_is_refused_from_its_first_bytes(server, tmp_path):
+    config = dataclasses.replace(CONFIG, max_bytes=2**31)  # only the sniffing can stop this body
+    report = dl.download({"set": [dl.ImageRequest(f"{server}/endless-text")]}, dl.ImageCache(str(tmp_path)), config,
+                         progress=False)
+    assert report["set"] == {"not_image": 1}
+    assert ENDLESS["done"].wait(10)
+    # The server stops when the client hangs up: what it wrote fits in the two sockets' buffers.
+    assert ENDLESS["written"] < 32 * 2**20, ENDLESS["written"]
+
+
+def project_imports(module: str) -> tuple[set[str], set[str]]:
+    """(data_pipelines modules imported at the top of `module`, those imported inside a function)."""
+    root = os.path.dirname(os.path.dirname(dl.__file__))
+    tree = ast.parse(open(os.path.join(root, *module.split(".")) + ".py").read())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    top, inner = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            package = os.path.isdir(os.path.join(root, *node.module.split(".")))  # "from package import module"
+            names = {node.module + "." + a.name if package else node.module for a in node.names}
+        else:
+            continue
+        (inner if id(node) in nested else top).update(n for n in names if n.startswith("data_pipelines"))
+    return top, inner
+
+
+def test_imports_run_one_way():
+    """image_cache and fetch <- sources.pixmo <- download: no cycle, none hidden inside a function."""
+    graph = {m: project_imports(m) for m in ("data_pipelines.image_cache", "data_pipelines.fetch",
+                                             "data_pipelines.sources.pixmo", "data_pipelines.download")}
+    assert all(not inner for _, inner in graph.values())
+    assert graph["data_pipelines.image_cache"][0] == set() and graph["data_pipelines.fetch"][0] == set()
+    assert graph["data_pipelines.sources.pixmo"][0] == {"data_pipelines.image_cache"}
+    assert graph["data_pipelines.download"][0] == {"data_pipelines.fetch", "data_pipelines.image_cache",
+                                                   "data_pipelines.images", "data_pipelines.sources.pixmo"}

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipelines.download import ImageCache
+from data_pipelines.image_cache import ImageCache
 from data_pipelines.sources import pixmo
 
 XY = pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64())]))

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipelines.download import ImageCache
+from data_pipelines.image_cache import ImageCache
 
 URL_SETS = ("pixmo-cap", "pixmo-ask-model-anything", "pixmo-cap-qa", "pixmo-points",
             "pixmo-point-explanations", "pixmo-count", "pixmo-points-eval")
