@@ -153,8 +153,8 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     path = pathlib.Path(src)
     try:
       data = path.read_bytes()  # decoding from memory leaves no file handle open
-    except OSError as e:
-      raise ImageDecodeError(f"{name}: unreadable file ({e.strerror})") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the path
+      raise ImageDecodeError(f"{name}: unreadable file ({getattr(e, 'strerror', None) or e})") from e
     if not data:
       raise ImageDecodeError(f"{name}: empty input (0-byte file)")
     return _decode(io.BytesIO(data), name, max_pixels)
@@ -172,7 +172,7 @@ def image_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
   name = _describe(path)
   try:
     file = open(path, "rb")
-  except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the path
     raise ImageDecodeError(f"{name}: unreadable file ({getattr(e, 'strerror', None) or e})") from e
   with file:
     try:
