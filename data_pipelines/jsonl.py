@@ -71,8 +71,8 @@ def read_lines(path: str) -> Iterator[tuple[int, Any, str | None]]:
             for number, raw in enumerate(f, 1):
                 if number == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw = raw[len(codecs.BOM_UTF8):]
-                if raw.strip():
-                    yield number, *parse_line(raw)
+                if raw.strip():  # without its line ending, so that a column in a message is right
+                    yield number, *parse_line(raw.rstrip(b"\r\n"))
     except OSError as e:
         raise UnreadableFile(f"{path}: cannot read: {e.strerror or e}") from e
 
