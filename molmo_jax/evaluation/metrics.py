@@ -85,13 +85,10 @@ def _strings(record: Mapping[str, Any], *names: str, allow_empty: bool = True) -
     return list(value)
 
 
-def _references(record: Mapping[str, Any], *names: str, allow_empty: bool = True) -> list[str]:
-    return _strings(record, *names, allow_empty=allow_empty)
-
-
 def _points(record: Mapping[str, Any], *names: str) -> list:
-    """A list of [x, y] pairs of finite numbers."""
+    """A list of [x, y] pairs of finite numbers (a float[N, 2] array from a library caller too)."""
     value = _field(record, *names)
+    value = value.tolist() if isinstance(value, np.ndarray) else value
     name = _name(record, names)
     if not isinstance(value, (list, tuple)):
         raise RecordError(name, f"expected a list of [x, y] points, got {show(value)}")
@@ -116,27 +113,27 @@ def _prediction(record: Mapping[str, Any]) -> str:
 
 def _vqa(record, masks):
     pred = _prediction(record)
-    return {"score": vqa_metrics.vqa_score(_references(record, "references", "answers"), pred),
+    return {"score": vqa_metrics.vqa_score(_strings(record, "references", "answers"), pred),
             "parsed_prediction": vqa_metrics.preprocess_answer(pred)}
 
 
 def _anls(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers", allow_empty=False)
+    references = _strings(record, "references", "answers", allow_empty=False)
     return {"score": max(vqa_metrics.anls(ref, pred) for ref in references),
             "em": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _relaxed(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers", "target", allow_empty=False)
+    references = _strings(record, "references", "answers", "target", allow_empty=False)
     return {"score": float(max(vqa_metrics.relaxed_correctness(ref, pred) for ref in references)),
             "em": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _exact_match(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers")
+    references = _strings(record, "references", "answers")
     return {"score": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
@@ -157,7 +154,7 @@ def _multiple_choice(record, masks):
 
 def _a_okvqa(record, masks):
     pred = _prediction(record)
-    return {"score": vqa_metrics.a_okvqa_score(_references(record, "references", "answers"), pred),
+    return {"score": vqa_metrics.a_okvqa_score(_strings(record, "references", "answers"), pred),
             "parsed_prediction": pred}
 
 
@@ -194,6 +191,7 @@ def _clock(record, masks):
 def _pointing(record, masks):
     gt_points = _points(record, "gt_points_px", "points")
     image_wh = _field(record, "image_wh", "image_size")
+    image_wh = image_wh.tolist() if isinstance(image_wh, np.ndarray) else image_wh
     if not (isinstance(image_wh, (list, tuple)) and len(image_wh) == 2
             and all(_finite(v) and v >= 1 for v in image_wh)):
         raise RecordError(_name(record, ("image_wh", "image_size")),
