@@ -4,10 +4,13 @@ Every command that reads a user's JSONL (custom training data, predictions to sc
 with `read_lines`: a line that is not UTF-8, not JSON, holds an integer longer than Python
 converts (4300 digits), or nests deeper than `MAX_DEPTH` is yielded as a problem and reading goes
 on, so one report can name every bad line. Only a file that cannot be read at all raises
-(`UnreadableFile`). `show` gives a short, safe repr of a hostile value for such reports.
+(`UnreadableFile`). `show` gives a short, safe repr of a hostile value for such reports;
+`is_finite_number` tells a usable number from a bool, a NaN or a 400-digit integer.
 """
 import codecs
 import json
+import math
+import numbers
 import reprlib
 import sys
 from typing import Any, Iterator, TextIO
@@ -27,6 +30,16 @@ class UnreadableFile(ValueError):
 def show(value: Any) -> str:
     """A repr of `value` of at most a few lines' length, whatever its size or depth."""
     return _SHORT.repr(value)
+
+
+def is_finite_number(value: Any) -> bool:
+    """A finite number, not a bool (a JSON integer too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def depth(value: Any) -> int:

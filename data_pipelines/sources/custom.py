@@ -28,8 +28,6 @@ a good header is skipped by the pipeline, logged and counted as `corrupt_image` 
 """
 import collections
 import dataclasses
-import json
-import math
 import os
 import re
 import sys
@@ -37,7 +35,7 @@ import sys
 import numpy as np
 
 from data_pipelines import images
-from data_pipelines.jsonl import UnreadableFile, print_line, read_lines, show
+from data_pipelines.jsonl import UnreadableFile, is_finite_number, print_line, read_lines, show
 
 DEFAULT_STYLES = {"caption": "long_caption", "qa": "user_qa", "multiple_choice": "a_okvqa_mc",
                   "points": "pointing", "messages": "user_qa"}
@@ -73,16 +71,6 @@ def _kind(obj: dict) -> list[str]:
     if "question" in obj or "answer" in obj or "options" in obj:
         kinds.append("multiple_choice" if "options" in obj or "answer_idx" in obj else "qa")
     return kinds
-
-
-def _is_number(value) -> bool:
-    """A finite JSON number (not a bool; an integer too big for a float is not one)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def check_annotation(obj: dict, prefix: str = "", image_hw: tuple[int, int] | None = None
@@ -139,7 +127,7 @@ def check_annotation(obj: dict, prefix: str = "", image_hw: tuple[int, int] | No
             bad("points", f"expected a list of [x, y] (may be empty: not in the image), got {show(points)}")
         else:
             for i, p in enumerate(points):
-                if not (isinstance(p, list) and len(p) == 2 and all(_is_number(v) for v in p)):
+                if not (isinstance(p, list) and len(p) == 2 and all(is_finite_number(v) for v in p)):
                     bad(f"points[{i}]", f"expected [x, y] numbers, got {show(p)}")
                 elif units == "percent" and not (0 <= p[0] <= 100 and 0 <= p[1] <= 100):
                     bad(f"points[{i}]", f"{p} outside 0..100 percent")
@@ -275,7 +263,7 @@ def _check_line(obj: dict, root: str, sizes: _ImageSizes) -> list[tuple[str, str
         if problem:
             problems.append(("image", problem))
     weight = obj.get("weight", 1.0)
-    if not (_is_number(weight) and weight > 0):
+    if not (is_finite_number(weight) and weight > 0):
         problems.append(("weight", f"expected a positive number, got {show(weight)}"))
     if "annotations" in obj:
         annotations = obj["annotations"]

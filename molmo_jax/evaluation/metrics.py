@@ -20,14 +20,13 @@ Metric -> record fields (an alternative name in parentheses):
   math_vista (no-judge fallback):         prediction, answer, question_type, answer_type,
                                           choices, precision
 """
-import math
 import numbers
 import random
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from data_pipelines.jsonl import show
+from data_pipelines.jsonl import is_finite_number, show
 from molmo_jax.evaluation import counting, mathvista, mmmu, pointing, vqa_metrics
 
 
@@ -93,18 +92,9 @@ def _points(record: Mapping[str, Any], *names: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise RecordError(name, f"expected a list of [x, y] points, got {show(value)}")
     for i, point in enumerate(value):
-        if not (isinstance(point, (list, tuple)) and len(point) == 2 and all(_finite(v) for v in point)):
+        if not (isinstance(point, (list, tuple)) and len(point) == 2 and all(is_finite_number(v) for v in point)):
             raise RecordError(f"{name}[{i}]", f"expected [x, y] numbers, got {show(point)}")
     return value
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _prediction(record: Mapping[str, Any]) -> str:
@@ -193,7 +183,7 @@ def _pointing(record, masks):
     image_wh = _field(record, "image_wh", "image_size")
     image_wh = image_wh.tolist() if isinstance(image_wh, np.ndarray) else image_wh
     if not (isinstance(image_wh, (list, tuple)) and len(image_wh) == 2
-            and all(_finite(v) and v >= 1 for v in image_wh)):
+            and all(is_finite_number(v) and v >= 1 for v in image_wh)):
         raise RecordError(_name(record, ("image_wh", "image_size")),
                           f"expected [width, height] in pixels, got {show(image_wh)}")
     if "masks" in record:
