@@ -13,6 +13,7 @@ Two jobs, both numpy-only (this module runs in data-loader worker processes):
 import io
 import os
 import pathlib
+import struct
 import warnings
 from typing import Any
 
@@ -87,6 +88,14 @@ def _to_rgb(img: Image.Image) -> Image.Image | np.ndarray:
   return img.convert("RGB")  # L, LA, P, PA, RGBA, RGBX, CMYK, YCbCr, 1, ... (alpha dropped)
 
 
+def _check_size(w: int, h: int, name: str, max_pixels: int) -> None:
+  if w <= 0 or h <= 0:
+    raise ImageDecodeError(f"{name}: zero-size image ({w}x{h})")
+  if w * h > max_pixels:
+    raise ImageDecodeError(
+        f"{name}: decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+
+
 def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
   try:
     with warnings.catch_warnings():
@@ -94,11 +103,7 @@ def _decode(data: Any, name: str, max_pixels: int) -> np.ndarray:
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       img = Image.open(data)
       w, h = img.size
-      if w <= 0 or h <= 0:
-        raise ImageDecodeError(f"{name}: zero-size image ({w}x{h})")
-      if w * h > max_pixels:
-        raise ImageDecodeError(
-            f"{name}: decompression bomb: {w}x{h} = {w * h} pixels > max_pixels={max_pixels}")
+      _check_size(w, h, name, max_pixels)
       _allow_single_block(w * h * 4)
       img.load()  # first frame of animated files
       ImageOps.exif_transpose(img, in_place=True)  # the copying form copies even when upright
@@ -148,12 +153,42 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     path = pathlib.Path(src)
     try:
       data = path.read_bytes()  # decoding from memory leaves no file handle open
-    except OSError as e:
-      raise ImageDecodeError(f"{name}: unreadable file ({e.strerror})") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the path
+      raise ImageDecodeError(f"{name}: unreadable file ({getattr(e, 'strerror', None) or e})") from e
     if not data:
       raise ImageDecodeError(f"{name}: empty input (0-byte file)")
     return _decode(io.BytesIO(data), name, max_pixels)
   raise ImageDecodeError(f"{name}: unsupported input type {type(src).__name__}")
+
+
+def image_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+  """(height, width) of the pixels `load_image(path)` returns, read from the file's header only.
+
+  Cheap (no pixel data is decoded), so a data file of many images can be checked at start-up:
+  EXIF orientation is applied as `load_image` does, and a missing file, a non-image, a zero-size
+  image or a decompression bomb raise the same ImageDecodeError. Broken pixel data behind a
+  good header is found only by `load_image`.
+  """
+  name = _describe(path)
+  try:
+    file = open(path, "rb")
+  except (OSError, ValueError) as e:  # ValueError: a NUL byte or a lone surrogate in the path
+    raise ImageDecodeError(f"{name}: unreadable file ({getattr(e, 'strerror', None) or e})") from e
+  with file:
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(file) as img:
+          w, h = img.size
+          orientation = img.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+    except UnidentifiedImageError as e:
+      raise ImageDecodeError(f"{name}: not an image (unrecognised format, or a header PIL rejects)") from e
+    except Image.DecompressionBombError as e:
+      raise ImageDecodeError(f"{name}: decompression bomb: {e}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error) as e:
+      raise ImageDecodeError(f"{name}: truncated or corrupt data ({type(e).__name__}: {e})") from e
+  _check_size(w, h, name, max_pixels)
+  return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # these orientations swap the axes
 
 
 def _check_array(arr: np.ndarray, name: str, max_pixels: int) -> np.ndarray:

@@ -96,7 +96,7 @@ def test_bad_lines_reported_with_line_field_problem(folder):
                      (12, "weight"), (13, "weight"), (14, "-")}
     message = str(info.value)
     assert "bad.jsonl:6: points[1]: expected [x, y] numbers, got [3]" in message
-    assert "bad.jsonl:3: image: file not found" in message and "13 problem(s)" in message
+    assert "missing.jpg: unreadable file (No such file or directory)" in message and "13 problem(s)" in message
 
 
 def test_check_command(folder, capsys):
@@ -106,6 +106,117 @@ def test_check_command(folder, capsys):
     assert f"{path}:3: -: no annotation" in out and "1 images, 2 annotations" in out
 
 
+def broken_images(folder):
+    """imgs/truncated.jpg: a good header, pixel data cut off; imgs/html.jpg: not an image."""
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), np.uint8)
+    PIL.Image.fromarray(noise).save(folder / "imgs" / "full.jpg")
+    data = (folder / "imgs" / "full.jpg").read_bytes()
+    (folder / "imgs" / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "imgs" / "html.jpg").write_bytes(b"<html>404</html>")
+
+
+def write_hostile(folder):
+    broken_images(folder)
+    lines = [
+        json.dumps({"image": "imgs/cat.jpg", "caption": "ok"}).encode(),                       # 1 fine
+        b'{"image": "imgs/cat.jpg", "caption": "caf\xe9 \xff"}',                             # 2
+        b'{"image": "imgs/cat.jpg", "label": "ear", "points": [[' + b"9" * 400 + b', 2]]}',    # 3
+        b'{"image": "imgs/cat.jpg", "caption": "x", "weight": ' + b"9" * 400 + b"}",           # 4
+        b'{"image": "imgs/cat.jpg", "caption": "x", "id": ' + b"9" * 5000 + b"}",              # 5
+        b'{"image": "imgs/cat.jpg", "caption": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",     # 6
+        b'{"image": "imgs/cat.jpg", "caption": "x", "id": ' + b"[" * 70 + b"]" * 70 + b"}",    # 7
+        json.dumps({"image": "imgs/cat.jpg", "label": "ear", "points": [[5000, 10]]}).encode(),  # 8
+        json.dumps({"image": "imgs/cat.jpg", "label": "ear", "points": [[40, 30], [10, 31]]}).encode(),  # 9
+        json.dumps({"image": "imgs/cat.jpg", "label": "ear", "points": [[-0.5, 101]],
+                    "point_units": "percent"}).encode(),                                      # 10
+        json.dumps({"image": "imgs/truncated.jpg", "caption": "x"}).encode(),                   # 11
+        json.dumps({"image": "imgs/html.jpg", "caption": "x"}).encode(),                        # 12
+        b'{"image": "imgs/\ud800.jpg", "caption": "x"}',                                      # 13
+        json.dumps({"image": "imgs/dog.png", "label": "dog", "points": [[20, 20]]}).encode(),   # 14 fine
+    ]
+    path = folder / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def test_check_command_reports_hostile_lines_and_goes_on(folder, capsys):
+    """Every problem is `file:line: field: reason`, the check goes on, exits 1 and counts."""
+    path = write_hostile(folder)
+    assert custom.main([path]) == 1
+    out = capsys.readouterr().out
+    expected = [
+        "2: -: not UTF-8: byte 0xe9",
+        "3: points[0]: expected [x, y] numbers, got [9999",
+        "4: weight: expected a positive number, got 9999",
+        "5: -: invalid JSON: Exceeds the limit (4300 digits)",
+        "6: -: invalid JSON: nested deeper than 64 levels",
+        "7: -: invalid JSON: nested deeper than 64 levels",
+        "8: points[0]: [5000, 10] outside the 40x30 image",
+        "9: points[1]: [10, 31] outside the 40x30 image",
+        "10: points[0]: [-0.5, 101] outside 0..100 percent",
+        "11: image: " + str(folder / "imgs" / "truncated.jpg") + ": truncated or corrupt data",
+        "12: image: " + str(folder / "imgs" / "html.jpg") + ": not an image",
+        "13: image: " + str(folder / "imgs") + "/\\ud800.jpg: unreadable file",
+    ]
+    for line in expected:
+        assert f"{path}:{line}" in out, line
+    assert out.count(f"{path}:") == len(expected) + 1  # one problem per bad line, then the summary
+    assert (f"{path}: 14 lines, 2 accepted, 12 rejected; 2 images, 2 annotations "
+            "{'long_caption': 1, 'pointing': 1}; 12 problem(s)") in out
+
+
+def test_training_source_refuses_hostile_file_at_start(folder):
+    """CustomSource lists the same problems before any example is read; it reads image headers
+    only, so the truncated pixel data of line 11 is left to the pipeline (skipped, counted)."""
+    with pytest.raises(custom.CustomDataError) as info:
+        custom.CustomSource(write_hostile(folder))
+    assert sorted({e.line for e in info.value.errors}) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13]
+
+
+def test_check_command_as_a_process_prints_no_traceback(folder):
+    import subprocess
+    import sys
+    path = write_hostile(folder)
+    done = subprocess.run([sys.executable, "-m", "data_pipelines.sources.custom", path, str(folder / "none.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert f"{folder / 'none.jsonl'}:0: -: cannot read: No such file or directory" in done.stdout
+
+
+def test_check_command_whole_file_problems(folder, capsys):
+    """Missing, a folder, empty, blank lines only, a broken parquet: line 0, exit 1, next file checked."""
+    (folder / "empty.jsonl").write_bytes(b"")
+    (folder / "blank.jsonl").write_bytes(b"\n  \n\t\n")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really")
+    good = write_jsonl(folder / "good.jsonl", GOOD[:1])
+    paths = [str(folder / n) for n in ("missing.jsonl", "imgs", "empty.jsonl", "blank.jsonl", "broken.parquet")]
+    assert custom.main(paths + [good]) == 1
+    out = capsys.readouterr().out
+    assert f"{paths[0]}:0: -: cannot read: No such file or directory" in out
+    assert f"{paths[1]}:0: -: cannot read: Is a directory" in out
+    assert f"{paths[2]}:0: -: no examples: the file is empty" in out
+    assert f"{paths[3]}:0: -: no examples: the file is empty" in out
+    assert f"{paths[4]}:0: -: cannot read as parquet:" in out
+    assert f"{good}: 1 lines, 1 accepted, 0 rejected; 1 images, 1 annotations" in out and f"{good}:0" not in out
+    assert custom.main([good]) == 0
+    with pytest.raises(custom.CustomDataError, match="empty.jsonl:0: -: no examples"):
+        custom.CustomSource(paths[2])
+
+
+def test_check_command_parquet_rows(folder, capsys):
+    broken_images(folder)
+    rows = [{"image": "imgs/cat.jpg", "label": "ear", "points": [[5000.0, 10.0]], "caption": None},
+            {"image": "imgs/truncated.jpg", "label": None, "points": None, "caption": "x"},
+            {"image": "imgs/dog.png", "label": "dog", "points": [[1.0, 2.0]], "caption": None}]
+    path = folder / "data.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert custom.main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:1: points[0]: [5000.0, 10.0] outside the 40x30 image" in out
+    assert f"{path}:2: image: {folder / 'imgs' / 'truncated.jpg'}: truncated or corrupt data" in out
+    assert f"{path}: 3 lines, 1 accepted, 2 rejected" in out
+
+
 def test_custom_file_feeds_the_training_pipeline(folder, golden_dir):
     """`--config.data.mixture=custom --config.data.custom=FILE` (docs/custom_data.md) gives batches."""
     import ml_collections
@@ -113,7 +224,9 @@ def test_custom_file_feeds_the_training_pipeline(folder, golden_dir):
     from data_pipelines import pipeline
     from data_pipelines.tokenizer import load_tokenizer
 
-    path = write_jsonl(folder / "data.jsonl", GOOD)
+    # A good header over broken pixel data passes the start-up check; the pipeline skips it, counted.
+    broken_images(folder)
+    path = write_jsonl(folder / "data.jsonl", GOOD + [{"image": "imgs/truncated.jpg", "caption": "x"}])
     config = ml_collections.ConfigDict(dict(
         stage="sft",
         model=dict(vision=dict(image_size=(112, 112), patch_size=14), connector=dict(pool_h=2),
@@ -123,13 +236,15 @@ def test_custom_file_feeds_the_training_pipeline(folder, golden_dir):
                   overlap_margins=(2, 2), prefetch=1)))
     it = iter(pipeline.make_pipeline(config, tokenizer=load_tokenizer(golden_dir / "molmo-7b-d-hf")))
     try:
-        batch = next(it)
+        batches = [next(it) for _ in range(3)]
     finally:
         it.close()
-    assert batch["input_ids"].shape == (2, 512)
-    assert (batch["loss_masks"] > 0).any()
-    # every example has an image: crop 0 (the global crop) is real in both rows
-    assert (batch["images"][:, 0] != -1).any(axis=(-1, -2)).all()
+    for batch in batches:
+        assert batch["input_ids"].shape == (2, 512)
+        assert (batch["loss_masks"] > 0).any()
+        # every example has an image: crop 0 (the global crop) is real in both rows
+        assert (batch["images"][:, 0] != -1).any(axis=(-1, -2)).all()
+    assert it.stats.skipped["corrupt_image"] >= 1 and it.stats.examples == 6
 
     config.data.custom = ""
     with pytest.raises(ValueError, match="config.data.custom"):

@@ -133,6 +133,32 @@ def test_bad_file_corpus(rgb, tmp_path):
     images.load_image(tmp_path / "missing.jpg")
 
 
+def test_image_size_from_the_header(rgb, tmp_path):
+  """image_size: the shape load_image returns (EXIF applied), the same errors, no pixel decode."""
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  rotated = tmp_path / "rotated.jpg"
+  rotated.write_bytes(_encode(Image.fromarray(rgb), "JPEG", exif=exif.tobytes()))
+  assert images.image_size(rotated) == images.load_image(rotated).shape[:2] == (64, 48)
+  # Broken pixel data behind a good header: only load_image finds it.
+  noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), np.uint8)  # pixel data >> header
+  jpeg = _encode(Image.fromarray(noise), "JPEG")
+  truncated = tmp_path / "truncated.jpg"
+  truncated.write_bytes(jpeg[:len(jpeg) // 2])
+  assert images.image_size(truncated) == (120, 160)
+  with pytest.raises(ImageDecodeError, match="truncated or corrupt"):
+    images.load_image(truncated)
+  for name, data, cause in (("bomb.png", _png_header(100_000, 100_000), "decompression bomb"),
+                            ("html.png", b"<html>404</html>", "not an image"),
+                            ("zero.png", _png_header(0, 10), "not an image")):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ImageDecodeError, match=cause):
+      images.image_size(tmp_path / name)
+  for path in (tmp_path / "missing.jpg", tmp_path, "nul\0byte.jpg"):
+    with pytest.raises(ImageDecodeError, match="unreadable file"):
+      images.image_size(path)
+
+
 def test_scaled_size_float32_truncation():
   assert images.scaled_size(1080, 1920, 784, 1008) == (567, 1007)
   assert images.scaled_size(1500, 60, 336, 336) == (336, 13)

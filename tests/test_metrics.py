@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from molmo_jax.evaluation import counting, mmmu, pointing, vqa_metrics
-from molmo_jax.evaluation.metrics import score_record
+from molmo_jax.evaluation.metrics import RecordError, score_record
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +153,38 @@ def test_point_parsing(goldens):
 
 
 def test_record_errors_name_the_field():
-    with pytest.raises(ValueError, match="'references'"):
+    with pytest.raises(RecordError, match=r"^references: missing \(or 'answers'\)") as info:
         score_record("vqa_score", {"prediction": "x"})
+    assert info.value.field == "references"
+    for metric, record, field in [
+            ("vqa_score", {"prediction": 3, "references": ["3"]}, "prediction"),
+            ("vqa_score", {"prediction": "3", "answers": ["3", None]}, "answers"),
+            ("point_count", {"prediction": "3", "gt_count": "3"}, "gt_count"),
+            ("point_count", {"prediction": "3", "count": True}, "count"),
+            ("clock", {"prediction": "3:00", "hour": 3, "minute": 0.5, "second": 0}, "minute"),
+            ("multiple_choice", {"prediction": "a", "options": [], "answer_idx": 0}, "options"),
+            ("multiple_choice", {"prediction": "a", "options": ["a", "b"], "answer_idx": "0"}, "answer_idx"),
+            ("pointing", {"prediction": "", "image_wh": [4], "gt_points_px": []}, "image_wh"),
+            ("pointing", {"prediction": "", "image_wh": [4, 4], "gt_points_px": [[1, 10 ** 400]]}, "gt_points_px[0]"),
+            ("anls", {"prediction": "x", "references": []}, "references")]:
+        with pytest.raises(RecordError) as info:
+            score_record(metric, record)
+        assert info.value.field == field, (metric, record)
     with pytest.raises(ValueError, match="unknown metric"):
         score_record("bleu", {"prediction": "x"})
     with pytest.raises(ValueError, match="mask_key"):
         score_record("pointing", {"prediction": "(1.0, 1.0)", "image_wh": [4, 4],
                                   "gt_points_px": [[1, 1]], "mask_key": "k"})
+
+
+def test_empty_references_follow_the_official_code():
+    """Upstream scores an empty list 0.0 where its formula is a count (vqa_score, a_okvqa) or a
+    membership test (em); anls and relaxed_correctness take max() over it and raise: RecordError."""
+    for metric in ("vqa_score", "exact_match", "a_okvqa"):
+        assert score_record(metric, {"prediction": "yes", "references": []})["score"] == 0.0
+    for metric in ("anls", "relaxed_correctness"):
+        with pytest.raises(RecordError, match="^references: empty list"):
+            score_record(metric, {"prediction": "yes", "references": []})
 
 
 def test_math_vista_fallback():

@@ -2,7 +2,10 @@
 
 `score_record(metric, record)` takes a plain dict (one line of a predictions file: the prediction plus
 the fields its metric needs) and returns {"score": float, ...detail fields}. Short-answer metrics
-first apply the official answer extraction (`vqa_postprocess`), as `VqaEval` does.
+first apply the official answer extraction (`vqa_postprocess`), as `VqaEval` does. A record that lacks
+a field or holds one of the wrong type raises `RecordError` naming the field. An empty references
+list scores what the official code gives: 0.0 for vqa_score, exact_match and a_okvqa; anls and
+relaxed_correctness take a max over the references there and fail, so it is a RecordError.
 
 Metric -> record fields (an alternative name in parentheses):
   vqa_score, anls, exact_match, a_okvqa:  prediction, references (answers; a string = one reference)
@@ -17,16 +20,27 @@ Metric -> record fields (an alternative name in parentheses):
   math_vista (no-judge fallback):         prediction, answer, question_type, answer_type,
                                           choices, precision
 """
+import numbers
 import random
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from data_pipelines.jsonl import is_finite_number, show
 from molmo_jax.evaluation import counting, mathvista, mmmu, pointing, vqa_metrics
 
 
 class RecordError(ValueError):
     """A prediction record lacks a field its metric needs, or has one of the wrong type."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
+def _name(record: Mapping[str, Any], names: tuple[str, ...]) -> str:
+    """The first of `names` present in `record` (the first name when none is)."""
+    return next((n for n in names if n in record), names[0])
 
 
 def _field(record: Mapping[str, Any], *names: str, default: Any = RecordError) -> Any:
@@ -34,78 +48,116 @@ def _field(record: Mapping[str, Any], *names: str, default: Any = RecordError) -
         if name in record:
             return record[name]
     if default is RecordError:
-        raise RecordError(f"record has no field {' or '.join(repr(n) for n in names)} "
-                          f"(fields present: {sorted(record)})")
+        also = f" (or {' or '.join(repr(n) for n in names[1:])})" if names[1:] else ""
+        raise RecordError(names[0], f"missing{also}; fields present: {show(sorted(record))}")
     return default
 
 
-def _references(record: Mapping[str, Any], *names: str) -> list[str]:
-    references = _field(record, *names)
-    if isinstance(references, str):
-        return [references]
-    if not isinstance(references, (list, tuple)) or not references:
-        raise RecordError(f"field {names[0]!r} must be a string or a non-empty list of strings, "
-                          f"got {references!r}")
-    return list(references)
+def _text(record: Mapping[str, Any], *names: str) -> str:
+    value = _field(record, *names)
+    if not isinstance(value, str):
+        raise RecordError(_name(record, names), f"expected a string, got {show(value)}")
+    return value
+
+
+def _integer(record: Mapping[str, Any], *names: str) -> int:
+    """An integer field (an integral float such as 3.0 is accepted, a bool or a string is not)."""
+    value = _field(record, *names)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RecordError(_name(record, names), f"expected an integer, got {show(value)}")
+    return int(value)
+
+
+def _strings(record: Mapping[str, Any], *names: str, allow_empty: bool = True) -> list[str]:
+    """A list of strings (a plain string is a list of one)."""
+    value = _field(record, *names)
+    if isinstance(value, str):
+        return [value]
+    name = _name(record, names)
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+        raise RecordError(name, f"expected a string or a list of strings, got {show(value)}")
+    if not value and not allow_empty:
+        raise RecordError(name, "empty list: the official metric takes the best score over the "
+                                "references and has none to take")
+    return list(value)
+
+
+def _points(record: Mapping[str, Any], *names: str) -> list:
+    """A list of [x, y] pairs of finite numbers (a float[N, 2] array from a library caller too)."""
+    value = _field(record, *names)
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    name = _name(record, names)
+    if not isinstance(value, (list, tuple)):
+        raise RecordError(name, f"expected a list of [x, y] points, got {show(value)}")
+    for i, point in enumerate(value):
+        if not (isinstance(point, (list, tuple)) and len(point) == 2 and all(is_finite_number(v) for v in point)):
+            raise RecordError(f"{name}[{i}]", f"expected [x, y] numbers, got {show(point)}")
+    return value
 
 
 def _prediction(record: Mapping[str, Any]) -> str:
-    return vqa_metrics.vqa_postprocess(_field(record, "prediction", "response"))
+    return vqa_metrics.vqa_postprocess(_text(record, "prediction", "response"))
 
 
 def _vqa(record, masks):
     pred = _prediction(record)
-    return {"score": vqa_metrics.vqa_score(_references(record, "references", "answers"), pred),
+    return {"score": vqa_metrics.vqa_score(_strings(record, "references", "answers"), pred),
             "parsed_prediction": vqa_metrics.preprocess_answer(pred)}
 
 
 def _anls(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers")
+    references = _strings(record, "references", "answers", allow_empty=False)
     return {"score": max(vqa_metrics.anls(ref, pred) for ref in references),
             "em": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _relaxed(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers", "target")
+    references = _strings(record, "references", "answers", "target", allow_empty=False)
     return {"score": float(max(vqa_metrics.relaxed_correctness(ref, pred) for ref in references)),
             "em": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _exact_match(record, masks):
     pred = _prediction(record)
-    references = _references(record, "references", "answers")
+    references = _strings(record, "references", "answers")
     return {"score": float(vqa_metrics.exact_match(references, pred)), "parsed_prediction": pred}
 
 
 def _multiple_choice(record, masks):
-    options = _field(record, "options")
+    options = _strings(record, "options")
+    if not options:
+        raise RecordError("options", "empty list: there is no option to select")
     selected = vqa_metrics.select_mc_option(_prediction(record), options)
-    answer_idx = _field(record, "answer_idx", default=None)
-    if answer_idx is None:
-        answer = _field(record, "answer")
+    if "answer_idx" in record:
+        answer_idx = _integer(record, "answer_idx")  # out of range: never selected, 0.0 as upstream
+    else:
+        answer = _text(record, "answer")
         if answer not in options:
-            raise RecordError(f"answer {answer!r} is not one of the options {options!r}")
+            raise RecordError("answer", f"{show(answer)} is not one of the options {show(options)}")
         answer_idx = options.index(answer)
     return {"score": float(selected == answer_idx), "selected_index": selected}
 
 
 def _a_okvqa(record, masks):
     pred = _prediction(record)
-    return {"score": vqa_metrics.a_okvqa_score(_references(record, "references", "answers"), pred),
+    return {"score": vqa_metrics.a_okvqa_score(_strings(record, "references", "answers"), pred),
             "parsed_prediction": pred}
 
 
 def _real_world_qa(record, masks):
     score = vqa_metrics.real_world_qa_score(
-        _field(record, "target", "answer"), _prediction(record), _field(record, "question_type"))
+        _text(record, "target", "answer"), _prediction(record), _text(record, "question_type"))
     return {"score": score}
 
 
 def _mmmu(record, masks):
-    result = mmmu.mmmu_score(_field(record, "target", "answer"), _prediction(record),
-                             _field(record, "question_type"), _field(record, "options", default=()),
+    options = _strings(record, "options") if "options" in record else ()
+    result = mmmu.mmmu_score(_strings(record, "target", "answer"), _prediction(record),
+                             _text(record, "question_type"), options,
                              rng=random.Random(42))
     parsed = result["parsed_pred"]
     if isinstance(parsed, list):  # a set upstream: sort strings and numbers for a stable output
@@ -115,20 +167,25 @@ def _mmmu(record, masks):
 
 
 def _point_count(record, masks):
-    result = counting.point_count_score(_field(record, "prediction"), int(_field(record, "gt_count", "count")))
+    result = counting.point_count_score(_text(record, "prediction"), _integer(record, "gt_count", "count"))
     return {"score": result["correct"], **result}
 
 
 def _clock(record, masks):
     result = counting.clock_score(
-        _field(record, "prediction"), int(_field(record, "hour")), int(_field(record, "minute")),
-        int(_field(record, "second")), bool(_field(record, "is_test", default=False)))
+        _text(record, "prediction"), _integer(record, "hour"), _integer(record, "minute"),
+        _integer(record, "second"), bool(_field(record, "is_test", default=False)))
     return {"score": result["overall_close"], **result}
 
 
 def _pointing(record, masks):
-    gt_points = _field(record, "gt_points_px", "points")
+    gt_points = _points(record, "gt_points_px", "points")
     image_wh = _field(record, "image_wh", "image_size")
+    image_wh = image_wh.tolist() if isinstance(image_wh, np.ndarray) else image_wh
+    if not (isinstance(image_wh, (list, tuple)) and len(image_wh) == 2
+            and all(is_finite_number(v) and v >= 1 for v in image_wh)):
+        raise RecordError(_name(record, ("image_wh", "image_size")),
+                          f"expected [width, height] in pixels, got {show(image_wh)}")
     if "masks" in record:
         gt_masks = np.asarray(record["masks"], bool)
     elif len(gt_points) == 0:
@@ -136,18 +193,18 @@ def _pointing(record, masks):
     else:
         key = _field(record, "mask_key")
         if masks is None or key not in masks:
-            raise RecordError(f"mask_key {key!r} not found: pass a masks file that holds it")
+            raise RecordError("mask_key", f"{show(key)} not found: pass a masks file that holds it")
         gt_masks = np.asarray(masks[key], bool)
     if gt_masks.shape[0] != len(gt_points):
-        raise RecordError(f"{len(gt_points)} ground-truth points but masks of shape {gt_masks.shape}")
-    result = pointing.pointing_score(_field(record, "prediction"), gt_points, gt_masks, image_wh)
+        raise RecordError("masks", f"{len(gt_points)} ground-truth points but masks of shape {gt_masks.shape}")
+    result = pointing.pointing_score(_text(record, "prediction"), gt_points, gt_masks, image_wh)
     return {"score": result["f1"], **result}
 
 
 def _math_vista(record, masks):
     return mathvista.math_vista_score(
-        _prediction(record), str(_field(record, "answer")), _field(record, "question_type"),
-        _field(record, "answer_type"), _field(record, "choices", default=None) or (),
+        _prediction(record), str(_field(record, "answer")), _text(record, "question_type"),
+        _text(record, "answer_type"), _field(record, "choices", default=None) or (),
         _field(record, "precision", default=None))
 
 
