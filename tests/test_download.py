@@ -1,5 +1,4 @@
 """Downloader against a real HTTP server on 127.0.0.1 that serves good images and every failure."""
-import ast
 import collections
 import dataclasses
 import email.utils
@@ -459,33 +458,3 @@ def test_non_image_body_is_refused_from_its_first_bytes(server, tmp_path):
     assert ENDLESS["done"].wait(10)
     # The server stops when the client hangs up: what it wrote fits in the two sockets' buffers.
     assert ENDLESS["written"] < 32 * 2**20, ENDLESS["written"]
-
-
-def project_imports(module: str) -> tuple[set[str], set[str]]:
-    """(data_pipelines modules imported at the top of `module`, those imported inside a function)."""
-    root = os.path.dirname(os.path.dirname(dl.__file__))
-    tree = ast.parse(open(os.path.join(root, *module.split(".")) + ".py").read())
-    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for n in ast.walk(f)}
-    top, inner = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            package = os.path.isdir(os.path.join(root, *node.module.split(".")))  # "from package import module"
-            names = {node.module + "." + a.name if package else node.module for a in node.names}
-        else:
-            continue
-        (inner if id(node) in nested else top).update(n for n in names if n.startswith("data_pipelines"))
-    return top, inner
-
-
-def test_imports_run_one_way():
-    """image_cache and fetch <- sources.pixmo <- download: no cycle, none hidden inside a function."""
-    graph = {m: project_imports(m) for m in ("data_pipelines.image_cache", "data_pipelines.fetch",
-                                             "data_pipelines.sources.pixmo", "data_pipelines.download")}
-    assert all(not inner for _, inner in graph.values())
-    assert graph["data_pipelines.image_cache"][0] == set() and graph["data_pipelines.fetch"][0] == set()
-    assert graph["data_pipelines.sources.pixmo"][0] == {"data_pipelines.image_cache"}
-    assert graph["data_pipelines.download"][0] == {"data_pipelines.fetch", "data_pipelines.image_cache",
-                                                   "data_pipelines.images", "data_pipelines.sources.pixmo"}

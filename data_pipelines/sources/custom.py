@@ -26,6 +26,7 @@ image, so that broken pixel data is reported by line too. At training time `Cust
 a file with any problem before the first step; an image whose pixel data turns out broken after
 a good header is skipped by the pipeline, logged and counted as `corrupt_image` (pipeline.py).
 """
+import argparse
 import collections
 import dataclasses
 import os
@@ -312,10 +313,10 @@ class CustomSource:
 def main(argv=None) -> int:
     """python -m data_pipelines.sources.custom FILE...: check files, decode every image, print every
     problem and a summary per file; exit status 1 when any file has a problem."""
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m data_pipelines.sources.custom FILE.jsonl [FILE.parquet ...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m data_pipelines.sources.custom",
+                                     description="Check custom fine-tuning files line by line (docs/custom_data.md).")
+    parser.add_argument("paths", nargs="+", metavar="FILE", help="JSONL or parquet files to check")
+    paths = parser.parse_args(argv).paths
     status = 0
     for path in paths:
         examples, errors = parse(path, decode_images=True)
