@@ -45,19 +45,12 @@ from typing import Iterable
 
 from data_pipelines import images
 from data_pipelines.fetch import FetchConfig, FetchError, fetch
-from data_pipelines.image_cache import SNIFF_BYTES, ImageCache, atomic_write, sniff_image
+from data_pipelines.image_cache import SNIFF_BYTES, ImageCache, atomic_write, refuse_non_image, sniff_image
 from data_pipelines.sources import pixmo
 
 FOUND = ("downloaded", "cached")
 # ImageDecodeError names its cause in the message (see its docstring); the rest is "undecodable".
 DECODE_CAUSES = (("decompression bomb", "too_many_pixels"), ("truncated or corrupt data", "corrupt_image"))
-
-
-def refuse_non_image(head: bytes) -> str | None:
-    """"html" or "not_image" when the first bytes of a body are no image signature, else None."""
-    if sniff_image(head[:SNIFF_BYTES]) is None:
-        return "html" if head[:512].lstrip().startswith(b"<") else "not_image"
-    return None
 
 
 def check_image_bytes(body: bytes, expected_sha256: str | None = None) -> str | None:

@@ -34,6 +34,14 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
+def refuse_non_image(head: bytes) -> str | None:
+    """"html" or "not_image" when the first bytes of a body are no image signature, else None
+    (a `fetch` head check: the rest of such a body is never read)."""
+    if sniff_image(head[:SNIFF_BYTES]) is None:
+        return "html" if head[:512].lstrip().startswith(b"<") else "not_image"
+    return None
+
+
 class ImageCache:
     """Flat folder of images keyed by sha256(url), plus `failed/<key>.json` failure records."""
 

@@ -168,3 +168,82 @@ def test_image_from_url(image_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ----------------------------------------------------------------------------- hostile inputs (issue: nothing hangs)
+from test_download import server  # noqa: E402,F401  (the hostile HTTP server on 127.0.0.1)
+
+
+def test_image_url_deadline_and_size_cap_bound_the_whole_download(server):
+    """A server that drips its headers is cut off at the deadline; a body over the cap is refused
+    once the cap is passed, not read to its end; a non-image body from its first bytes."""
+    import dataclasses
+    import time
+    from molmo_jax.inference.predictor import IMAGE_FETCH, RequestError, read_image_source
+    config = dataclasses.replace(IMAGE_FETCH, deadline=2.0, read_timeout=1.0, max_bytes=2**20, max_attempts=1)
+    start = time.monotonic()
+    with pytest.raises(RequestError, match="drip-headers: timeout"):
+        read_image_source(f"{server}/drip-headers", config)
+    assert time.monotonic() - start < 2.0 + 3.0  # the drip would go on for 30 s
+    with pytest.raises(RequestError, match="big-chunked: too_large"):
+        read_image_source(f"{server}/big-chunked", config)
+    with pytest.raises(RequestError, match="html: html"):
+        read_image_source(f"{server}/html", config)
+    assert read_image_source(f"{server}/good/0", config)[:4] == b"\x89PNG"
+
+
+def test_bad_requests_get_error_lines_and_the_others_are_answered(checkpoint, image_path, server, tmp_path,
+                                                                   capsys):
+    """One bad line, a missing prompt, a dead URL, a hostile URL and a file that is no image each
+    yield an error record; the good requests are answered as alone; exit status 1, no traceback."""
+    closed = socket_free_port()
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is text")
+    lines = [json.dumps({"id": "a", "prompt": "what is in the image", "image": str(image_path)}),
+             "{not json",
+             json.dumps({"id": "b", "image": str(image_path)}),
+             json.dumps({"id": "c", "prompt": "what is in the image", "image": f"http://127.0.0.1:{closed}/x.png"}),
+             json.dumps({"id": "d", "prompt": "what is in the image", "image": f"{server}/html"}),
+             json.dumps({"id": "e", "prompt": "what is in the image", "image": str(not_image)}),
+             json.dumps({"id": "f", "prompt": "how many dogs are there"})]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answers.jsonl"
+    status = predict_cli.main(["--checkpoint", str(checkpoint), "--requests", str(requests), "--out", str(out),
+                               "--max-new-tokens", str(MAX_NEW), "--max-crops", "2", "--timeout", "5"])
+    assert status == 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(lines)
+    errors = {row.get("id", row.get("line")): row["error"] for row in rows if "error" in row}
+    assert set(errors) == {2, "b", "c", "d", "e"}, errors
+    assert "not valid JSON" in errors[2] or "JSON" in errors[2]
+    assert "prompt: missing" in errors["b"]
+    assert "connection_refused" in errors["c"] and "html" in errors["d"] and "not an image" in errors["e"]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 5 and "5 of 7 requests not answered" in err
+    alone = Predictor.from_checkpoint(str(checkpoint), max_crops=2).predict(
+        [Request("what is in the image", str(image_path)), Request("how many dogs are there")],
+        GenerationConfig(max_new_tokens=MAX_NEW))
+    assert [r["answer"] for r in rows if "answer" in r] == [a.text for a in alone]
+
+
+def test_single_request_errors_are_one_line(checkpoint, tmp_path):
+    import subprocess
+    import sys
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)  # a JPEG header and nothing else
+    p = subprocess.run([sys.executable, "-m", "molmo_jax.predict", "--checkpoint", str(checkpoint), "--image",
+                        str(bad), "--prompt", "what", "--max-crops", "2"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: image ")
+    p = subprocess.run([sys.executable, "-m", "molmo_jax.predict", "--checkpoint", str(tmp_path / "nothing"),
+                        "--prompt", "what"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "error: " in p.stderr, p.stderr[-2000:]
+
+
+def socket_free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,6 +11,8 @@ tokenizer given separately (`tokenizer=`).
 Prompts are formatted as the released models were trained ("demo_or_style", spec §4.3): with the
 default style "user_qa" the model sees " User: {prompt} Assistant:", exactly what the official HF
 processor builds; a style such as "vqa2" or "pointing" adds its prefix where training did.
+A request that cannot be answered (a dead or hostile image URL, a file that is no image) gets an
+Answer with `error` set, and the other requests of the batch are answered.
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ import dataclasses
 import json
 import logging
 import os
-import urllib.request
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from data_pipelines import formatting, multicrop, preprocess, tokenizer as tokenizer_lib
+from data_pipelines import formatting, images, multicrop, preprocess, tokenizer as tokenizer_lib
+from data_pipelines.fetch import FetchConfig, FetchError, fetch
+from data_pipelines.image_cache import refuse_non_image
 from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.hf_folder import SAFETENSORS, is_hf_folder
 from molmo_jax.inference.drawing import PointGroup, find_points
@@ -36,6 +39,13 @@ from molmo_jax.model.molmo import Molmo
 
 # Inference preprocessing per model: the crop geometry of the releases, image ids from the tokenizer.
 CROP_KEYS = ("images", "image_masks", "image_input_idx")
+# Image URLs: 30 s for the whole exchange (connect, headers, body, one retry), bodies up to 32 MiB.
+IMAGE_FETCH = FetchConfig(connect_timeout=10.0, read_timeout=15.0, deadline=30.0, max_bytes=32 * 2**20,
+                          max_attempts=2, backoff=0.5, max_retry_after=5.0, user_agent="molmo-jax-predict/0.1")
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered; the message is one line naming the input and the reason."""
 
 
 @dataclasses.dataclass
@@ -51,13 +61,18 @@ class Answer:
     text: str
     points: list[PointGroup]
     tokens: np.ndarray  # int32[N] generated ids (stop token excluded)
+    error: Optional[str] = None  # why the request was not answered (text and points are then empty)
 
 
-def read_image_source(source: Any) -> Any:
-    """URLs are downloaded (bytes); anything else is passed on to `images.load_image`."""
+def read_image_source(source: Any, fetch_config: FetchConfig = IMAGE_FETCH) -> Any:
+    """URLs are downloaded (bytes) within `fetch_config`'s deadline and size cap, a body that does
+    not start like an image refused from its first bytes; anything else is passed on to
+    `images.load_image`. A URL that fails raises RequestError naming it and the cause."""
     if isinstance(source, str) and source.startswith(("http://", "https://")):
-        with urllib.request.urlopen(source, timeout=30) as response:
-            return response.read()
+        try:
+            return fetch(source, fetch_config, refuse_non_image)
+        except FetchError as e:
+            raise RequestError(f"image {source}: {e.cause}" + (f" ({e.detail})" if e.detail else "")) from None
     return source
 
 
@@ -179,15 +194,18 @@ class Predictor:
 
     def __init__(self, model: Molmo, tokenizer: tokenizer_lib.Tokenizer,
                  crop: multicrop.CropConfig = multicrop.CropConfig(),
-                 format_cfg: formatting.FormatConfig = formatting.FINETUNED):
+                 format_cfg: formatting.FormatConfig = formatting.FINETUNED, fetch_config: FetchConfig = IMAGE_FETCH):
         """format_cfg: FINETUNED (released chat models) or CAPTIONER (stage-1 checkpoints, which
-        expect " long_caption 65:" and no chat roles; use style "long_caption")."""
+        expect " long_caption 65:" and no chat roles; use style "long_caption"). fetch_config:
+        the deadline and size cap of image URLs."""
         self.model, self.tokenizer, self.crop, self.format_cfg = model, tokenizer, crop, format_cfg
+        self.fetch_config = fetch_config
         self.generator = Generator(model)
 
     @classmethod
     def from_checkpoint(cls, path: str, *, tokenizer: Optional[str] = None, max_crops: int = 12,
-                        dtype: Optional[str] = None, captioner: bool = False) -> "Predictor":
+                        dtype: Optional[str] = None, captioner: bool = False,
+                        fetch_config: FetchConfig = IMAGE_FETCH) -> "Predictor":
         """path: HF folder or orbax checkpoint; tokenizer: file/folder (default: the checkpoint's);
         dtype: compute dtype override ("bfloat16" for speed); captioner: a stage-1 checkpoint."""
         changes = {"dtype": dtype} if dtype else {}
@@ -199,13 +217,20 @@ class Predictor:
                 model = with_compute_dtype(model, dtype)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
         return cls(model, tok, model_crop_config(model.config, max_crops),
-                   formatting.CAPTIONER if captioner else formatting.FINETUNED)
+                   formatting.CAPTIONER if captioner else formatting.FINETUNED, fetch_config)
 
     def prepare(self, request: Request) -> dict:
-        """One request -> unbatched model inputs (see `preprocess.preprocess_example`)."""
+        """One request -> unbatched model inputs (see `preprocess.preprocess_example`); RequestError
+        when its image cannot be fetched or decoded."""
+        if not isinstance(request.prompt, str):
+            raise RequestError(f"prompt: expected a string, got {type(request.prompt).__name__}")
         example = {"question": request.prompt, "style": request.style}
         if request.image is not None:
-            example["image"] = read_image_source(request.image)
+            source = read_image_source(request.image, self.fetch_config)
+            try:
+                example["image"] = images.load_image(source)
+            except images.ImageDecodeError as e:  # its message names the file (or the bytes' size)
+                raise RequestError(f"image {e}") from None
         return preprocess.preprocess_example(example, self.tokenizer, self.crop,
                                              format_cfg=self.format_cfg, for_inference=True)
 
@@ -222,11 +247,20 @@ class Predictor:
 
     def predict(self, requests: Sequence[Request], config: GenerationConfig = GenerationConfig(max_new_tokens=200),
                 batch_size: int = 8) -> list[Answer]:
-        answers = []
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            answers += self.generate_batch([self.prepare(r) for r in chunk], config,
-                                           batch_size=batch_size if len(requests) > batch_size else None)
+        """Answers in request order; a request that fails `prepare` gets an Answer with `error`."""
+        answers: list[Optional[Answer]] = [None] * len(requests)
+        prepared = []
+        for index, request in enumerate(requests):
+            try:
+                prepared.append((index, self.prepare(request)))
+            except RequestError as e:
+                answers[index] = Answer("", [], np.zeros((0,), np.int32), error=str(e))
+        for start in range(0, len(prepared), batch_size):
+            chunk = prepared[start:start + batch_size]
+            done = self.generate_batch([example for _, example in chunk], config,
+                                       batch_size=batch_size if len(prepared) > batch_size else None)
+            for (index, _), answer in zip(chunk, done):
+                answers[index] = answer
         return answers
 
 
