@@ -3,6 +3,7 @@
   python benchmarks/train_step.py                          # demo and ~100M models, float32, CPU
   python benchmarks/train_step.py --size 100m --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
   python benchmarks/train_step.py --size 1b --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
+  python benchmarks/train_step.py --size 36m      # forward, ViT, train step and peak memory of the 36M config
 
 Measured rows: compile time of the full training step (forward, backward, per-group clipping,
 AdamW), then the median time of `--steps` steps on random inputs of the model's shapes, with
@@ -15,17 +16,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import sys
 import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 import configs
 from configs import common
 from molmo_jax.model import sharding
 from molmo_jax.model.flops import params_count
 from molmo_jax.model.config import LLMConfig, MOLMO_7B_D, MOLMO_7B_O, MOLMO_72B, MOLMOE_1B, VisionConfig
+from data_pipelines import multicrop
+from molmo_jax.model.molmo import Molmo
+from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train import trainer
 from molmo_jax.train.metrics_logging import peak_flops, train_step_flops
 
@@ -42,7 +48,17 @@ MODEL_1B = dataclasses.replace(
     MOLMO_7B_D,
     llm=LLMConfig(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=2, head_dim=128, mlp_hidden_size=2 * 5632),
 )
-SIZES = {"100m": MODEL_100M, "1b": MODEL_1B}
+# The 36M-parameter config the CPU comparison with the official PyTorch code uses (the official
+# initialiser's shapes): CLIP-style ViT 336/14, width 256 x 12 layers, features of -2 and -9; 2x2
+# attention-meanq pooling; SwiGLU projector 256 -> 1376 -> 512; Qwen2-style LLM 512 x 8 layers, 8 / 4
+# heads of 64, qkv bias, RoPE 1e6, vocab 1024 + 128 rows, untied head. 35,976,704 parameters.
+MODEL_36M = dataclasses.replace(
+    MOLMO_7B_D,
+    vision=VisionConfig(width=256, num_heads=4, head_dim=64, mlp_dim=1024, num_layers=12, feature_layers=(-2, -9)),
+    llm=LLMConfig(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=64, mlp_hidden_size=2 * 1376,
+                  vocab_size=1024, embedding_size=1024, rope_theta=1e6, qkv_bias=True),
+)
+SIZES = {"100m": MODEL_100M, "1b": MODEL_1B, "36m": MODEL_36M}
 RELEASES = {"MolmoE-1B": MOLMOE_1B, "Molmo-7B-O": MOLMO_7B_O, "Molmo-7B-D": MOLMO_7B_D, "Molmo-72B": MOLMO_72B}
 
 
@@ -97,9 +113,74 @@ def measure(size: str, dtype: str, batch: int, seq_len: int, max_crops: int, rem
             "mfu": flops / step_s / (peak * mesh.size) if peak else None}
 
 
+def batch_36m(model_cfg, rng: np.random.Generator, batch: int = 2, seq_len: int = 1024) -> dict:
+    """The comparison's inputs: per row BOS + the 580 image tokens of a 2x2-tiled image (5 crops,
+    the real multi-crop layout) + random text to seq_len, loss on the text."""
+    crop = multicrop.CropConfig(max_crops=4)
+    vocab = model_cfg.llm.vocab_size
+    ids = multicrop.ImageTokenIds(vocab, vocab + 1, vocab + 2, vocab + 3)
+    rows = []
+    for _ in range(batch):
+        image = rng.integers(0, 256, (672, 672, 3), dtype=np.uint8)
+        crops = multicrop.preprocess_image(image, crop, ids)
+        text = rng.integers(0, vocab, seq_len - 1 - len(crops["image_tokens"]))
+        tokens = np.concatenate([[0], crops["image_tokens"], text]).astype(np.int32)
+        idx = crops["image_input_idx"]
+        rows.append(dict(input_ids=tokens, images=crops["images"], image_masks=crops["image_masks"],
+                         image_input_idx=np.where(idx >= 0, idx + 1, idx).astype(np.int32),
+                         target_tokens=np.roll(tokens, -1), loss_masks=(np.arange(seq_len) > seq_len - len(text) - 2)
+                         .astype(np.float32)))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure_36m(steps: int) -> list:
+    """Rows of the 36M comparison: forward (loss), the ViT alone on the 10 crops, the train step
+    (forward, CE, backward, AdamW: b 0.9 / 0.95, eps 1e-6, no weight decay, no clipping,
+    nothing frozen), float32, and the process's peak resident memory."""
+    c = experiment("36m", "float32", 2, 1024, 4, "none")
+    c.model.llm.response_residual_dropout = 0.0
+    c.optimizer.update(dict(b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0, clip_norm=0.0, frozen=""))
+    model_cfg = trainer.model_config_from(c)
+    mesh = sharding.make_mesh(c.mesh.to_dict())
+    setup = trainer.build_train_setup(c, model_cfg, mesh)
+    state = setup.init(jax.random.key(0))
+    host = batch_36m(model_cfg, np.random.default_rng(0))
+    batch = sharding.make_global_batch(host, mesh)
+    eval_step = jax.jit(trainer.make_eval_step(setup.graphdef, c))
+    forward_s = timed(eval_step, state["params"], state["frozen"], batch, repeats=steps)
+    vision = nnx.merge(setup.graphdef, opt_lib.merge_trees(state["params"], state["frozen"])).vision
+    crops = jax.numpy.asarray(host["images"].reshape(-1, *host["images"].shape[2:]))
+    vit_s = timed(jax.jit(lambda x: vision(x)), crops, repeats=steps)
+    step = setup.step_fn.lower(state, batch).compile()
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return [["forward, batch 2 x 1024 tokens, 5 crops each", f"{forward_s:.3f} s"],
+            ["vision backbone only (10 crops)", f"{vit_s:.3f} s"],
+            ["train step (forward, CE, backward, AdamW)", f"{np.median(times[1:]):.3f} s"],
+            ["peak host memory of the process", f"{peak_gb:.2f} GB"],
+            ["parameters", f"{params_count(model_cfg)['total']:,}"],
+            ["loss at step 1", f"{float(metrics['loss']):.6f}"]]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("demo", "100m", "1b", "both"), default="both")
+    p.add_argument("--size", choices=("demo", "36m", "100m", "1b", "both"), default="both")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 demo, 4 for 100m)")
     p.add_argument("--seq-len", type=int, default=256)
@@ -110,6 +191,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    if args.size == "36m":
+        rows = measure_36m(max(args.steps, 3))
+        print(f"36M config, float32, on {device} (compare with the official PyTorch code run on the same machine)")
+        width = max(len(r[0]) for r in rows)
+        for name, value in [["measurement", "molmo-jax"], ["-" * width, "-" * 9]] + rows:
+            print(f"{name.ljust(width)}  {value}")
+        return 0
     rows = []
     for size in (("demo", "100m") if args.size == "both" else (args.size,)):
         batch = args.batch or (8 if size == "demo" else 4)
