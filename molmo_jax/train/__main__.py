@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from molmo_jax.train.checkpointing import CheckpointMismatchError, CheckpointSaveError
-from molmo_jax.train.config_checks import ConfigError, unknown_key, validate
+from molmo_jax.train.config_checks import ConfigError, unknown_key
 from molmo_jax.train.trainer import NonFiniteLossError, train
 from molmo_jax.train.workdir_lock import WorkdirLockedError
 
@@ -63,8 +63,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)  # orbax / absl chatter
     logging.getLogger("molmo_jax").setLevel(logging.INFO)
     try:
-        validate(_CONFIG.value)
-        train(_CONFIG.value, _WORKDIR.value)
+        train(_CONFIG.value, _WORKDIR.value)  # validates the config first
     except ConfigError as e:
         fail(str(e), 2)
     except (CheckpointMismatchError, CheckpointSaveError, WorkdirLockedError) as e:

@@ -345,6 +345,8 @@ def _shape_mismatch(stored: Dict[str, Tuple], abstract_state: Any, partial: bool
     """The first array whose presence, shape or dtype differs between checkpoint and target."""
     wanted = {path_str(p): (tuple(a.shape), str(a.dtype))
               for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    # Parameters first: the optimizer moments that follow them would name the same difference.
+    wanted = dict(sorted(wanted.items(), key=lambda kv: not kv[0].startswith(("params/", "frozen/"))))
     for name, (shape, dtype) in wanted.items():
         if name not in stored:
             group, _, rest = name.partition("/")
