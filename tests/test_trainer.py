@@ -8,10 +8,17 @@ Runs are subprocesses of `python -m molmo_jax.train` on one experiment file:
                "one device"; resumed again over a corrupted latest checkpoint: the same;
   two processes  jax.distributed on 127.0.0.1, 4 devices each: losses within tolerance;
   preempted    an endless 1-device run sent SIGTERM: exits 0 after saving its current step,
-               and the next run resumes from that step.
+               and the next run resumes from that step; a second trainer started on its
+               workdir meanwhile is refused, naming the PID and host;
+  other model  resuming "one device" (or starting from it with config.init.checkpoint) with
+               another MLP width stops with one error and leaves both runs byte-identical;
+  full disk    a save failing on the file system is one error line, and nothing is saved.
 The NaN test runs in-process (it feeds one poisoned batch). The 1-device subprocesses share a
-persistent compilation cache, so their program is compiled once.
+persistent compilation cache, so their program is compiled once. A subprocess is stopped as
+hung only when neither its log nor its metrics.jsonl changed for IDLE_LIMIT_S: how long a
+run takes on a loaded machine is no sign of a hang, a long silence is.
 """
+import hashlib
 import json
 import math
 import os
@@ -74,6 +81,11 @@ def get_config(arg=None):
     return c
 '''
 IGNORED = ("step_time_s", "examples_per_s", "tokens_per_s", "mfu")
+# The longest silence of a healthy run is the first compile of the 8-device step (no log line
+# between "mesh ..." and step 1): IDLE_MEASURED_S on 2 cores shared with 4 other test runs.
+# Ten times that is still a hang.
+IDLE_MEASURED_S = 90
+IDLE_LIMIT_S = 10 * IDLE_MEASURED_S
 
 
 def make_tokenizer(path: pathlib.Path) -> str:
@@ -115,11 +127,45 @@ def command(config, workdir, *overrides):
     return [sys.executable, "-m", "molmo_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def run(config, env, workdir, *overrides, timeout=300):
-    p = subprocess.run(command(config, workdir, *overrides), cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, p.stderr[-4000:]
-    return p.stderr
+def wait_while_progressing(proc, log_path, workdir, done=None):
+    """Waits until `done()` holds (default: the process has exited), failing when the process
+    exits first or when neither its log nor the workdir's metrics.jsonl changed for IDLE_LIMIT_S."""
+    watched = [pathlib.Path(log_path), pathlib.Path(workdir) / "metrics.jsonl"]
+    last, last_change = None, time.time()
+    while not (done() if done else proc.poll() is not None):
+        if done is not None:
+            assert proc.poll() is None, "training subprocess ended early: " + pathlib.Path(log_path).read_text()[-4000:]
+        state = [(p.stat().st_size, p.stat().st_mtime) if p.exists() else None for p in watched]
+        if state != last:
+            last, last_change = state, time.time()
+        elif time.time() - last_change > IDLE_LIMIT_S:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"training subprocess silent for {IDLE_LIMIT_S} s (hung): "
+                        + pathlib.Path(log_path).read_text()[-4000:])
+        time.sleep(0.05)
+
+
+def start(config, env, workdir, *overrides, log_path=None, prefix=()):
+    """Popen of a training run whose stderr goes to a file (a full pipe would block the run).
+
+    prefix: a command that replaces `python -m molmo_jax.train` and gets the flags."""
+    log_path = pathlib.Path(log_path or f"{workdir}.log")
+    args = command(config, workdir, *overrides)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*prefix, *args[3:]] if prefix else args, cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    return proc, log_path
+
+
+def run(config, env, workdir, *overrides, expect=0, prefix=()):
+    """Runs training to its end; returns its console log (asserting its exit status)."""
+    proc, log_path = start(config, env, workdir, *overrides, log_path=f"{workdir}.{time.time_ns()}.log",
+                           prefix=prefix)
+    wait_while_progressing(proc, log_path, workdir)
+    log = log_path.read_text()
+    assert proc.returncode == expect, log[-4000:]
+    return log
 
 
 def metrics(workdir) -> dict:
@@ -192,17 +238,10 @@ def killed_and_resumed(setup, single):
     root, env = setup
     env = one_device(env, root)
     workdir = root / "killed"
-    log = open(root / "killed.log", "w")  # a file, not a pipe: a full pipe would block the run
-    proc = subprocess.Popen(command(root / "exp1.py", workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=log)
-    deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "4").is_dir():
-        assert proc.poll() is None and time.time() < deadline, (
-            "training subprocess ended before checkpoint 4: " + (root / "killed.log").read_text()[-4000:])
-        time.sleep(0.05)
+    proc, log_path = start(root / "exp1.py", env, workdir)
+    wait_while_progressing(proc, log_path, workdir, done=lambda: (workdir / "checkpoints" / "4").is_dir())
     proc.kill()
     proc.wait()
-    log.close()
     killed_steps = sorted(metrics(workdir))
     assert max(killed_steps) < STEPS, "the run finished before it was killed"
     return workdir, killed_steps, run(root / "exp1.py", env, workdir)
@@ -223,43 +262,110 @@ def test_kill9_then_resume_repeats_the_uninterrupted_losses_bit_for_bit(killed_a
     workdir, killed_steps, log = killed_and_resumed
     resumed_from = int(re.search(r"resumed from step (\d+)", log).group(1))
     assert 4 <= resumed_from <= max(killed_steps)
+    # The killed run could not release its lock; the kernel did, and the resume says so.
+    assert f"taking over the stale lock {workdir / 'trainer.lock'} of PID" in log
     ref, got = single[1], metrics(workdir)
     for s in range(resumed_from + 1, STEPS + 1):
         assert got[s] == ref[s], s  # every metric, bit for bit (float32 values via JSON)
 
 
-def test_corrupted_latest_checkpoint_resumes_from_the_previous_one_and_says_so(setup, killed_and_resumed, single):
+def test_corrupted_checkpoints_are_set_aside_and_the_run_resumes_from_the_last_good_one(setup, killed_and_resumed,
+                                                                                        single):
+    """The latest checkpoint unreadable (garbage files), the one before it silently corrupted
+    (bytes flipped inside an array data file, which orbax restores without complaint): both are
+    named with the reason and set aside, and the run resumes from the third."""
     root, env = setup
     workdir = killed_and_resumed[0]
-    latest = workdir / "checkpoints" / str(STEPS)
+    latest, flipped = (workdir / "checkpoints" / str(s) for s in (STEPS, STEPS - 2))
     for dirpath, _, files in os.walk(latest / "state"):
         for f in files:
             pathlib.Path(dirpath, f).write_bytes(b"\0not a checkpoint")
+    flip_bytes(flipped)
     log = run(root / "exp1.py", one_device(env, root), workdir)
     assert f"checkpoint {latest} could not be read" in log and "falling back to the previous checkpoint" in log
-    assert f"resumed from step {STEPS - 2}" in log
+    assert re.search(rf"checkpoint {flipped} failed verification \(\d+ array\(s\) differ from their checksums "
+                     r"written at save time, first state/\S+ \(saved [0-9a-f]{8}, read [0-9a-f]{8}\)\)", log), log
+    assert f"resumed from step {STEPS - 4}" in log
+    assert (workdir / "checkpoints" / f"{STEPS}.unreadable").is_dir()
+    assert (workdir / "checkpoints" / f"{STEPS - 2}.unreadable").is_dir()
     got = metrics(workdir)
-    for s in (STEPS - 1, STEPS):
+    for s in range(STEPS - 3, STEPS + 1):
         assert got[s] == single[1][s], s
 
 
-def sigterm_after_new_steps(config, env, workdir, log_path, new_steps, *overrides):
-    """Runs training until metrics.jsonl has `new_steps` more lines, sends SIGTERM and waits.
+def flip_bytes(step_dir):
+    """Inverts 4 bytes in the middle of the largest array data file of a checkpoint."""
+    data = max((step_dir / "state").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 4):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def tree_hashes(root):
+    """{path: sha256} of every file under `root`."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in pathlib.Path(root).rglob("*") if p.is_file()}
+
+
+def test_checkpoint_of_another_model_stops_and_leaves_both_runs_untouched(setup, single):
+    """Resuming "one device" with a wider MLP, or starting another run from its checkpoints
+    (config.init.checkpoint) with it: exit 1, one error naming the config field and the first
+    parameter with both shapes, and every file of both runs as it was."""
+    root, env = setup
+    env, source, other = one_device(env, root), single[0], root / "other_model"
+    before = tree_hashes(source)
+    wider = "--config.model.llm.mlp_hidden_size=256"
+    for workdir, extra in ((source, ()), (other, (f"--config.init.checkpoint={source / 'checkpoints'}",))):
+        log = run(root / "exp1.py", env, workdir, wider, *extra, expect=1)
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in log, log[-4000:]
+        assert re.search(r"does not fit this run's model: config\.model\.llm\.mlp_hidden_size is 128 in the "
+                         r"checkpoint and 256 here; params/\S+ is float32\[[\d, ]+\] in the checkpoint and "
+                         r"float32\[[\d, ]+\] in the config\. Nothing was changed", errors[0]), errors[0]
+        assert tree_hashes(source) == before
+    assert not [p for p in (other / "checkpoints").iterdir()] and not (other / "metrics.jsonl").exists()
+
+
+def test_a_failing_checkpoint_save_is_one_error_line_and_saves_nothing(setup, single, tmp_path):
+    """The file system refuses the first save (EROFS, from the folder orbax creates first;
+    simulated in the trainer process, since the tests run as root, where a chmod'ed folder
+    stays writable): exit 1, one error line naming the step and the reason."""
+    root, env = setup
+    patch = ("import errno, os, runpy, sys; from etils import epath; P = type(epath.Path('/'))\n"
+             "def refuse(self, *a, **k): raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))\n"
+             "P.mkdir = lambda self, *a, _mkdir=P.mkdir, **k: (refuse(self) if 'checkpoints/' in str(self) "
+             "else _mkdir(self, *a, **k))\n"
+             "sys.argv = ['molmo_jax.train', *sys.argv[1:]]; runpy.run_module('molmo_jax.train', run_name='__main__')")
+    workdir = tmp_path / "read_only"
+    log = run(root / "exp1.py", one_device(env, root), workdir, expect=1, prefix=(sys.executable, "-c", patch))
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: could not save the checkpoint of step 2 in {workdir / 'checkpoints'}: Read-only file "
+                      f"system ({workdir / 'checkpoints' / '.write-probe-0'}); the checkpoints finished before it are "
+                      "intact, and resume ignores the unfinished one"], log[-4000:]
+    assert "Traceback" not in log and not [p for p in (workdir / "checkpoints").iterdir()]
+
+
+def sigterm_after_new_steps(config, env, workdir, log_path, new_steps, *overrides, while_running=None):
+    """Runs training until metrics.jsonl has `new_steps` more lines, calls `while_running(proc)`
+    if given, sends SIGTERM and waits.
 
     Returns (exit code, console log, last step logged before the signal)."""
     jsonl = workdir / "metrics.jsonl"
     before = len(jsonl.read_text().splitlines()) if jsonl.exists() else 0
-    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the run
-        proc = subprocess.Popen(command(config, workdir, *overrides), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.time() + 300
-        while not jsonl.exists() or len(jsonl.read_text().splitlines()) < before + new_steps:
-            assert proc.poll() is None and time.time() < deadline, (
-                "training subprocess ended before logging its steps: " + log_path.read_text()[-4000:])
-            time.sleep(0.05)
+    proc, _ = start(config, env, workdir, *overrides, log_path=log_path)
+    try:
+        wait_while_progressing(proc, log_path, workdir,
+                               done=lambda: jsonl.exists() and len(jsonl.read_text().splitlines()) >= before + new_steps)
+        if while_running is not None:
+            while_running(proc)
         last_logged = max(metrics(workdir))
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
+        wait_while_progressing(proc, log_path, workdir)
+    finally:  # a failed check must not leave an endless run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return proc.returncode, log_path.read_text(), last_logged
 
 
@@ -268,8 +374,19 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_run_resumes_from_it(setu
     root, env = setup
     env, workdir = one_device(env, root), root / "preempted"
     endless = ("--config.train.total_steps=1000000", "--config.checkpoint.every=1000000")
-    code, log, logged = sigterm_after_new_steps(root / "exp1.py", env, workdir, root / "preempted.log", 3, *endless)
+
+    def second_trainer_is_refused(first):
+        log = run(root / "exp1.py", env, workdir, *endless, expect=1)
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in log and errors == [f"error: workdir {workdir} is in use by another trainer: PID {first.pid} on host "
+                          f"{socket.gethostname()} holds {workdir / 'trainer.lock'}; stop that run or use another "
+                          "workdir"], log[-4000:]
+
+    code, log, logged = sigterm_after_new_steps(root / "exp1.py", env, workdir, root / "preempted.log", 3, *endless,
+                                                while_running=second_trainer_is_refused)
     assert code == 0, log[-4000:]
+    assert len({json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()}) == \
+        len((workdir / "metrics.jsonl").read_text().splitlines())  # one trainer wrote them
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and steps[0] >= logged, (steps, logged)
     saved = steps[0]
@@ -337,14 +454,12 @@ def test_two_processes_train_the_same_steps_as_one(setup, reference):
     workdir = root / "two_processes"
     env = dict(env, XLA_FLAGS=xla_flags(4))
     address = f"127.0.0.1:{free_port()}"
-    logs = [root / f"process_{i}.log" for i in (0, 1)]
-    procs = [subprocess.Popen(command(root / "exp.py", workdir, "--config.distributed.enabled=True",
-                                      f"--config.distributed.coordinator_address={address}",
-                                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"))
-             for i in (0, 1)]
-    for p in procs:
-        p.wait(timeout=300)
+    procs, logs = zip(*[start(root / "exp.py", env, workdir, "--config.distributed.enabled=True",
+                              f"--config.distributed.coordinator_address={address}",
+                              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                              log_path=root / f"process_{i}.log") for i in (0, 1)])
+    for p, log in zip(procs, logs):
+        wait_while_progressing(p, log, workdir)
     logs = [log.read_text() for log in logs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-4000:]

@@ -2,10 +2,13 @@
 
     python -m molmo_jax.train --config=configs/demo.py:pretrain --workdir=/path/to/run
 
-Sections: devices and mesh -> model config -> input pipeline -> model, optimizer, shardings ->
-init or resume -> update step -> loop (log one step late, checkpoint, preemption, NaN guard).
-Resuming is automatic: when `<workdir>/checkpoints` holds a readable checkpoint, the run
-continues from it (params, optimizer, step, RNG and data iterator), bit-exactly on CPU.
+Sections: config checks -> devices and workdir lock -> mesh and model config -> input pipeline
+-> model, optimizer, shardings -> init or resume -> update step -> loop (log one step late,
+checkpoint, preemption, NaN guard). Resuming is automatic: when `<workdir>/checkpoints` holds a
+checkpoint that fits the model and passes its checks (checkpointing.py), the run continues from
+it (params, optimizer, step, RNG and data iterator), bit-exactly on CPU. A config error, a
+checkpoint of another model or a workdir held by another trainer stops the run before it
+compiles or writes anything.
 """
 from __future__ import annotations
 
@@ -32,8 +35,10 @@ from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import loss as loss_lib
 from molmo_jax.train import optimizer as opt_lib
-from molmo_jax.train.checkpointing import Checkpointer, PreemptionWatcher
+from molmo_jax.train.checkpointing import Checkpointer, NonFiniteStateError, PreemptionWatcher
+from molmo_jax.train.config_checks import ConfigError, validate
 from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops
+from molmo_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +218,15 @@ def build_train_setup(config: ml_collections.ConfigDict, model_cfg: MolmoConfig,
     return TrainSetup(graphdef, tx, jax.jit(init_state, out_shardings=shardings), step_fn, abstract_state, shardings)
 
 
+def _last_good(last_good: Optional[int], ckpt_dir: str) -> str:
+    return f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good else "no checkpoint was kept"
+
+
 def _check_finite(step: int, metrics: Dict[str, float], last_good: Optional[int], ckpt_dir: str) -> None:
     bad = {k: v for k, v in metrics.items() if (k == "loss" or k.startswith("grad_norm.")) and not math.isfinite(v)}
     if bad:
-        kept = f"the last good checkpoint is step {last_good} in {ckpt_dir}" if last_good else "no checkpoint was kept"
-        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {bad}; stopping, {kept}")
+        raise NonFiniteLossError(f"non-finite training metrics at step {step}: {bad}; stopping, "
+                                 f"{_last_good(last_good, ckpt_dir)}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -229,16 +238,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       by default the pipeline of config.data (data_pipelines.pipeline.make_pipeline).
     devices: the devices of the mesh (default: all).
     """
-    # ------------------------------------------------------------------ devices and mesh
+    # ------------------------------------------------------------------ config, devices, mesh
+    validate(config)
     sharding.initialize_distributed(config.distributed)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    model_cfg = model_config_from(config)
-    tc = config.train
-    sharding.validate_parallelism(model_cfg, dict(mesh.shape), tc.global_batch, tc.grad_accum_steps,
-                                  jax.process_count())
+    try:  # what only the devices can tell: the mesh, and whether the model and batch fit it
+        mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+        model_cfg = model_config_from(config)
+        sharding.validate_parallelism(model_cfg, dict(mesh.shape), config.train.global_batch,
+                                      config.train.grad_accum_steps, jax.process_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     log.info("mesh %s on %d devices, %d processes; compute dtype %s", dict(mesh.shape), mesh.size,
                  jax.process_count(), model_cfg.dtype)
+    lock = WorkdirLock(workdir)
+    lock.acquire()  # before anything reads or writes the workdir
+    try:
+        return _train(config, workdir, mesh, model_cfg, data_iterator)
+    finally:
+        lock.release()
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: MolmoConfig,
+           data_iterator: Optional[Iterator]) -> List[Dict[str, float]]:
+    tc = config.train
     # ------------------------------------------------------------------ input pipeline
     own_iterator = data_iterator is None
     if own_iterator:
@@ -253,14 +275,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     checkpointer = Checkpointer(ckpt_dir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
                                 async_save=config.checkpoint.async_save)
-    restored = checkpointer.restore_latest(abstract_state, data_iterator)
-    if restored is not None:
-        start_step, state, _ = restored
-        log.info("resumed from step %d of %s", start_step, ckpt_dir)
-    else:
-        start_step = 0
-        state = initial_state(config, model_cfg, setup)
-    last_good = start_step or None
+    try:
+        restored = checkpointer.restore_latest(abstract_state, data_iterator, model_config=model_cfg.to_dict())
+        if restored is not None:
+            start_step, state, _ = restored
+            log.info("resumed from step %d of %s", start_step, ckpt_dir)
+        else:
+            start_step = 0
+            state = initial_state(config, model_cfg, setup)
+    except BaseException:
+        checkpointer.close()
+        if own_iterator:
+            data_iterator.close()
+        raise
+    last_good = start_step or None  # a restored checkpoint passed its checksums and finiteness check
 
     # ------------------------------------------------------------------ metrics, preemption
     batch_tokens = tc.global_batch * config.data.seq_len
@@ -296,8 +324,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                 history.append(logger.write(*pending))
                 pending = None
                 _check_finite(step, history[-1], last_good, ckpt_dir)
-                checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
-                                                               "mesh": dict(mesh.shape), "tokenizer": tokenizer})
+                try:
+                    checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
+                                                                   "mesh": dict(mesh.shape), "tokenizer": tokenizer})
+                except NonFiniteStateError as e:
+                    raise NonFiniteLossError(f"{e}; stopping, {_last_good(last_good, ckpt_dir)}") from None
                 last_good = step
                 logger.pause()
             if stop:
@@ -329,9 +360,10 @@ def initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, set
     if init.checkpoint and (init.vit or init.llm):
         raise ValueError(f"config.init.checkpoint={init.checkpoint!r} replaces every parameter; leave "
                          f"config.init.vit / config.init.llm empty (got {init.vit!r}, {init.llm!r})")
+    if init.checkpoint:  # read (and checked against the model) before anything is compiled
+        params = _load_initial_params(init.checkpoint, setup.abstract_state, model_cfg)
+        return dict(setup.init(jax.random.key(config.seed)), **params)
     state = setup.init(jax.random.key(config.seed))
-    if init.checkpoint:
-        return _load_initial_params(init.checkpoint, setup.abstract_state, state)
     if init.vit or init.llm:
         return _load_backbones(init.vit, init.llm, model_cfg, state, config.optimizer.frozen)
     return state
@@ -370,15 +402,18 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
     return dict(state, params=params, frozen=frozen)
 
 
-def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, state: Dict) -> Dict:
-    """Params (trainable and frozen) of another run's latest checkpoint (e.g. stage 1 for
-    stage 2); its optimizer state is not read, the optimizer state and step stay fresh."""
-    source = Checkpointer(checkpoint_dir, keep=1)
+def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, model_cfg: MolmoConfig) -> Dict:
+    """{"params", "frozen"} of another run's latest usable checkpoint (e.g. stage 1 for stage 2),
+    opened read-only: nothing in that run is moved, cleaned up or written. Its optimizer state
+    and step are not read; they stay fresh."""
+    source = Checkpointer(checkpoint_dir, read_only=True)
     params_only = {k: abstract_state[k] for k in ("params", "frozen")}
-    restored = source.restore_latest(params_only, None, partial=True)
-    source.close()
+    try:
+        restored = source.restore_latest(params_only, None, partial=True, model_config=model_cfg.to_dict())
+    finally:
+        source.close()
     if restored is None:
-        raise FileNotFoundError(f"config.init.checkpoint: no readable checkpoint in {checkpoint_dir}")
+        raise FileNotFoundError(f"config.init.checkpoint: no usable checkpoint in {checkpoint_dir}")
     step, loaded, _ = restored
     log.info("initial params from step %d of %s", step, checkpoint_dir)
-    return dict(state, params=loaded["params"], frozen=loaded["frozen"])
+    return {"params": loaded["params"], "frozen": loaded["frozen"]}
