@@ -3,7 +3,7 @@ and the LLM's positions.
 
 The mask travels through the layers as an `AttentionMask` (a few per-token arrays); only the
 backend turns it into what it needs: the reference einsum builds the dense bool[B, T, S]
-mask, other backends what their kernels take.
+mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time.
 
 Axis legend: B batch, T query length, S key length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, D width.
@@ -79,7 +79,7 @@ class AttentionMask:
         return self.allowed(self.q_offset + jnp.arange(t), jnp.arange(s))
 
 
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "chunked")
 
 
 def check_implementation(name: str) -> str:
@@ -89,9 +89,18 @@ def check_implementation(name: str) -> str:
 
 
 def select_implementation(name: str, t: int, s: int, platform: Optional[str] = None) -> str:
-    """The backend `name` stands for ("auto": the einsum, the only backend so far)."""
-    del t, s, platform
-    return "reference" if check_implementation(name) == "auto" else name
+    """The backend `name` stands for: itself, or for "auto" the chunked kernel once one
+    head's [T, S] float32 logits pass AUTO_CHUNKED_LOGITS (it never holds them) and the
+    einsum below (faster on CPU at the lengths Molmo trains on, benchmarks/attention.py)."""
+    check_implementation(name)
+    if name != "auto":
+        return name
+    del platform  # the TPU and GPU kernels are chosen here once they exist
+    return "chunked" if t * s > AUTO_CHUNKED_LOGITS else "reference"
+
+
+# One head's logits above this many entries (4096 x 4096) make "auto" pick the chunked kernel.
+AUTO_CHUNKED_LOGITS = 4096 * 4096
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[AttentionMask] = None,
@@ -114,6 +123,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     q = q / jnp.sqrt(jnp.asarray(h, q.dtype))
     name = select_implementation(implementation, t, k.shape[1], jax.default_backend())
+    if name == "chunked":
+        from molmo_jax.model.attention_chunked import chunked_attention  # noqa: PLC0415 (imports this module)
+        return chunked_attention(q, k, v, mask)
     return _reference_attention(q, k, v, mask)
 
 
