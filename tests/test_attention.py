@@ -1,18 +1,24 @@
 """Attention backends against the reference einsum, forward and gradient, on every mask kind
 the models use (causal, right padding, subsegments, KV-cache offsets, bidirectional blocks,
 grouped kv heads, T != S, lengths off the block grid), the structural mask against the spec,
-and the chunked backend's compiled memory on a long sequence."""
+the chunked backend's compiled memory on a long sequence, the backend choice, and the
+trainer's losses with each backend that runs on CPU."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import configs
+from configs import common
+from molmo_jax import sharding
+
 from molmo_jax.model import config as cfg
 from molmo_jax.model.attention import (AttentionMask, _reference_attention, dot_product_attention,
                                        select_implementation)
 from molmo_jax.model.attention_chunked import chunked_attention
 from molmo_jax.model.llm import LLM
+from molmo_jax.train import trainer
 
 
 def _mask_cases():
@@ -59,6 +65,19 @@ def _live_rows(mask, t, s):
     return np.broadcast_to(live, (2, t))
 
 
+def _compare_with_reference(fn, mask, qkv, cotangent, live, tol=1e-5):
+    """fn(q, k, v) against the einsum at the live rows, and its q/k/v gradients everywhere."""
+    def grads(f):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cotangent), argnums=(0, 1, 2)))(*qkv)
+
+    ref = lambda q, k, v: _reference_attention(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(*qkv))[live], np.asarray(ref(*qkv))[live],
+                               atol=tol, rtol=tol)
+    for name, want, got in zip("qkv", grads(ref), grads(fn)):
+        assert np.isfinite(np.asarray(got)).all(), name
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=tol, err_msg=name)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_chunked_equals_reference_forward_and_gradient(case):
     t, s, n, kv, mask = CASES[case]
@@ -66,17 +85,10 @@ def test_chunked_equals_reference_forward_and_gradient(case):
     live = _live_rows(mask, t, s)
     cotangent = cotangent * live[:, :, None, None]  # the loss never reaches rows with no key
 
-    def loss(fn):
-        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent), argnums=(0, 1, 2)))
+    def chunked(q, k, v):
+        return chunked_attention(q, k, v, mask, block_q=8, block_k=16)
 
-    ref = lambda q, k, v: _reference_attention(q, k, v, mask)  # noqa: E731
-    chunked = lambda q, k, v: chunked_attention(q, k, v, mask, block_q=8, block_k=16)  # noqa: E731
-    np.testing.assert_allclose(np.asarray(chunked(q, k, v))[live], np.asarray(ref(q, k, v))[live],
-                               atol=1e-5, rtol=1e-5)
-    (_, ref_grads), (_, got_grads) = loss(ref)(q, k, v), loss(chunked)(q, k, v)
-    for name, want, got in zip("qkv", ref_grads, got_grads):
-        assert np.isfinite(np.asarray(got)).all(), name
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5, err_msg=name)
+    _compare_with_reference(chunked, mask, (q, k, v), cotangent, live)
 
 
 def test_chunked_single_block_and_bfloat16_inputs():
@@ -117,9 +129,11 @@ def test_unknown_implementation_is_refused():
         dot_product_attention(q, q, q, implementation="flash")
 
 
-def test_auto_picks_the_einsum_for_short_and_chunked_for_long_sequences():
-    assert select_implementation("auto", 1024, 1024, "cpu") == "reference"
-    assert select_implementation("auto", 8192, 8192, "cpu") == "chunked"
+def test_auto_picks_the_einsum_for_one_tile_and_chunked_beyond():
+    assert select_implementation("auto", 512, 512, "cpu") == "reference"
+    assert select_implementation("auto", 1024, 1024, "cpu") == "chunked"
+    assert select_implementation("auto", 1024, 1024, "gpu") == "reference"
+    assert select_implementation("auto", 8192, 8192, "gpu") == "chunked"
     assert select_implementation("chunked", 16, 16, "cpu") == "chunked"
 
 
@@ -171,3 +185,43 @@ def test_llm_with_chunked_attention_equals_reference():
     live = ids != -1
     for want, got in zip(outputs["reference"], outputs["chunked"]):
         np.testing.assert_allclose(got[live], want[live], atol=1e-5, rtol=1e-5)
+
+
+def test_model_config_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match="unknown model.attention 'flash'; choose from"):
+        cfg.TINY_QWEN2.replace(attention="flash")
+
+
+def test_trainer_losses_are_equal_with_each_cpu_backend():
+    """Three AdamW steps of the tiny Molmo: on packed, right-padded text (two conversations per
+    row, 600 tokens: two tiles of the chunked kernel) with the einsum, chunked and auto.
+    Every backend gives the einsum's losses and gradient norms."""
+    config = configs.load("configs/demo.py:pretrain")
+    config.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+    rng = np.random.default_rng(0)
+
+    def batch(t, packed):
+        ids = rng.integers(0, 500, (2, t)).astype(np.int32)
+        ids[1, t * 3 // 4:] = -1
+        arrays = {"input_ids": ids, "target_tokens": np.roll(ids, -1, 1),
+                  "loss_masks": ((rng.random((2, t)) < 0.6) & (ids != -1)).astype(np.float32)}
+        if packed:
+            sub = np.where(np.arange(t) < t // 3, 10000, np.where(np.arange(t) < 2 * t // 3, 1, 2))
+            arrays["subsegment_ids"] = np.repeat(sub[None], 2, 0).astype(np.int32)
+        return sharding.make_global_batch(arrays, mesh)
+
+    batches = {"packed": batch(600, True)}
+    runs = {"packed": ("reference", "chunked", "auto")}
+    for kind, names in runs.items():
+        metrics_by_backend = {}
+        for name in names:
+            config.model = common.model_config(cfg.TINY_QWEN2, attention=name)
+            setup = trainer.build_train_setup(config, trainer.model_config_from(config), mesh)
+            state, metrics_by_backend[name] = setup.init(jax.random.key(0)), []
+            for _ in range(3):
+                state, metrics = setup.step_fn(state, batches[kind])
+                metrics_by_backend[name].append([float(metrics[k]) for k in ("loss", "grad_norm.llm")])
+        for name in names[1:]:
+            np.testing.assert_allclose(metrics_by_backend[name], metrics_by_backend["reference"], rtol=1e-5,
+                                       err_msg=f"{name} on {kind}")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from molmo_jax.model.layers import Dense, Names
 
 # Masked logits get the most negative float32 (as the official additive mask does) rather
@@ -79,27 +80,29 @@ class AttentionMask:
         return self.allowed(self.q_offset + jnp.arange(t), jnp.arange(s))
 
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked")
-
-
 def check_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose from {list(IMPLEMENTATIONS)}")
     return name
 
 
-def select_implementation(name: str, t: int, s: int, platform: Optional[str] = None) -> str:
-    """The backend `name` stands for: itself, or for "auto" the chunked kernel once one
-    head's [T, S] float32 logits pass AUTO_CHUNKED_LOGITS (it never holds them) and the
-    einsum below (faster on CPU at the lengths Molmo trains on, benchmarks/attention.py)."""
+def select_implementation(name: str, t: int, s: int, platform: str) -> str:
+    """The backend `name` stands for on `platform` ("cpu", "gpu", "tpu") at T queries x S keys.
+
+    "auto": on CPU the chunked kernel as soon as it has more than one tile (it skips the tiles
+    above the causal diagonal and was faster from 1024 tokens on, benchmarks/attention.py), the
+    einsum for one tile; elsewhere the einsum until one head's [T, S] logits pass
+    AUTO_CHUNKED_LOGITS, where memory, not speed, decides.
+    """
     check_implementation(name)
     if name != "auto":
         return name
-    del platform  # the TPU and GPU kernels are chosen here once they exist
-    return "chunked" if t * s > AUTO_CHUNKED_LOGITS else "reference"
+    from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q  # noqa: PLC0415 (imports this module)
+    limit = BLOCK_Q * BLOCK_K if platform == "cpu" else AUTO_CHUNKED_LOGITS
+    return "chunked" if t * s > limit else "reference"
 
 
-# One head's logits above this many entries (4096 x 4096) make "auto" pick the chunked kernel.
+# Off CPU, one head's logits above this many entries (4096 x 4096) make "auto" pick the chunked kernel.
 AUTO_CHUNKED_LOGITS = 4096 * 4096
 
 
@@ -109,8 +112,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (kv head j serves query heads
     j*G .. j*G+G-1, as `repeat_interleave` does); mask: an AttentionMask, None = every query
-    sees every key. The softmax always runs in float32; `float32_logits` also computes q.k in
-    float32 (the ViT and pooling do, spec §2.3). Returns [B, T, N, H] in v's dtype.
+    sees every key; implementation: one of IMPLEMENTATIONS (select_implementation). The softmax
+    always runs in float32; `float32_logits` also computes q.k in float32 (the ViT and pooling
+    do, spec §2.3). Returns [B, T, N, H] in v's dtype.
 
     Rows with no allowed key (all-padding examples) are not meaningful; their outputs are
     never read and their gradients vanish because the loss never reaches them.
