@@ -17,6 +17,7 @@ from molmo_jax.model import config as cfg
 from molmo_jax.model.attention import (AttentionMask, _reference_attention, dot_product_attention,
                                        select_implementation)
 from molmo_jax.model.attention_chunked import chunked_attention
+from molmo_jax.model.attention_kernels import cudnn_arguments, cudnn_attention, splash_attention
 from molmo_jax.model.llm import LLM
 from molmo_jax.train import trainer
 
@@ -59,9 +60,12 @@ def _inputs(t, s, n, kv, h=8, seed=0):
                  for shape in ((2, t, n, h), (2, s, kv, h), (2, s, kv, h), (2, t, n, h)))
 
 
-def _live_rows(mask, t, s):
-    """bool[2, T]: queries with at least one allowed key (the only rows the model reads)."""
+def _live_rows(mask, t, s, padding_queries=True):
+    """bool[2, T]: queries with at least one allowed key, without padding queries unless
+    `padding_queries` (the model reads neither)."""
     live = np.ones((1, t), bool) if mask is None else np.asarray(mask.dense(t, s)).any(-1)
+    if not padding_queries and mask is not None and mask.key_valid is not None:
+        live = live & np.asarray(mask.key_valid)[:, mask.q_offset + np.arange(t)]
     return np.broadcast_to(live, (2, t))
 
 
@@ -129,12 +133,72 @@ def test_unknown_implementation_is_refused():
         dot_product_attention(q, q, q, implementation="flash")
 
 
-def test_auto_picks_the_einsum_for_one_tile_and_chunked_beyond():
-    assert select_implementation("auto", 512, 512, "cpu") == "reference"
-    assert select_implementation("auto", 1024, 1024, "cpu") == "chunked"
-    assert select_implementation("auto", 1024, 1024, "gpu") == "reference"
-    assert select_implementation("auto", 8192, 8192, "gpu") == "chunked"
-    assert select_implementation("chunked", 16, 16, "cpu") == "chunked"
+def _select(name, t, s, mask, platform, dtype=jnp.float32, head_dim=64):
+    q = jax.ShapeDtypeStruct((2, t, 4, head_dim), dtype)
+    return select_implementation(name, q, jax.ShapeDtypeStruct((2, s, 2, head_dim), dtype), mask, platform)
+
+
+def test_backend_selection_per_platform_and_mask():
+    causal, packed = CASES["right_padding"][4], CASES["subsegments"][4]
+    decode, blocks = CASES["kv_cache_decode"][4], CASES["bidirectional_blocks"][4]
+    assert _select("auto", 512, 512, causal, "cpu") == "reference"  # one tile
+    assert _select("auto", 1024, 1024, causal, "cpu") == "chunked"
+    assert _select("auto", 1024, 1024, causal, "tpu") == "splash"
+    assert _select("auto", 1024, 1024, causal, "gpu", jnp.bfloat16) == "cudnn"
+    assert _select("auto", 1024, 1024, causal, "gpu") == "reference"  # cuDNN flash takes half precision
+    assert _select("auto", 1024, 1024, causal, "gpu", jnp.bfloat16, head_dim=160) == "reference"
+    assert _select("auto", 8192, 8192, packed, "tpu") == "chunked"  # subsegments: no segment ids for them
+    assert _select("auto", 1024, 1024, packed, "tpu") == "reference"
+    for name in ("splash", "cudnn"):
+        assert _select(name, 1024, 1024, causal, "tpu") == name
+        for mask in (packed, decode, blocks):
+            assert _select(name, 1 if mask is decode else 1024, 1024, mask, "tpu") == "chunked"
+    assert _select("chunked", 16, 16, None, "cpu") == "chunked"
+
+
+@pytest.mark.parametrize("case", ["no_mask", "right_padding", "fully_masked_rows"])
+def test_cudnn_arguments_equal_reference(case):
+    """The argument mapping of the cuDNN backend, run by jax.nn.dot_product_attention's XLA path
+    (cuDNN itself needs a GPU): causal -> is_causal, key validity -> key_value_seq_lengths."""
+    t, s, n, kv, mask = CASES[case]
+    q, k, v, cotangent = _inputs(t, s, n, kv)
+    live = _live_rows(mask, t, s)
+    cotangent = cotangent * live[:, :, None, None]
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, mask), implementation="xla")
+
+    _compare_with_reference(xla, mask, (q, k, v), cotangent, live)
+
+
+def test_cudnn_refuses_what_it_cannot_express():
+    t, s, n, kv, mask = CASES["subsegments"]
+    q, k, v, _ = _inputs(t, s, n, kv)
+    with pytest.raises(ValueError, match="'cudnn' cannot express subsegment ids"):
+        cudnn_arguments(q, k, v, mask)
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU; this is 'cpu'"):
+        dot_product_attention(q, k, v, CASES["causal"][4], implementation="cudnn")
+    holes = np.ones((2, s), bool)
+    holes[0, 3] = False  # not right padding: cuDNN's sequence lengths cannot say it
+    out = cudnn_attention(q, k, v, AttentionMask(key_valid=holes), implementation="xla")
+    assert np.isnan(np.asarray(out[0])).all() and np.isfinite(np.asarray(out[1])).all()
+
+
+@pytest.mark.parametrize("case,t", [("right_padding", None), ("no_mask", None), ("fully_masked_rows", None),
+                                    ("causal", 200)])
+def test_splash_in_interpret_mode_equals_reference(case, t):
+    """The TPU kernel run by the Pallas interpreter, forward and gradient; lengths off the
+    128 grid, one tile (37 tokens) and two tiles (200 tokens, block 128)."""
+    t0, s, n, kv, mask = CASES[case]
+    t = t or t0
+    q, k, v, cotangent = _inputs(t, t, n, kv)
+    live = _live_rows(mask, t, t, padding_queries=False)  # splash gives them the padding keys
+    cotangent = cotangent * live[:, :, None, None]
+
+    def splash(q, k, v):
+        return splash_attention(q, k, v, mask, block=128, interpret=True)
+
+    _compare_with_reference(splash, mask, (q, k, v), cotangent, live)
 
 
 def test_chunked_memory_is_bounded_on_a_long_sequence():
@@ -194,7 +258,9 @@ def test_model_config_refuses_an_unknown_backend():
 
 def test_trainer_losses_are_equal_with_each_cpu_backend():
     """Three AdamW steps of the tiny Molmo: on packed, right-padded text (two conversations per
-    row, 600 tokens: two tiles of the chunked kernel) with the einsum, chunked and auto.
+    row, 600 tokens: two tiles of the chunked kernel) with the einsum, chunked and auto; on
+    right-padded text without subsegments (128 tokens, one splash tile) with the einsum and
+    splash (interpreted).
     Every backend gives the einsum's losses and gradient norms."""
     config = configs.load("configs/demo.py:pretrain")
     config.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
@@ -211,14 +277,16 @@ def test_trainer_losses_are_equal_with_each_cpu_backend():
             arrays["subsegment_ids"] = np.repeat(sub[None], 2, 0).astype(np.int32)
         return sharding.make_global_batch(arrays, mesh)
 
-    batches = {"packed": batch(600, True)}
-    runs = {"packed": ("reference", "chunked", "auto")}
+    batches = {"packed": batch(600, True), "padded": batch(128, False)}
+    runs = {"packed": ("reference", "chunked", "auto"), "padded": ("reference", "splash")}
+    initial = None  # the parameters do not depend on the backend: initialise once
     for kind, names in runs.items():
         metrics_by_backend = {}
         for name in names:
             config.model = common.model_config(cfg.TINY_QWEN2, attention=name)
             setup = trainer.build_train_setup(config, trainer.model_config_from(config), mesh)
-            state, metrics_by_backend[name] = setup.init(jax.random.key(0)), []
+            initial = setup.init(jax.random.key(0)) if initial is None else initial
+            state, metrics_by_backend[name] = jax.tree.map(jnp.copy, initial), []  # the step donates its state
             for _ in range(3):
                 state, metrics = setup.step_fn(state, batches[kind])
                 metrics_by_backend[name].append([float(metrics[k]) for k in ("loss", "grad_norm.llm")])

@@ -3,7 +3,8 @@ and the LLM's positions.
 
 The mask travels through the layers as an `AttentionMask` (a few per-token arrays); only the
 backend turns it into what it needs: the reference einsum builds the dense bool[B, T, S]
-mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time.
+mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time, the
+library kernels (attention_kernels.py: TPU splash, GPU cuDNN) segment ids / sequence lengths.
 
 Axis legend: B batch, T query length, S key length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, D width.
@@ -86,18 +87,32 @@ def check_implementation(name: str) -> str:
     return name
 
 
-def select_implementation(name: str, t: int, s: int, platform: str) -> str:
-    """The backend `name` stands for on `platform` ("cpu", "gpu", "tpu") at T queries x S keys.
+def select_implementation(name: str, q: jax.Array, k: jax.Array, mask: Optional[AttentionMask],
+                          platform: str) -> str:
+    """The backend that runs `name` for these inputs on `platform` ("cpu", "gpu", "tpu").
 
-    "auto": on CPU the chunked kernel as soon as it has more than one tile (it skips the tiles
-    above the causal diagonal and was faster from 1024 tokens on, benchmarks/attention.py), the
-    einsum for one tile; elsewhere the einsum until one head's [T, S] logits pass
-    AUTO_CHUNKED_LOGITS, where memory, not speed, decides.
+    "auto": TPU splash attention, or GPU cuDNN flash attention, where the mask and inputs allow
+    (attention_kernels.py says which masks do not); otherwise, on CPU, the chunked kernel as soon
+    as it has more than one tile (it skips the tiles above the causal diagonal and was faster
+    from 1024 tokens on, benchmarks/attention.py) and the einsum for one tile; on accelerators
+    the einsum until one head's [T, S] logits pass AUTO_CHUNKED_LOGITS, where memory decides.
+    An explicit "splash" or "cudnn" also falls back to the chunked kernel for the masks it
+    cannot express (the KV-cache decode of generation, subsegments, bidirectional blocks).
     """
+    from molmo_jax.model import attention_kernels as kernels  # noqa: PLC0415 (they import this module)
+    from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q  # noqa: PLC0415
+
     check_implementation(name)
+    t, s = q.shape[1], k.shape[1]
+    expressible = kernels.unsupported(mask, t, s) is None
+    if name in ("splash", "cudnn"):
+        return name if expressible else "chunked"
     if name != "auto":
         return name
-    from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q  # noqa: PLC0415 (imports this module)
+    if expressible and platform == "tpu":
+        return "splash"
+    if expressible and platform == "gpu" and kernels.cudnn_supports(q, k) is None:
+        return "cudnn"
     limit = BLOCK_Q * BLOCK_K if platform == "cpu" else AUTO_CHUNKED_LOGITS
     return "chunked" if t * s > limit else "reference"
 
@@ -116,8 +131,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     always runs in float32; `float32_logits` also computes q.k in float32 (the ViT and pooling
     do, spec §2.3). Returns [B, T, N, H] in v's dtype.
 
-    Rows with no allowed key (all-padding examples) are not meaningful; their outputs are
-    never read and their gradients vanish because the loss never reaches them.
+    The rows of padding queries and rows with no allowed key (all-padding examples) differ
+    between backends; their outputs are never read and their gradients vanish because the
+    loss never reaches them.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
@@ -126,10 +142,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     if float32_logits:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     q = q / jnp.sqrt(jnp.asarray(h, q.dtype))
-    name = select_implementation(implementation, t, k.shape[1], jax.default_backend())
+    platform = jax.default_backend()
+    name = select_implementation(implementation, q, k, mask, platform)
     if name == "chunked":
         from molmo_jax.model.attention_chunked import chunked_attention  # noqa: PLC0415 (imports this module)
         return chunked_attention(q, k, v, mask)
+    if name == "splash":  # off TPU in the Pallas interpreter (slow; for tests)
+        from molmo_jax.model.attention_kernels import splash_attention  # noqa: PLC0415
+        return splash_attention(q, k, v, mask, interpret=platform != "tpu")
+    if name == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' needs a GPU; this is {platform!r}")
+        from molmo_jax.model.attention_kernels import cudnn_attention  # noqa: PLC0415
+        return cudnn_attention(q, k, v, mask)
     return _reference_attention(q, k, v, mask)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 
 
 # Attention backends (model/attention.py). "auto" picks one per platform and sequence length.
-ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "chunked")
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "chunked", "splash", "cudnn")
 
 
 def _check_keys(cls, data: dict, where: str) -> None:
