@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from molmo_jax.model import config as cfg
-from molmo_jax.model.attention import causal_mask, default_positions, subsegment_positions
+from molmo_jax.model.attention import AttentionMask, default_positions, subsegment_positions
 from molmo_jax.model.llm import LLM
 
 
@@ -62,7 +62,7 @@ def test_subsegments_see_image_and_themselves_only():
     sub = np.array([[10000, 10000, 10000, 1, 1, 2, 2, 2]])
     valid = np.array([[True] * 7 + [False]])
     np.testing.assert_array_equal(subsegment_positions(valid, sub)[:, :7], [[0, 1, 2, 3, 4, 3, 4]])
-    mask = np.asarray(causal_mask(valid, sub))[0]
+    mask = np.asarray(AttentionMask(key_valid=valid, subsegment_ids=sub).dense(8, 8))[0]
     assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]  # conv 2 skips conv 1
     assert mask[4, 3] and not mask[2, 3:].any()  # conv 1 sees itself; image sees no text
     assert not mask[:, 7].any()  # padding is never a key

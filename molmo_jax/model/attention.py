@@ -1,43 +1,171 @@
-"""One attention function, the ViT / pooling multi-head attention, and the LLM masks.
+"""One attention function over a structural mask, the ViT / pooling multi-head attention,
+and the LLM's positions.
+
+The mask travels through the layers as an `AttentionMask` (a few per-token arrays); only the
+backend turns it into what it needs: the reference einsum builds the dense bool[B, T, S]
+mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time, the
+library kernels (attention_kernels.py: TPU splash, GPU cuDNN) segment ids / sequence lengths.
 
 Axis legend: B batch, T query length, S key length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim, D width.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import functools
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from molmo_jax.model.layers import Dense, Names
 
 # Masked logits get the most negative float32 (as the official additive mask does) rather
 # than -inf, so fully masked rows (padding queries) stay finite.
-_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
-                          *, float32_logits: bool = False) -> jax.Array:
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q_offset", "key_valid", "subsegment_ids", "block_ids"],
+                   meta_fields=["causal"])
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may attend to, as per-token arrays rather than a dense [T, S] mask.
+
+    Query i sits at key slot q_offset + i (q_offset = 0 without a KV cache, the cache's first
+    free slot with one); the per-token arrays are indexed by key slot, [B, S]:
+
+        allowed[b, i, j] = key_valid[b, j]
+                           & (not causal  or  q_offset + i >= j  or  same nonzero block id)
+                           & subsegment_ids[b, q_offset + i] <= subsegment_ids[b, j]
+
+    key_valid: bool[B, S] (right padding, empty cache slots), None = all valid.
+    subsegment_ids: int[B, S], Molmo's several conversations per image (spec §4.6), None = one.
+    block_ids: int[B, S], bidirectional blocks (Molmo2: the tokens of one image or frame see
+    each other both ways); 0 = no block, None = none.
+    """
+
+    causal: bool = True
+    q_offset: Union[int, jax.Array] = 0
+    key_valid: Optional[jax.Array] = None
+    subsegment_ids: Optional[jax.Array] = None
+    block_ids: Optional[jax.Array] = None
+
+    def allowed(self, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
+        """The mask for query slots int32[Tq] x key slots int32[Sk] -> bool[B or 1, Tq, Sk].
+
+        Slots past the end of the per-token arrays (tile padding) read the last entry; callers
+        mask padded keys with `key_valid`.
+        """
+        def at(ids, slots):
+            return jnp.take(ids, slots, axis=1, mode="clip")
+
+        allowed = jnp.ones((1, q_slots.shape[0], k_slots.shape[0]), bool)
+        if self.causal:
+            ordered = q_slots[:, None] >= k_slots[None, :]
+            if self.block_ids is not None:
+                qb, kb = at(self.block_ids, q_slots), at(self.block_ids, k_slots)
+                ordered = ordered | ((qb[:, :, None] == kb[:, None, :]) & (qb[:, :, None] != 0))
+            allowed = allowed & ordered
+        if self.key_valid is not None:
+            allowed = allowed & at(self.key_valid, k_slots)[:, None, :]
+        if self.subsegment_ids is not None:
+            qs, ks = at(self.subsegment_ids, q_slots), at(self.subsegment_ids, k_slots)
+            allowed = allowed & (qs[:, :, None] <= ks[:, None, :])
+        return allowed
+
+    def dense(self, t: int, s: int) -> jax.Array:
+        """The full mask of T queries over S keys: bool[B or 1, T, S] (True = attend)."""
+        return self.allowed(self.q_offset + jnp.arange(t), jnp.arange(s))
+
+
+def check_implementation(name: str) -> str:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose from {list(IMPLEMENTATIONS)}")
+    return name
+
+
+def select_implementation(name: str, q: jax.Array, k: jax.Array, mask: Optional[AttentionMask],
+                          platform: str) -> str:
+    """The backend that runs `name` for these inputs on `platform` ("cpu", "gpu", "tpu").
+
+    "auto": TPU splash attention, or GPU cuDNN flash attention, where the mask and inputs allow
+    (attention_kernels.py says which masks do not); otherwise, on CPU, the chunked kernel as soon
+    as it has more than one tile (it skips the tiles above the causal diagonal and was faster
+    from 1024 tokens on, benchmarks/attention.py) and the einsum for one tile; on accelerators
+    the einsum until one head's [T, S] logits pass AUTO_CHUNKED_LOGITS, where memory decides.
+    An explicit "splash" or "cudnn" also falls back to the chunked kernel for the masks it
+    cannot express (the KV-cache decode of generation, subsegments, bidirectional blocks).
+    """
+    from molmo_jax.model import attention_kernels as kernels  # noqa: PLC0415 (they import this module)
+    from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q  # noqa: PLC0415
+
+    check_implementation(name)
+    t, s = q.shape[1], k.shape[1]
+    expressible = kernels.unsupported(mask, t, s) is None
+    if name in ("splash", "cudnn"):
+        return name if expressible else "chunked"
+    if name != "auto":
+        return name
+    if expressible and platform == "tpu":
+        return "splash"
+    if expressible and platform == "gpu" and kernels.cudnn_supports(q, k) is None:
+        return "cudnn"
+    limit = BLOCK_Q * BLOCK_K if platform == "cpu" else AUTO_CHUNKED_LOGITS
+    return "chunked" if t * s > limit else "reference"
+
+
+# Off CPU, one head's logits above this many entries (4096 x 4096) make "auto" pick the chunked kernel.
+AUTO_CHUNKED_LOGITS = 4096 * 4096
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[AttentionMask] = None,
+                          *, implementation: str = "reference", float32_logits: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(H) masked) v, with grouped kv heads.
 
     q: [B, T, N, H]; k, v: [B, S, K, H] with N % K == 0 (kv head j serves query heads
-    j*G .. j*G+G-1, as `repeat_interleave` does); mask: bool[B, T, S] (True = attend) or None.
-    The softmax always runs in float32; `float32_logits` also computes q.k in float32
-    (the ViT and pooling do, spec §2.3). Returns [B, T, N, H] in v's dtype.
+    j*G .. j*G+G-1, as `repeat_interleave` does); mask: an AttentionMask, None = every query
+    sees every key; implementation: one of IMPLEMENTATIONS (select_implementation). The softmax
+    always runs in float32; `float32_logits` also computes q.k in float32 (the ViT and pooling
+    do, spec §2.3). Returns [B, T, N, H] in v's dtype.
+
+    The rows of padding queries and rows with no allowed key (all-padding examples) differ
+    between backends; their outputs are never read and their gradients vanish because the
+    loss never reaches them.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
     if n % kv:
         raise ValueError(f"{n} query heads cannot be grouped over {kv} kv heads")
-    q = q.reshape(b, t, kv, n // kv, h)
     if float32_logits:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q / jnp.sqrt(jnp.asarray(h, q.dtype)), k)
-    logits = logits.astype(jnp.float32)
+    q = q / jnp.sqrt(jnp.asarray(h, q.dtype))
+    platform = jax.default_backend()
+    name = select_implementation(implementation, q, k, mask, platform)
+    if name == "chunked":
+        from molmo_jax.model.attention_chunked import chunked_attention  # noqa: PLC0415 (imports this module)
+        return chunked_attention(q, k, v, mask)
+    if name == "splash":  # off TPU in the Pallas interpreter (slow; for tests)
+        from molmo_jax.model.attention_kernels import splash_attention  # noqa: PLC0415
+        return splash_attention(q, k, v, mask, interpret=platform != "tpu")
+    if name == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"attention implementation 'cudnn' needs a GPU; this is {platform!r}")
+        from molmo_jax.model.attention_kernels import cudnn_attention  # noqa: PLC0415
+        return cudnn_attention(q, k, v, mask)
+    return _reference_attention(q, k, v, mask)
+
+
+def _reference_attention(q, k, v, mask):
+    """The einsum over the dense mask; q already scaled. Shapes as dot_product_attention."""
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
     if mask is not None:
-        logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+        logits = jnp.where(mask.dense(t, s)[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
@@ -76,18 +204,5 @@ def subsegment_positions(token_valid: jax.Array, subsegment_ids: jax.Array) -> j
     counts the valid tokens at or before it whose segment is >= s, so every conversation
     continues right after the image block. bool[B, T], int[B, T] -> int32[B, T]."""
     t = token_valid.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    seen = causal[None] & token_valid[:, None, :] & (subsegment_ids[:, None, :] >= subsegment_ids[:, :, None])
+    seen = AttentionMask(key_valid=token_valid, subsegment_ids=subsegment_ids).dense(t, t)  # what each token attends to
     return jnp.maximum(jnp.sum(seen, axis=-1, dtype=jnp.int32) - 1, 0)
-
-
-def causal_mask(token_valid: jax.Array, subsegment_ids: Optional[jax.Array] = None) -> jax.Array:
-    """allowed[b, i, j] = (i >= j) & valid[b, j] (& sub[b, i] <= sub[b, j]) -> bool[B, T, T].
-
-    Padding queries keep their keys masked too; their outputs are never read.
-    """
-    t = token_valid.shape[1]
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None] & token_valid[:, None, :]
-    if subsegment_ids is not None:
-        allowed &= subsegment_ids[:, :, None] <= subsegment_ids[:, None, :]
-    return allowed

@@ -10,6 +10,10 @@ import dataclasses
 from typing import Any, Optional, Tuple
 
 
+# Attention backends (model/attention.py). "auto" picks one per platform and sequence length.
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "chunked", "splash", "cudnn")
+
+
 def _check_keys(cls, data: dict, where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -117,6 +121,9 @@ class MolmoConfig:
     # Numerics and compilation. Parameters are always float32.
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    # The decoder's attention backend, one of ATTENTION_IMPLEMENTATIONS. The ViT and pooling
+    # attend over a few hundred tokens per crop without a mask and always use the einsum.
+    attention: str = "auto"
     # Random init of a model trained from scratch (pretrained weights replace it otherwise):
     # "normal": every weight N(0, 0.02), the official / transformers convention;
     # "fan_in": dense kernels N(0, 1 / fan_in) instead, so activations keep their scale through
@@ -128,6 +135,10 @@ class MolmoConfig:
     # The LLM's token embeddings are N(0, 1) too (at 0.02 the text a question asks about is 1/50 of
     # the image features around it). The MoE router / expert weights keep N(0, 0.02) under both.
     init_scheme: str = "normal"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown model.attention {self.attention!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
 
     @property
     def projector_hidden(self) -> int:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from molmo_jax.model.attention import causal_mask, dot_product_attention
+from molmo_jax.model.attention import AttentionMask, dot_product_attention
 from molmo_jax.model.config import LLMConfig
 from molmo_jax.model.layers import (Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
                                     scan_stack, stacked)
@@ -46,9 +46,10 @@ class Attention(nnx.Module):
     """q, k, v: float32[D, N|K, H] (+ bias [N|K, H] for Qwen2); o: float32[N, H, D], no bias;
     optional q_norm [N*H] / k_norm [K*H] applied over the full width before the head split."""
 
-    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LLMConfig, *, attention: str = "reference", rngs: nnx.Rngs):
         c = config
         self.config = c
+        self.implementation = attention
         self.q = Dense((c.d_model,), (c.n_heads, c.head_dim), ("embed", "heads", "head_dim"),
                        use_bias=c.qkv_bias, rngs=rngs)
         self.k = Dense((c.d_model,), (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
@@ -67,10 +68,10 @@ class Attention(nnx.Module):
     def _full_width_norm(norm: RMSNorm, x: jax.Array) -> jax.Array:
         return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, dtype,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, dtype,
                  layer_cache: Optional[Tuple[jax.Array, jax.Array]] = None,
                  index: Optional[jax.Array] = None):
-        """x: [B, T, D]; positions: int32[B, T]; mask: bool[B, T, S];
+        """x: [B, T, D]; positions: int32[B, T]; mask: over the S keys (T, or the cache slots);
         layer_cache: (k, v) [B, S, K, H] written at slot `index`. Returns (out, new layer_cache)."""
         q, k, v = self.q(x, dtype), self.k(x, dtype), self.v(x, dtype)
         if self.q_norm is not None:
@@ -82,7 +83,8 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             layer_cache, k, v = (ck, cv), ck.astype(dtype), cv.astype(dtype)
-        return self.o(dot_product_attention(q, k, v, mask), dtype), layer_cache
+        out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
+        return self.o(out, dtype), layer_cache
 
 
 class FeedForward(nnx.Module):
@@ -109,10 +111,10 @@ class DecoderBlock(nnx.Module):
     """Pre-norm: x += attn(attn_norm(x)); x += ffn(ff_norm(x)).
     Post-norm (norm_after): x += attn_norm(attn(x)); x += ff_norm(ffn(x))."""
 
-    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LLMConfig, *, attention: str = "reference", rngs: nnx.Rngs):
         self.config = config
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
-        self.attention = Attention(config, rngs=rngs)
+        self.attention = Attention(config, attention=attention, rngs=rngs)
         self.ff_norm = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
         self.ffn = make_feed_forward(config, rngs=rngs)
 
@@ -136,12 +138,14 @@ class DecoderBlock(nnx.Module):
 
 class LLM(nnx.Module):
     def __init__(self, config: LLMConfig, *, dtype="float32", remat_policy: str = "none",
-                 rngs: nnx.Rngs):
+                 attention: str = "reference", rngs: nnx.Rngs):
+        """attention: the attention backend (attention.IMPLEMENTATIONS; "auto" picks per
+        platform and length)."""
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat_policy = remat_policy
         self.embed = Embedding(config.embedding_size, config.additional_vocab_size, config.d_model, rngs=rngs)
-        self.blocks = stacked(lambda r: DecoderBlock(config, rngs=r), config.n_layers, rngs)
+        self.blocks = stacked(lambda r: DecoderBlock(config, attention=attention, rngs=r), config.n_layers, rngs)
         self.ln_f = RMSNorm(config.d_model, config.norm_eps, ("embed",), rngs=rngs)
         self.lm_head = Dense((config.d_model,), (config.embedding_size,), ("embed", "vocab"),
                              use_bias=False, rngs=rngs)
@@ -168,16 +172,14 @@ class LLM(nnx.Module):
         summed over layers; empty for dense blocks).
         """
         if cache is None:
-            mask = causal_mask(token_valid, subsegment_ids)
+            mask = AttentionMask(key_valid=token_valid, subsegment_ids=subsegment_ids)
             index, layer_caches = None, None
         else:
             if subsegment_ids is not None:
                 raise ValueError("subsegment_ids cannot be combined with a KV cache")
             index = cache.index
-            t, s = embeds.shape[1], cache.valid.shape[1]
             valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, index))
-            slots = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-            mask = slots[None] & valid[:, None, :]
+            mask = AttentionMask(q_offset=index, key_valid=valid)  # new token i sits at slot index + i
             layer_caches = (cache.k, cache.v)
 
         n = self.config.n_layers

@@ -59,7 +59,8 @@ class Molmo(nnx.Module):
         self.vision = VisionTransformer(config.vision, dtype=config.dtype, remat_policy=config.remat_policy,
                                         rngs=rngs)
         self.connector = Connector(config, rngs=rngs)
-        self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy, rngs=rngs)
+        self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy,
+                       attention=config.attention, rngs=rngs)
         if config.init_scheme == "fan_in":
             rescale_to_fan_in(self)
             self.vision.rescale_position_embeddings(1 / 0.02)
