@@ -222,6 +222,8 @@ def test_checksums_do_not_depend_on_the_mesh_and_see_one_changed_bit(small_state
     host = np.asarray(small_state["w"])
     on_two = jax.device_put(host, NamedSharding(sharding.make_mesh({"fsdp": 2}, jax.devices()[:2]), P("fsdp")))
     assert state_checksums({"w": on_two})[0] == state_checksums({"w": small_state["w"]})[0]
+    for value in (host, host.astype(jnp.bfloat16), host > 30, host.astype(np.int32).reshape(8, 8)):
+        assert state_checksums({"w": value})[0] == state_checksums({"w": jnp.asarray(value)})[0]  # numpy = jax
     flipped = host.copy()
     flipped.view(np.uint32)[17] ^= 1 << 9
     assert state_checksums({"w": jnp.asarray(flipped)})[0] != state_checksums({"w": jnp.asarray(host)})[0]

@@ -81,10 +81,10 @@ def get_config(arg=None):
     return c
 '''
 IGNORED = ("step_time_s", "examples_per_s", "tokens_per_s", "mfu")
-# The longest silence of a healthy run is the first compile of the 8-device step (no log line
-# between "mesh ..." and step 1): IDLE_MEASURED_S on 2 cores shared with 4 other test runs.
-# Ten times that is still a hang.
-IDLE_MEASURED_S = 90
+# The longest silence of a healthy run is the first compile of the step (no log line between
+# "mesh ..." and step 1). Measured on 2 cores at load average 6-8 (other test runs beside):
+# 81-112 s for the 1-device step, 110 s for the 8-device one. Ten times that is a hang.
+IDLE_MEASURED_S = 112
 IDLE_LIMIT_S = 10 * IDLE_MEASURED_S
 
 

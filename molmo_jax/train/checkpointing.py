@@ -93,6 +93,26 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (_fmix32(index) | jnp.uint32(1)), dtype=jnp.uint32)
 
 
+def _host_summary(x: np.ndarray) -> Tuple[int, bool]:
+    """_leaf_checksum and _leaf_finite of a host array, in numpy (bit-identical: same formula,
+    same wrap-around), so that a state of host arrays is not copied to a device whole."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint32)
+    elif x.dtype.itemsize >= 4:
+        bits = x.view(np.uint32).reshape(x.shape + ((x.dtype.itemsize // 4,) if x.dtype.itemsize > 4 else ()))
+    else:
+        bits = x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize]).astype(np.uint32)
+    h = np.arange(bits.size, dtype=np.uint32).reshape(bits.shape)
+    h ^= h >> 16
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> 13
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> 16
+    finite = bool(np.isfinite(x).all()) if np.issubdtype(x.dtype, np.inexact) else True
+    return int(np.sum(bits * (h | np.uint32(1)), dtype=np.uint32)), finite
+
+
 def _leaf_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
 
@@ -103,7 +123,8 @@ _tree_summary = jax.jit(lambda tree: (jax.tree.map(_leaf_checksum, tree), jax.tr
 def state_checksums(state: Any) -> Tuple[Dict[str, str], List[str]]:
     """({"params/llm/lm_head/kernel": 8 hex digits, ...}, paths of arrays holding NaN/inf).
 
-    state: pytree of (global) jax arrays; every process gets the same answer.
+    state: pytree of (global) jax arrays, or numpy arrays (summed on the host); every process
+    gets the same answer.
     """
     paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0]) if jax.tree.leaves(state) else ((), ())
     by_devices: Dict[Any, List[int]] = {}  # one jit per device set (a jit takes arrays of one set)
@@ -111,7 +132,10 @@ def state_checksums(state: Any) -> Tuple[Dict[str, str], List[str]]:
         devices = frozenset(leaf.devices()) if isinstance(leaf, jax.Array) else None
         by_devices.setdefault(devices, []).append(i)
     summary: Dict[int, Tuple[Any, Any]] = {}
-    for indices in by_devices.values():
+    for devices, indices in by_devices.items():
+        if devices is None:
+            summary.update((i, _host_summary(np.asarray(leaves[i]))) for i in indices)
+            continue
         words, finite = jax.device_get(_tree_summary([leaves[i] for i in indices]))
         summary.update(zip(indices, zip(words, finite)))
     sums, bad = {}, []
