@@ -26,7 +26,6 @@ from configs import common
 from molmo_jax import sharding
 from molmo_jax.flops import params_count
 from molmo_jax.model.config import LLMConfig, MOLMO_7B_D, MOLMO_7B_O, MOLMO_72B, MOLMOE_1B, VisionConfig
-from molmo_jax.model.layers import REMAT_POLICIES
 from molmo_jax.train import trainer
 from molmo_jax.train.metrics_logging import peak_flops, train_step_flops
 
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 demo, 4 for 100m)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-crops", type=int, default=2)
-    p.add_argument("--remat", choices=sorted(REMAT_POLICIES), default="none",
+    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
                    help="activation rematerialisation of the scanned blocks (the releases use full)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     args = p.parse_args(argv)
