@@ -5,6 +5,7 @@ the chunked backend's compiled memory on a long sequence, the backend choice, an
 trainer's losses with each backend that runs on CPU."""
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import print_saved_residuals
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,6 +19,7 @@ from molmo_jax.model.attention import (AttentionMask, _reference_attention, dot_
                                        select_implementation)
 from molmo_jax.model.attention_chunked import chunked_attention
 from molmo_jax.model.attention_kernels import cudnn_arguments, cudnn_attention, splash_attention
+from molmo_jax.model.layers import REMAT_POLICIES
 from molmo_jax.model.llm import LLM
 from molmo_jax.train import trainer
 
@@ -293,3 +295,37 @@ def test_trainer_losses_are_equal_with_each_cpu_backend():
         for name in names[1:]:
             np.testing.assert_allclose(metrics_by_backend[name], metrics_by_backend["reference"], rtol=1e-5,
                                        err_msg=f"{name} on {kind}")
+
+
+def test_dots_and_attention_remat_keeps_the_attention_and_not_its_logits(capsys):
+    """Under the "dots_and_attention" policy the chunked kernel's output and row max / sum are
+    saved for the backward pass (named), and nothing of [T, S] size is."""
+    t = 1024
+    q, k = jnp.ones((1, t, 2, 16)), jnp.ones((1, t, 1, 16))
+
+    def f(q, k):
+        return jnp.sum(jnp.sin(dot_product_attention(q, k, k, AttentionMask(), implementation="chunked")))
+
+    print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES["dots_and_attention"]), q, k)
+    saved = capsys.readouterr().out.splitlines()
+    assert sum("named 'attention'" in line for line in saved) == 3, saved  # output, row max, row sum
+    assert not any(f"{t},{t}" in line for line in saved), saved
+
+
+def test_dots_and_attention_remat_gives_the_same_gradients():
+    ids = np.random.RandomState(5).randint(0, 512, (2, 600)).astype(np.int32)
+    ids[1, 500:] = -1
+    grads = {}
+    for policy in ("none", "dots_and_attention"):
+        llm = LLM(cfg.TINY_QWEN2.llm, remat_policy=policy, attention="chunked", rngs=nnx.Rngs(0))
+
+        @nnx.jit
+        @nnx.grad
+        def loss(llm):
+            valid = ids != -1
+            logits, _, _ = llm(llm.embed_tokens(ids), jnp.maximum(jnp.cumsum(valid, 1) - 1, 0), token_valid=valid)
+            return jnp.sum(jnp.where(valid[..., None], jax.nn.log_softmax(logits), 0.0)[..., 0])
+
+        grads[policy] = jax.tree.leaves(nnx.state(loss(llm)))
+    for a, b in zip(grads["none"], grads["dots_and_attention"]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

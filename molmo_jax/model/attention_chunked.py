@@ -21,8 +21,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from molmo_jax.model.attention import MASK_VALUE, AttentionMask
+from molmo_jax.model.layers import ATTENTION_NAME
 
 BLOCK_Q = 512
 BLOCK_K = 512
@@ -101,7 +103,8 @@ def _flash(qb, kb, vb, mask):
 
 
 def _flash_fwd(qb, kb, vb, mask):
-    out, m, l = _forward(qb, kb, vb, mask)
+    # Named, so that the "dots_and_attention" remat policy keeps them instead of rerunning this.
+    out, m, l = (checkpoint_name(x, ATTENTION_NAME) for x in _forward(qb, kb, vb, mask))
     return out, (qb, kb, vb, mask, out, m, l)
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.model.attention import AttentionMask
+from molmo_jax.model.layers import ATTENTION_NAME
 
 SPLASH_BLOCK = 512  # the largest tile; the kernel needs multiples of 128
 
@@ -75,6 +76,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[At
     head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
     kernel = kernels.make_splash_mha(
         masks.MultiHeadMask([head_mask] * n), head_shards=1, q_seq_shards=1, interpret=interpret,
+        residual_checkpoint_name=ATTENTION_NAME,
         block_sizes=kernels.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
                                        block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size,
                                        block_kv_dq=size))

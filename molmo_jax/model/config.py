@@ -120,7 +120,7 @@ class MolmoConfig:
     llm: LLMConfig = LLMConfig()
     # Numerics and compilation. Parameters are always float32.
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
-    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" | "dots_and_attention" (layers.py)
     # The decoder's attention backend, one of ATTENTION_IMPLEMENTATIONS. The ViT and pooling
     # attend over a few hundred tokens per crop without a mask and always use the einsum.
     attention: str = "auto"

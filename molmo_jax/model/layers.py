@@ -55,11 +55,19 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) ->
     return create(rngs)
 
 
+ATTENTION_NAME = "attention"  # checkpoint_name of what "dots_and_attention" keeps of the attention
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The weight matmuls (projections, MLPs) and what is named ATTENTION_NAME: the attention
+    # output and the chunked kernel's row max / sum, so the backward pass neither reruns the
+    # attention forward nor keeps the einsum's [T, S] probabilities; norms, RoPE and
+    # activations are recomputed (MaxText's "minimal_with_context").
+    "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_NAME)),
 }
 
 

@@ -26,10 +26,11 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from molmo_jax.model.attention import AttentionMask, dot_product_attention
 from molmo_jax.model.config import LLMConfig
-from molmo_jax.model.layers import (Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
+from molmo_jax.model.layers import (ATTENTION_NAME, Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
                                     scan_stack, stacked)
 from molmo_jax.model.moe import MoEFeedForward
 from molmo_jax.model.sharding import with_logical_constraint
@@ -83,7 +84,8 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             layer_cache, k, v = (ck, cv), ck.astype(dtype), cv.astype(dtype)
-        out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
+        out = checkpoint_name(dot_product_attention(q, k, v, mask, implementation=self.implementation),
+                              ATTENTION_NAME)  # kept by the "dots_and_attention" remat policy
         return self.o(out, dtype), layer_cache
 
 
