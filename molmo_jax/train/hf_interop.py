@@ -14,10 +14,14 @@ tensor, not the model (benchmarks/export.py: ~0.5x one float32 copy at 1.1B para
 optimizer state is never read. Formats: convert/export_formats.py.
 
 Everything is written into a hidden temporary folder next to the target and renamed at the end,
-so an interrupted export leaves no output folder; a non-empty target needs `force`.
+so an interrupted or failed export (disk full, read-only target: one ExportError) leaves no
+output folder; a non-empty target needs `force`. The folder's other files: the configs
+(convert/export_formats.py), tokenizer and remote code (convert/export_files.py); --verify:
+train/export_verify.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -31,9 +35,8 @@ import orbax.checkpoint as ocp
 
 from data_pipelines.multicrop import CropConfig
 from data_pipelines.pipeline import crop_fields
-from data_pipelines.spm_convert import sentencepiece_to_hf
-from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from molmo_jax.convert import export_formats as formats
+from molmo_jax.convert.export_files import copy_remote_code, write_tokenizer
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_links, read_hf_config
@@ -49,11 +52,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "torch-backbones")
 DTYPES = ("float32", "bfloat16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json", "tokenizer.model", "spm.model", "chat_template.jinja")
-# The modules an official Molmo folder's auto_map names (--remote-code).
-REMOTE_CODE_MODULES = ("config_molmo.py", "modeling_molmo.py", "preprocessing_molmo.py",
-                       "image_preprocessing_molmo.py")
+
 
 
 def parse_size(text: str) -> int:
@@ -198,62 +197,6 @@ class AtomicFolder:
             shutil.rmtree(old)
 
 
-def copy_tokenizer(source: str, folder: str) -> List[str]:
-    """Copies the tokenizer files of `source` (a folder, or one tokenizer.json / sentencepiece
-    .model file) into `folder`; returns the names copied."""
-    if os.path.isfile(source):
-        names = [source]
-    elif os.path.isdir(source):
-        names = [os.path.join(source, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
-    else:
-        raise ExportError(f"--tokenizer {source}: no such file or folder")
-    if not names:
-        raise ExportError(f"--tokenizer {source}: none of {list(TOKENIZER_FILES)} in it")
-    for path in names:
-        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
-    return [os.path.basename(p) for p in names]
-
-
-def write_tokenizer(source: str, folder: str, vocab_size: int) -> Tokenizer:
-    """The tokenizer files of `source` in `folder`, plus, for a sentencepiece model, the
-    tokenizer.json (and tokenizer_config.json) the official tokenizer and processor read, with
-    the image tokens at the model's ids. Returns the project's view of the written folder."""
-    names = copy_tokenizer(source, folder)
-    spm = [n for n in names if n.endswith(".model")]
-    if spm and "tokenizer.json" not in names:
-        try:
-            sentencepiece_to_hf(os.path.join(folder, spm[0]), pad_to=vocab_size).save(
-                os.path.join(folder, "tokenizer.json"))
-        except ValueError as e:
-            raise ExportError(f"--tokenizer {source}: {e}") from e
-        eos = load_tokenizer(os.path.join(folder, spm[0]), pad_to=vocab_size).eos_id
-        eos_token = sentencepiece_to_hf(os.path.join(folder, spm[0])).id_to_token(eos)
-        # BOS is EOS in Molmo (spec 4.1); the processor adds it itself, the tokenizer adds nothing.
-        write_json(os.path.join(folder, "tokenizer_config.json"), {
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "pad_token": eos_token,
-            "bos_token": None, "add_bos_token": False, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000})
-    try:
-        return load_tokenizer(os.path.abspath(folder), pad_to=vocab_size)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"--tokenizer {source}: {e}") from e
-
-
-def copy_remote_code(source: str, folder: str) -> List[str]:
-    """Copies the .py files of `source` (an official Molmo snapshot the user has) into `folder`,
-    so that the folder's local auto_map resolves offline; returns the names copied."""
-    if not os.path.isdir(source):
-        raise ExportError(f"--remote-code {source}: not a folder")
-    missing = [m for m in REMOTE_CODE_MODULES if not os.path.isfile(os.path.join(source, m))]
-    if missing:
-        raise ExportError(f"--remote-code {source}: missing {missing} (an official Molmo snapshot, e.g. "
-                          f"Molmo-7B-D-0924, has {list(REMOTE_CODE_MODULES)})")
-    names = sorted(n for n in os.listdir(source) if n.endswith(".py") and os.path.isfile(os.path.join(source, n)))
-    for name in names:
-        shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
-    return names
-
-
 def checkpoint_crop(params: CheckpointParams) -> CropConfig:
     """The crop geometry the checkpoint was trained with (meta "crop", recorded by the trainer);
     checkpoints written before it was recorded get the geometry the model was built for at the
@@ -384,6 +327,33 @@ def training_state(params: Dict, optimizer_config: Mapping, total_steps: int, se
             "step": np.zeros((), np.int32), "rng": np.asarray(jax.random.key_data(rng_key))}
 
 
+# OCDBT data files of the import's save. orbax's default (2 GiB) keeps up to that much encoded
+# data in memory before a file is written: about a whole small model, twice the host memory.
+IMPORT_DATA_FILE_BYTES = 32 * 2 ** 20
+
+
+@contextlib.contextmanager
+def streamed_orbax_save():
+    """Within: a synchronous orbax save holds little beyond the arrays it writes. orbax normally
+    deep-copies every numpy array first (so that an async save may outlive the caller's arrays),
+    which doubles the host memory and materialises the lazily mapped zeros of the Adam moments;
+    and it buffers up to IMPORT_DATA_FILE_BYTES of encoded data per file (a module default of
+    orbax that Checkpointer's StandardSave cannot pass; left alone if orbax renames it)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415 (private default)
+    default_handler = ocp.type_handlers.get_type_handler(np.ndarray)
+    default_size = getattr(tensorstore_utils, "_DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE", None)
+    ocp.type_handlers.register_type_handler(np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False),
+                                            override=True)
+    if default_size is not None:
+        tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = IMPORT_DATA_FILE_BYTES
+    try:
+        yield
+    finally:
+        ocp.type_handlers.register_type_handler(np.ndarray, default_handler, override=True)
+        if default_size is not None:
+            tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = default_size
+
+
 def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) -> str:
     """An official HF Molmo folder -> a step-0 trainer checkpoint in `out` that
     `--config.init.checkpoint=out` fine-tunes from (or a run resumes from, with a fresh
@@ -412,7 +382,7 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
     state = training_state(params, train_config.optimizer, train_config.train.total_steps, train_config.seed)
     del params
     try:
-        with AtomicFolder(out, force) as tmp:
+        with AtomicFolder(out, force) as tmp, streamed_orbax_save():
             checkpointer = Checkpointer(tmp, keep=1, async_save=False)
             checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},
                                                "source": os.path.abspath(hf_folder),
