@@ -354,7 +354,9 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
                 out[k] = place(current[k], v)
             else:
                 host = np.asarray(v, current[k].dtype)
-                out[k] = jax.make_array_from_callback(host.shape, current[k].sharding, lambda i, h=host: h[i])
+                # Waited for: a pending transfer keeps its host array alive, all of them at once.
+                out[k] = jax.make_array_from_callback(host.shape, current[k].sharding,
+                                                      lambda i, h=host: h[i]).block_until_ready()
             del v
         return out
 
