@@ -14,7 +14,7 @@ that cannot run, the report says why instead of a number.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import numpy as np
 from flax import nnx

@@ -164,7 +164,9 @@ def _pid_alive(pid: int) -> bool:
 class AtomicFolder:
     """`with AtomicFolder(out, force) as tmp:` writes into `.NAME.partial-PID` beside `out` and
     renames it to `out` on success; on any error (or SIGTERM turned into SystemExit) the
-    temporary folder is removed. Leftovers of killed runs are removed at the next start."""
+    temporary folder is removed, and a failed write (OSError: disk full, read-only target)
+    becomes one ExportError naming the file. Leftovers of killed runs are removed at the next
+    start."""
 
     def __init__(self, out: str, force: bool):
         self.out = os.path.abspath(out.rstrip("/") or out)
@@ -181,20 +183,36 @@ class AtomicFolder:
         for stale in _stale_temporaries(self.out):
             log.warning("removing %s, left by an interrupted export", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        os.makedirs(self.tmp)
+        try:
+            os.makedirs(self.tmp)
+        except OSError as e:  # e.g. a read-only target
+            raise self.write_error(e) from e
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(kind, OSError):  # disk full, read-only, quota: one line, not a traceback
+                raise self.write_error(value) from value
             return
         old = None
-        if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
-            old = self.tmp.replace(".partial-", ".replaced-")
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
+                old = self.tmp.replace(".partial-", ".replaced-")
+                os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            if old is not None and not os.path.exists(self.out):
+                os.rename(old, self.out)  # the previous folder back in its place
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self.write_error(e) from e
         if old is not None:
             shutil.rmtree(old)
+
+    def write_error(self, e: OSError) -> ExportError:
+        """The one-line error of a failed write, naming the file as it would have been called."""
+        where = str(e.filename2 or e.filename or self.out).replace(self.tmp, self.out)
+        return ExportError(f"--out {self.out}: cannot write {where} ({e.strerror or e}); nothing was written")
 
 
 def checkpoint_crop(params: CheckpointParams) -> CropConfig:
@@ -277,9 +295,6 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
                                   on_shard_done)
             if verify:
                 verify(verify_export(params, tmp, np_dtype, with_torch=local))
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write {e.filename or 'the export'} ({e.strerror or e}); "
-                          f"nothing was written") from e
     finally:
         params.close()
     return os.path.abspath(out)
@@ -340,16 +355,24 @@ def streamed_orbax_save():
     and it buffers up to IMPORT_DATA_FILE_BYTES of encoded data per file (a module default of
     orbax that Checkpointer's StandardSave cannot pass; left alone if orbax renames it)."""
     from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415 (private default)
+    def register(handler) -> None:
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns of every override
+        try:
+            ocp.type_handlers.register_type_handler(np.ndarray, handler, override=True)
+        finally:
+            absl.setLevel(level)
+
     default_handler = ocp.type_handlers.get_type_handler(np.ndarray)
     default_size = getattr(tensorstore_utils, "_DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE", None)
-    ocp.type_handlers.register_type_handler(np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False),
-                                            override=True)
+    register(ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
     if default_size is not None:
         tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = IMPORT_DATA_FILE_BYTES
     try:
         yield
     finally:
-        ocp.type_handlers.register_type_handler(np.ndarray, default_handler, override=True)
+        register(default_handler)
         if default_size is not None:
             tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = default_size
 
@@ -381,14 +404,9 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
         raise ExportError(f"--hf {hf_folder}: {e}") from e
     state = training_state(params, train_config.optimizer, train_config.train.total_steps, train_config.seed)
     del params
-    try:
-        with AtomicFolder(out, force) as tmp, streamed_orbax_save():
-            checkpointer = Checkpointer(tmp, keep=1, async_save=False)
-            checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},
-                                               "source": os.path.abspath(hf_folder),
-                                               "crop": crop_fields(train_config)})
-            checkpointer.close()
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot write {e.filename or 'the checkpoint'} ({e.strerror or e}); "
-                          f"nothing was written") from e
+    with AtomicFolder(out, force) as tmp, streamed_orbax_save():
+        checkpointer = Checkpointer(tmp, keep=1, async_save=False)
+        checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},
+                                           "source": os.path.abspath(hf_folder), "crop": crop_fields(train_config)})
+        checkpointer.close()
     return os.path.abspath(out)
