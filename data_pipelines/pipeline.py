@@ -427,13 +427,20 @@ class DrawClocks:
         return example
 
 
-def crop_config(config: Any) -> multicrop.CropConfig:
-    """Crop geometry of the experiment: the ViT input and patch size, the connector's pooling,
-    config.data.max_crops and overlap_margins."""
+def crop_fields(config: Any) -> Dict[str, Any]:
+    """The CropConfig fields of the experiment, unchecked and JSON-ready: the ViT input and patch
+    size, the connector's pooling, config.data.max_crops and overlap_margins (the trainer records
+    them in every checkpoint; the export writes them into preprocessor_config.json)."""
     vision, connector = config.model.vision, config.model.connector
-    return multicrop.CropConfig(crop_size=int(vision.image_size[0]), patch_size=int(vision.patch_size),
-                                overlap_margins=tuple(config.data.get("overlap_margins", (4, 4))),
-                                pool=int(connector.pool_h), max_crops=int(config.data.max_crops))
+    return dict(crop_size=int(vision.image_size[0]), patch_size=int(vision.patch_size),
+                overlap_margins=[int(m) for m in config.data.get("overlap_margins", (4, 4))],
+                pool=int(connector.pool_h), max_crops=int(config.data.max_crops))
+
+
+def crop_config(config: Any) -> multicrop.CropConfig:
+    """Crop geometry of the experiment (`crop_fields`), checked."""
+    fields = crop_fields(config)
+    return multicrop.CropConfig(**dict(fields, overlap_margins=tuple(fields["overlap_margins"])))
 
 
 def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0, process_count: int = 1) -> Pipeline:

@@ -2,6 +2,7 @@
 
   python -m molmo_jax.export --checkpoint RUN/checkpoints --out HF_DIR --tokenizer TOK [--step N]
       [--format hf|torch-backbones] [--dtype float32|bfloat16] [--shard-size 5GB] [--force]
+      [--remote-code MOLMO_SNAPSHOT] [--verify]
 
 --format hf writes the official Molmo folder (loads where Molmo-7B-D-0924 etc. load);
 torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
@@ -24,8 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--tokenizer", help="tokenizer folder or file the model was trained with")
+    p.add_argument("--remote-code", metavar="DIR",
+                   help="folder with the official *_molmo.py files (an official Molmo snapshot you have): copied "
+                        "in, auto_map names them, the folder loads offline; default: auto_map names the hub")
+    p.add_argument("--verify", action="store_true",
+                   help="read the folder back and compare logits with the checkpoint on a random batch (and in "
+                        "PyTorch with --remote-code and torch installed); prints the max difference")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
+
+
+def _print_report(report) -> None:
+    for side, value in report.items():
+        print(f"verify ({side}): " + (f"max |logits difference| {value:.3g}" if isinstance(value, float) else value))
 
 
 def _stop(signum, frame):
@@ -40,7 +52,8 @@ def main(argv=None) -> None:
     try:
         out = export_checkpoint(args.checkpoint, args.out, step=args.step, fmt=args.format, dtype=args.dtype,
                                 max_shard_bytes=parse_size(args.shard_size), tokenizer=args.tokenizer,
-                                force=args.force)
+                                remote_code=args.remote_code, force=args.force,
+                                verify=_print_report if args.verify else None)
     except ExportError as e:
         sys.exit(f"error: {e}")
     print(out)

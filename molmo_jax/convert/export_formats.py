@@ -5,10 +5,11 @@ CLIPVisionModel). Keys and layouts: spec §7; the links themselves live in the k
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import numpy as np
 
+from data_pipelines.multicrop import CropConfig
 from molmo_jax.convert import hf_backbones
 from molmo_jax.convert.hf_molmo import config_to_hf
 from molmo_jax.convert.links import CheckpointError, Link, constant_link, prefixed_links
@@ -28,28 +29,63 @@ def official_code_repo(config: MolmoConfig) -> str:
     return OFFICIAL_CODE["moe" if c.block_type == "moe" else "olmo" if c.norm_after else "dense"]
 
 
-def molmo_config_json(config: MolmoConfig, dtype: str) -> Dict:
-    """The official config.json, with auto_map pointing at the official remote code on the hub."""
+def code_prefix(config: MolmoConfig, local_code: bool) -> str:
+    """What precedes "module.Class" in an auto_map: "" when the folder carries the remote code
+    (--remote-code), else the official hub repository ("allenai/Molmo-7B-D-0924--")."""
+    return "" if local_code else f"{official_code_repo(config)}--"
+
+
+def molmo_config_json(config: MolmoConfig, dtype: str, local_code: bool = False) -> Dict:
+    """The official config.json; auto_map names the folder's own code or the hub's."""
     out = config_to_hf(config)
-    repo = official_code_repo(config)
-    out["auto_map"] = {k: f"{repo}--{v}" for k, v in out.get("auto_map", {}).items()}
+    prefix = code_prefix(config, local_code)
+    out["auto_map"] = {k: f"{prefix}{v}" for k, v in out.get("auto_map", {}).items()}
     out["torch_dtype"] = dtype
     return out
 
 
-def preprocessor_config_json(config: MolmoConfig) -> Dict:
-    """The official preprocessor_config.json (release crop settings: 12 crops, margins 4/4)."""
-    vc, cc, repo = config.vision, config.connector, official_code_repo(config)
+def check_official_geometry(config: MolmoConfig, crop: CropConfig) -> None:
+    """Refuses crop geometries the official MolmoImageProcessor cannot express: it pools 2x2
+    patches (hard-coded), takes square crops of the ViT input size and reproduces the release's
+    image-mask layout (spec §3)."""
+    vc, cc = config.vision, config.connector
+    problems = []
+    if (cc.pool_h, cc.pool_w) != (2, 2) or crop.pool != 2:
+        problems.append(f"pooling {cc.pool_h}x{cc.pool_w} (the official processor pools 2x2)")
+    if vc.image_size[0] != vc.image_size[1]:
+        problems.append(f"non-square ViT input {tuple(vc.image_size)}")
+    if (crop.crop_size, crop.patch_size) != (vc.image_size[0], vc.patch_size):
+        problems.append(f"crop {crop.crop_size} px / patch {crop.patch_size} px recorded for a ViT of "
+                        f"{vc.image_size[0]} px / {vc.patch_size} px")
+    if not crop.legacy_mask:
+        problems.append("legacy_mask=False (the official processor writes the release's image masks)")
+    if problems:
+        raise ExportError("the official Molmo processor cannot express this model's image preprocessing: "
+                          + "; ".join(problems))
+
+
+def preprocessor_config_json(config: MolmoConfig, crop: CropConfig, local_code: bool = False) -> Dict:
+    """The official preprocessor_config.json with the crop geometry the model was trained with
+    (`crop`: crop size, max crops, overlap margins, normalisation; 2x2 pooling, checked)."""
+    check_official_geometry(config, crop)
+    vc, cc, prefix = config.vision, config.connector, code_prefix(config, local_code)
     return {
-        "auto_map": {"AutoImageProcessor": f"{repo}--image_preprocessing_molmo.MolmoImageProcessor",
-                     "AutoProcessor": f"{repo}--preprocessing_molmo.MolmoProcessor"},
+        "auto_map": {"AutoImageProcessor": f"{prefix}image_preprocessing_molmo.MolmoImageProcessor",
+                     "AutoProcessor": f"{prefix}preprocessing_molmo.MolmoProcessor"},
         "base_image_input_size": list(vc.image_size), "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": list(crop.mean), "image_std": list(crop.std),
         "image_padding_mask": True, "image_patch_size": vc.patch_size,
         "image_processor_type": "MolmoImageProcessor",
         "image_token_length_h": -(-vc.grid[0] // cc.pool_h), "image_token_length_w": -(-vc.grid[1] // cc.pool_w),
-        "max_crops": 12, "overlap_margins": [4, 4], "processor_class": "MolmoProcessor",
+        "max_crops": crop.max_crops, "overlap_margins": list(crop.overlap_margins),
+        "processor_class": "MolmoProcessor",
     }
+
+
+def processor_config_json(config: MolmoConfig, local_code: bool = False) -> Dict:
+    """processor_config.json, which AutoProcessor reads to find MolmoProcessor."""
+    return {"auto_map": {"AutoProcessor": f"{code_prefix(config, local_code)}preprocessing_molmo.MolmoProcessor"},
+            "processor_class": "MolmoProcessor"}
 
 
 def clip_vision_config_json(config: MolmoConfig, dtype: str) -> Dict:
@@ -75,10 +111,13 @@ def clip_vision_links(config: MolmoConfig) -> List[Link]:
                     constant_link("vision_model.post_layernorm.bias", np.zeros((w,), np.float32))]
 
 
-def causal_lm_config_json(config: MolmoConfig, dtype: str) -> Dict:
-    """Qwen2 (pre-norm dense), OLMo2 (post-norm, QK-norm) or OLMoE (MoE) config.json."""
+def causal_lm_config_json(config: MolmoConfig, dtype: str, special_ids: Mapping[str, int]) -> Dict:
+    """Qwen2 (pre-norm dense), OLMo2 (post-norm, QK-norm) or OLMoE (MoE) config.json.
+    special_ids: bos_token_id / eos_token_id / pad_token_id of the model's tokenizer (without
+    them transformers falls back to the architecture's defaults, e.g. OLMo2's eos 100257,
+    which may lie outside the vocabulary)."""
     c = config.llm
-    common = {"vocab_size": c.embedding_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
+    common = {**special_ids, "vocab_size": c.embedding_size, "hidden_size": c.d_model, "num_hidden_layers": c.n_layers,
               "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
               "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
               "rope_theta": c.rope_theta, "tie_word_embeddings": False, "attention_dropout": 0.0,

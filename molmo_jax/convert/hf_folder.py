@@ -3,6 +3,7 @@
     is_hf_folder(folder)                         # config.json + model.safetensors or an index
     config = read_config_json(folder)            # the config.json dict
     tensors = read_hf_tensors(folder)            # every tensor, numpy, PyTorch layout
+    lazy = HFTensors(folder)                     # the same mapping, one tensor read per lookup
     write_hf_folder(folder, tensors, config)     # model.safetensors, or shards + index
 
 What the tensors and the config mean is the business of a family's key map (molmo_keys,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -42,44 +43,72 @@ def read_config_json(folder: str) -> Dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
 
 
-def _open_safetensors(path: str):
-    try:
-        return safe_open(path, framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+class HFTensors(Mapping):
+    """The tensors of model.safetensors or of the shards model.safetensors.index.json names, as a
+    read-only mapping key -> numpy array that reads a tensor from disk each time it is looked up
+    (safe_open per lookup, so no shard stays mapped: host memory holds the tensor asked for, not
+    the files). `shape(key)` reads the header only."""
 
-
-def read_hf_tensors(folder: str) -> Dict[str, np.ndarray]:
-    """All tensors of model.safetensors or of the shards named in model.safetensors.index.json."""
-    index_path, single = os.path.join(folder, INDEX), os.path.join(folder, SAFETENSORS)
-    if os.path.exists(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from e
-    elif os.path.exists(single):
-        weight_map = None
-    else:
-        raise CheckpointError(f"{folder}: neither {SAFETENSORS} nor {INDEX} found")
-    files = [SAFETENSORS] if weight_map is None else sorted(set(weight_map.values()))
-    tensors: Dict[str, np.ndarray] = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{index_path}: names shard {name}, which does not exist")
-        handle = _open_safetensors(path)
-        for key in handle.keys():
+    def __init__(self, folder: str):
+        index_path, single = os.path.join(folder, INDEX), os.path.join(folder, SAFETENSORS)
+        if os.path.exists(index_path):
             try:
-                tensors[key] = handle.get_tensor(key)
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e})") from e
+        elif os.path.exists(single):
+            weight_map = None
+        else:
+            raise CheckpointError(f"{folder}: neither {SAFETENSORS} nor {INDEX} found")
+        files = [SAFETENSORS] if weight_map is None else sorted(set(weight_map.values()))
+        self.file_of: Dict[str, str] = {}
+        self.shapes: Dict[str, tuple] = {}
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                raise CheckpointError(f"{index_path}: names shard {name}, which does not exist")
+            with self._open(path) as handle:
+                for key in handle.keys():
+                    self.file_of[key] = path
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self.file_of))
+            if absent:
+                raise CheckpointError(f"{index_path}: keys listed but absent from their shards: {absent[:10]}")
+
+    @staticmethod
+    def _open(path: str):
+        try:
+            return safe_open(path, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+    def shape(self, key: str) -> tuple:
+        return self.shapes[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        path = self.file_of[key]
+        with self._open(path) as handle:
+            try:
+                return handle.get_tensor(key)
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{path}: tensor {key} cannot be read, the file is truncated or corrupt "
                                       f"({e})") from e
-    if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CheckpointError(f"{index_path}: keys listed but absent from their shards: {absent[:10]}")
-    return tensors
+
+    def __contains__(self, key) -> bool:  # without reading the tensor
+        return key in self.file_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.file_of)
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+
+def read_hf_tensors(folder: str) -> Dict[str, np.ndarray]:
+    """All tensors of an HF folder in memory; `HFTensors(folder)` reads them one at a time."""
+    return dict(HFTensors(folder))
 
 
 def write_hf_folder(folder: str, tensors: Mapping[str, np.ndarray], config_json: Mapping, *,

@@ -54,11 +54,33 @@ def abstract_params(config: MolmoConfig) -> Dict:
     return abstract_state(lambda: Molmo(config, rngs=nnx.Rngs(0)))
 
 
+class _Prefixed(Mapping):
+    """`tensors` with the `model.` prefix before every key; values are looked up only when asked
+    for, so a lazy mapping (hf_folder.HFTensors) stays lazy."""
+
+    def __init__(self, tensors: Mapping[str, object]):
+        self.tensors = tensors
+
+    def __getitem__(self, key: str):
+        if not key.startswith(PREFIX):
+            raise KeyError(key)
+        return self.tensors[key[len(PREFIX):]]
+
+    def __contains__(self, key) -> bool:  # without reading the tensor
+        return isinstance(key, str) and key.startswith(PREFIX) and key[len(PREFIX):] in self.tensors
+
+    def __iter__(self):
+        return (PREFIX + k for k in self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def hf_to_params(state_dict: Mapping[str, object], config: MolmoConfig) -> Dict:
     """Official tensors (name -> array [PyTorch layout], with or without the `model.`
     prefix) -> pure nested dict of our float32 parameters (stacked per block)."""
     if state_dict and not any(k.startswith(PREFIX) for k in state_dict):
-        state_dict = {PREFIX + k: v for k, v in state_dict.items()}
+        state_dict = _Prefixed(state_dict)
     return tensors_to_params(state_dict, molmo_links(config), abstract_params(config))
 
 

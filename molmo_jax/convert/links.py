@@ -184,7 +184,12 @@ def tensors_to_params(state_dict: Mapping[str, object], links: Sequence[Link], a
                       dropped: Callable[[str], bool] = lambda key: False) -> Dict:
     """Tensors named by `links` -> pure nested dict shaped like `abstract` (float32; numpy
     for numpy input). Keys for which `dropped(key)` holds are deliberately unused; any other
-    missing, unexpected or wrongly shaped tensor raises CheckpointError naming it."""
+    missing, unexpected or wrongly shaped tensor raises CheckpointError naming it.
+
+    Each tensor is looked up once and, for numpy input, written straight into its float32
+    target array (per-layer tensors into their slice of the stacked array), so a lazy
+    `state_dict` (convert/hf_folder.HFTensors) is streamed: host memory holds the targets and
+    one tensor, not the checkpoint as well."""
     wanted = [k for link in links for k in link.hf]
     missing = [k for k in wanted if k not in state_dict]
     unexpected = sorted(k for k in set(state_dict) - set(wanted) if not dropped(k))
@@ -192,25 +197,35 @@ def tensors_to_params(state_dict: Mapping[str, object], links: Sequence[Link], a
         raise CheckpointError(f"checkpoint keys do not fit the config: missing {missing[:10]}"
                               f"{' ...' if len(missing) > 10 else ''} ({len(missing)} in all), unexpected "
                               f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)} in all)")
-    per_layer: Dict[Path, Dict[int, jax.Array]] = {}
+    per_layer: Dict[Path, Dict[int, jax.Array]] = {}  # traced input only: stacked at the end
+    filled: Dict[Path, int] = {}  # numpy input: layers written into each stacked target
     out: Dict = {}
     for link in links:
         arrays = []
         for key, expected in zip(link.hf, link.hf_shapes(*link_shapes(link, abstract))):
-            got = tuple(state_dict[key].shape)
-            if got != tuple(expected):
-                raise CheckpointError(f"{key}: checkpoint shape {got} does not match the shape {tuple(expected)} "
-                                      f"the config requires")
             value = state_dict[key]
+            if tuple(value.shape) != tuple(expected):
+                raise CheckpointError(f"{key}: checkpoint shape {tuple(value.shape)} does not match the shape "
+                                      f"{tuple(expected)} the config requires")
             arrays.append(array_module(value).asarray(value, dtype=np.float32))
+        traced = array_module(*arrays) is jnp
         for path, value in zip(link.ours, link.to_ours(*arrays)):
             if link.layer is None:
-                set_path(out, path, value)
-            else:
+                set_path(out, path, value if traced else np.ascontiguousarray(value))
+            elif traced:
                 per_layer.setdefault(path, {})[link.layer] = value
+            else:
+                if not has_path(out, path):
+                    set_path(out, path, np.empty(get_path(abstract, path).shape, np.float32))
+                get_path(out, path)[link.layer] = value
+                filled[path] = filled.get(path, 0) + 1
+        del arrays
     for path, layers in per_layer.items():
-        stack = [layers[i] for i in range(len(layers))]
-        set_path(out, path, array_module(*stack).stack(stack))
+        set_path(out, path, jnp.stack([layers[i] for i in range(len(layers))]))
+    for path, count in filled.items():  # every layer of a stacked parameter written, none left uninitialised
+        if count != get_path(abstract, path).shape[0]:
+            raise CheckpointError(f"parameter {'/'.join(path)}: the links fill {count} of its "
+                                  f"{get_path(abstract, path).shape[0]} layers")
     return out
 
 

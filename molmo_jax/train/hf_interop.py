@@ -14,10 +14,14 @@ tensor, not the model (benchmarks/export.py: ~0.5x one float32 copy at 1.1B para
 optimizer state is never read. Formats: convert/export_formats.py.
 
 Everything is written into a hidden temporary folder next to the target and renamed at the end,
-so an interrupted export leaves no output folder; a non-empty target needs `force`.
+so an interrupted or failed export (disk full, read-only target: one ExportError) leaves no
+output folder; a non-empty target needs `force`. The folder's other files: the configs
+(convert/export_formats.py), tokenizer and remote code (convert/export_files.py); --verify:
+train/export_verify.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -29,22 +33,26 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipelines.multicrop import CropConfig
+from data_pipelines.pipeline import crop_fields
 from molmo_jax.convert import export_formats as formats
+from molmo_jax.convert.export_files import copy_remote_code, write_tokenizer
 from molmo_jax.convert.export_formats import ExportError
-from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_links, read_hf_config
 from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
+from molmo_jax.inference.predictor import model_crop_config
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer
+from molmo_jax.train.export_verify import verify_export
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "torch-backbones")
 DTYPES = ("float32", "bfloat16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json", "tokenizer.model", "spm.model", "chat_template.jinja")
+
 
 
 def parse_size(text: str) -> int:
@@ -156,7 +164,9 @@ def _pid_alive(pid: int) -> bool:
 class AtomicFolder:
     """`with AtomicFolder(out, force) as tmp:` writes into `.NAME.partial-PID` beside `out` and
     renames it to `out` on success; on any error (or SIGTERM turned into SystemExit) the
-    temporary folder is removed. Leftovers of killed runs are removed at the next start."""
+    temporary folder is removed, and a failed write (OSError: disk full, read-only target)
+    becomes one ExportError naming the file. Leftovers of killed runs are removed at the next
+    start."""
 
     def __init__(self, out: str, force: bool):
         self.out = os.path.abspath(out.rstrip("/") or out)
@@ -173,52 +183,83 @@ class AtomicFolder:
         for stale in _stale_temporaries(self.out):
             log.warning("removing %s, left by an interrupted export", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        os.makedirs(self.tmp)
+        try:
+            os.makedirs(self.tmp)
+        except OSError as e:  # e.g. a read-only target
+            raise self.write_error(e) from e
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(kind, OSError):  # disk full, read-only, quota: one line, not a traceback
+                raise self.write_error(value) from value
             return
         old = None
-        if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
-            old = self.tmp.replace(".partial-", ".replaced-")
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        try:
+            if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
+                old = self.tmp.replace(".partial-", ".replaced-")
+                os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            if old is not None and not os.path.exists(self.out):
+                os.rename(old, self.out)  # the previous folder back in its place
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self.write_error(e) from e
         if old is not None:
             shutil.rmtree(old)
 
+    def write_error(self, e: OSError) -> ExportError:
+        """The one-line error of a failed write, naming the file as it would have been called."""
+        where = str(e.filename2 or e.filename or self.out).replace(self.tmp, self.out)
+        return ExportError(f"--out {self.out}: cannot write {where} ({e.strerror or e}); nothing was written")
 
-def copy_tokenizer(source: str, folder: str) -> List[str]:
-    """Copies the tokenizer files of `source` (a folder, or one tokenizer.json / sentencepiece
-    .model file) into `folder`; returns the names copied."""
-    if os.path.isfile(source):
-        names = [source]
-    elif os.path.isdir(source):
-        names = [os.path.join(source, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
-    else:
-        raise ExportError(f"--tokenizer {source}: no such file or folder")
-    if not names:
-        raise ExportError(f"--tokenizer {source}: none of {list(TOKENIZER_FILES)} in it")
-    for path in names:
-        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
-    return [os.path.basename(p) for p in names]
+
+def checkpoint_crop(params: CheckpointParams) -> CropConfig:
+    """The crop geometry the checkpoint was trained with (meta "crop", recorded by the trainer);
+    checkpoints written before it was recorded get the geometry the model was built for at the
+    release's max_crops 12, with a warning."""
+    recorded = params.meta.get("crop")
+    try:
+        if recorded is None:
+            log.warning("the checkpoint does not record its crop geometry (written by an older trainer); "
+                        "preprocessor_config.json gets the release defaults for this ViT: max_crops 12")
+            return model_crop_config(params.config, 12)
+        return CropConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"checkpoint step {params.step} meta 'crop' {recorded}: {e}") from e
 
 
 def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, fmt: str = "hf",
                       dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9, tokenizer: Optional[str] = None,
-                      force: bool = False, on_shard_done: Callable[[str], None] = lambda name: None) -> str:
+                      remote_code: Optional[str] = None, force: bool = False,
+                      verify: Optional[Callable[[Dict], None]] = None,
+                      on_shard_done: Callable[[str], None] = lambda name: None) -> str:
     """Exports one trainer checkpoint (the latest unless `step`) to `out`; returns `out`.
 
     fmt "hf": the official Molmo folder (config.json, generation_config.json,
-      preprocessor_config.json, tokenizer files, safetensors shards + index).
-    fmt "torch-backbones": out/llm (Qwen2 / OLMo2 / OLMoE CausalLM, tokenizer files) and
-      out/vision (CLIPVisionModel), each loadable with transformers' from_pretrained.
+      preprocessor_config.json and processor_config.json with the training crop geometry,
+      tokenizer files, safetensors shards + index). remote_code: a folder with the official
+      *_molmo.py files, copied in; auto_map then names them (loads offline) instead of the hub.
+    fmt "torch-backbones": out/llm (Qwen2 / OLMo2 / OLMoE CausalLM, tokenizer files, the
+      tokenizer's bos/eos/pad ids) and out/vision (CLIPVisionModel), each loadable with
+      transformers' from_pretrained.
     tokenizer: folder or file to copy; by default the one the checkpoint's meta records
-      ("tokenizer", the trainer's config.data.tokenizer).
+      ("tokenizer", the trainer's config.data.tokenizer). A sentencepiece model also gets a
+      tokenizer.json.
+    verify: read the written folder back and compare logits with the checkpoint before it is
+      moved into place (train/export_verify.py; format hf); called with the report
+      {"project": max |diff|[, "torch": max |diff| or why not]}. A failed check raises
+      ExportError and writes nothing.
+    A write that fails (disk full, read-only target) raises ExportError naming the file; no
+    output folder appears and an existing one (force) is left as it was.
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose from {FORMATS}")
+    if remote_code and fmt != "hf":
+        raise ExportError("--remote-code belongs to --format hf (the backbones load with transformers' own code)")
+    if verify and fmt != "hf":
+        raise ExportError("--verify checks --format hf folders (test_export_torch checks the backbone formats)")
     np_dtype = numpy_dtype(dtype)
     params = CheckpointParams(checkpoint, step)
     try:
@@ -226,27 +267,34 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
         if not tokenizer:
             raise ExportError(f"{checkpoint}: the checkpoint does not record its tokenizer; pass --tokenizer with "
                               f"the tokenizer folder or file the model was trained with")
-        config = params.config
+        config, local = params.config, bool(remote_code)
         if fmt == "hf":  # folder -> (links, JSON files)
             folders = {"": (molmo_links(config), {
-                "config.json": formats.molmo_config_json(config, dtype),
+                "config.json": formats.molmo_config_json(config, dtype, local),
                 "generation_config.json": {"_from_model_config": True},
-                "preprocessor_config.json": formats.preprocessor_config_json(config)})}
+                "preprocessor_config.json": formats.preprocessor_config_json(config, checkpoint_crop(params), local),
+                "processor_config.json": formats.processor_config_json(config, local)})}
         else:
-            folders = {"llm": (formats.causal_lm_links(config),
-                               {"config.json": formats.causal_lm_config_json(config, dtype)}),
+            folders = {"llm": (formats.causal_lm_links(config), None),
                        "vision": (formats.clip_vision_links(config),
                                   {"config.json": formats.clip_vision_config_json(config, dtype)})}
         with AtomicFolder(out, force) as tmp:
             for sub, (links, jsons) in folders.items():
                 folder = os.path.join(tmp, sub)
                 os.makedirs(folder, exist_ok=True)
+                if sub in ("", "llm"):
+                    tok = write_tokenizer(tokenizer, folder, config.llm.vocab_size)
+                if sub == "llm":
+                    jsons = {"config.json": formats.causal_lm_config_json(config, dtype, {
+                        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id})}
                 for name, content in jsons.items():
                     write_json(os.path.join(folder, name), content)
-                if sub in ("", "llm"):
-                    copy_tokenizer(tokenizer, folder)
+                if remote_code:
+                    copy_remote_code(remote_code, folder)
                 write_safetensors(folder, params.read, links, params.abstract, np_dtype, max_shard_bytes,
                                   on_shard_done)
+            if verify:
+                verify(verify_export(params, tmp, np_dtype, with_torch=local))
     finally:
         params.close()
     return os.path.abspath(out)
@@ -258,13 +306,75 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
 def training_state(params: Dict, optimizer_config: Mapping, total_steps: int, seed: int) -> Dict:
     """The trainer's step-0 state with `params` (pure dict of float32 arrays) as the weights:
     params/frozen split by optimizer_config.frozen, a fresh optimizer state, step 0, the RNG
-    key of `seed` (as train/trainer.init_train_state lays it out)."""
+    key of `seed` (as train/trainer.init_train_state lays it out).
+
+    Host numpy throughout, nothing copied: the params are the given arrays, and the optimizer
+    state's parameter-shaped leaves (Adam moments) are np.zeros, which the OS maps lazily, so
+    they cost no memory until written. Only its small leaves (counts, injected hyperparameters)
+    are computed, by `tx.init` under jit, where XLA drops the large zeros it does not return."""
     patterns = [tuple(p) for p in optimizer_config["groups"]]
     tx = opt_lib.make_optimizer(optimizer_config, total_steps, patterns)
-    trainable, frozen = opt_lib.split_trainable(jax.device_put(params), optimizer_config["frozen"])
+    trainable, frozen = opt_lib.split_trainable(params, optimizer_config["frozen"])
     _, rng_key = jax.random.split(jax.random.key(seed))
-    return {"params": trainable, "frozen": frozen, "opt_state": jax.jit(tx.init)(trainable),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(params)):  # under jax.eval_shape
+        return {"params": trainable, "frozen": frozen, "opt_state": tx.init(trainable),
+                "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), trainable)
+
+    def small_leaves_and_zero_checks():
+        ones = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract)
+        leaves = jax.tree.leaves(tx.init(ones))
+        return [leaf if leaf.ndim == 0 else jnp.all(leaf == 0) for leaf in leaves]
+
+    opt_abstract = jax.eval_shape(tx.init, abstract)
+    leaves, treedef = jax.tree.flatten(opt_abstract)
+    small = jax.jit(small_leaves_and_zero_checks)()
+    opt_leaves = []
+    for leaf, value in zip(leaves, small):
+        if leaf.ndim == 0:
+            opt_leaves.append(np.asarray(value))
+        elif bool(value):
+            opt_leaves.append(np.zeros(leaf.shape, leaf.dtype))
+        else:  # would need the real init: an optimizer whose state does not start at zero
+            raise ExportError(f"optimizer state leaf {leaf.shape} does not start at zero; import_hf cannot "
+                              f"write it without computing it")
+    return {"params": trainable, "frozen": frozen, "opt_state": jax.tree.unflatten(treedef, opt_leaves),
+            "step": np.zeros((), np.int32), "rng": np.asarray(jax.random.key_data(rng_key))}
+
+
+# OCDBT data files of the import's save. orbax's default (2 GiB) keeps up to that much encoded
+# data in memory before a file is written: about a whole small model, twice the host memory.
+IMPORT_DATA_FILE_BYTES = 32 * 2 ** 20
+
+
+@contextlib.contextmanager
+def streamed_orbax_save():
+    """Within: a synchronous orbax save holds little beyond the arrays it writes. orbax normally
+    deep-copies every numpy array first (so that an async save may outlive the caller's arrays),
+    which doubles the host memory and materialises the lazily mapped zeros of the Adam moments;
+    and it buffers up to IMPORT_DATA_FILE_BYTES of encoded data per file (a module default of
+    orbax that Checkpointer's StandardSave cannot pass; left alone if orbax renames it)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415 (private default)
+    def register(handler) -> None:
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns of every override
+        try:
+            ocp.type_handlers.register_type_handler(np.ndarray, handler, override=True)
+        finally:
+            absl.setLevel(level)
+
+    default_handler = ocp.type_handlers.get_type_handler(np.ndarray)
+    default_size = getattr(tensorstore_utils, "_DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE", None)
+    register(ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+    if default_size is not None:
+        tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = IMPORT_DATA_FILE_BYTES
+    try:
+        yield
+    finally:
+        register(default_handler)
+        if default_size is not None:
+            tensorstore_utils._DEFAULT_OCDBT_TARGET_DATA_FILE_SIZE = default_size
 
 
 def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) -> str:
@@ -272,24 +382,31 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
     `--config.init.checkpoint=out` fine-tunes from (or a run resumes from, with a fresh
     optimizer). train_config: the experiment ConfigDict to fine-tune with; its optimizer
     decides the params/frozen split and the optimizer state layout, its model must have the
-    HF model's shapes."""
+    HF model's shapes; its crop geometry is recorded for a later export.
+
+    Streamed: tensors are read one at a time (hf_folder.HFTensors) into the float32 parameter
+    arrays, which orbax writes as they are; peak host memory is about one float32 copy of the
+    parameters plus the runtime (benchmarks/export.py --import)."""
     try:
         config = read_hf_config(hf_folder)
-        params = hf_to_params(read_hf_tensors(hf_folder), config)
+        wanted = MolmoConfig.from_dict({**train_config.model.to_dict(), "dtype": "float32"})
+        ours, theirs = dict(leaves(abstract_params(wanted))), dict(leaves(abstract_params(config)))
+        for path in sorted(set(ours) | set(theirs)):
+            a, b = ours.get(path), theirs.get(path)
+            if a is None or b is None or a.shape != b.shape:
+                raise ExportError(f"--config model does not fit {hf_folder}: parameter {'/'.join(path)} is "
+                                  f"{None if a is None else a.shape} in the config, "
+                                  f"{None if b is None else b.shape} in the checkpoint")
+        params = hf_to_params(HFTensors(hf_folder), config)
     except CheckpointError as e:
+        if isinstance(e, ExportError):
+            raise
         raise ExportError(f"--hf {hf_folder}: {e}") from e
-    wanted = MolmoConfig.from_dict({**train_config.model.to_dict(), "dtype": "float32"})
-    ours, theirs = dict(leaves(abstract_params(wanted))), dict(leaves(abstract_params(config)))
-    for path in sorted(set(ours) | set(theirs)):
-        a, b = ours.get(path), theirs.get(path)
-        if a is None or b is None or a.shape != b.shape:
-            raise ExportError(f"--config model does not fit {hf_folder}: parameter {'/'.join(path)} is "
-                              f"{None if a is None else a.shape} in the config, "
-                              f"{None if b is None else b.shape} in the checkpoint")
     state = training_state(params, train_config.optimizer, train_config.train.total_steps, train_config.seed)
-    with AtomicFolder(out, force) as tmp:
+    del params
+    with AtomicFolder(out, force) as tmp, streamed_orbax_save():
         checkpointer = Checkpointer(tmp, keep=1, async_save=False)
         checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},
-                                           "source": os.path.abspath(hf_folder)})
+                                           "source": os.path.abspath(hf_folder), "crop": crop_fields(train_config)})
         checkpointer.close()
     return os.path.abspath(out)

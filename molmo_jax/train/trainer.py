@@ -26,9 +26,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data_pipelines.pipeline import crops_per_row, make_pipeline
+from data_pipelines.pipeline import crop_fields, crops_per_row, make_pipeline
 from molmo_jax.convert import hf_backbones
-from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.links import CheckpointError
 from molmo_jax.model import sharding
 from molmo_jax.model.config import MolmoConfig
@@ -326,7 +326,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
                 _check_finite(step, history[-1], last_good, ckpt_dir)
                 try:
                     checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
-                                                                   "mesh": dict(mesh.shape), "tokenizer": tokenizer})
+                                                                   "mesh": dict(mesh.shape), "tokenizer": tokenizer,
+                                                                   "crop": crop_fields(config)})
                 except NonFiniteStateError as e:
                     raise NonFiniteLossError(f"{e}; stopping, {_last_good(last_good, ckpt_dir)}") from None
                 last_good = step
@@ -374,30 +375,36 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
     """Stage-1 start (spec §5.2): the ViT and/or LLM of transformers checkpoint folders
     (convert/hf_backbones) replace their random init, on the shardings of `state`. The connector
     and `new_embedding` keep theirs; the fresh Adam moments are zeros whatever the params, so the
-    optimizer state stays valid."""
-    updates = {}
+    optimizer state stays valid. Streamed: tensors are read one at a time (HFTensors) into one
+    tower's float32 host arrays, each placed on its shardings and dropped before the next."""
+
+    def place(current: Dict, new: Dict) -> Dict:
+        out = dict(current)
+        for k in list(new):
+            v = new.pop(k)  # the host copy goes as soon as its global array exists
+            if isinstance(v, dict):
+                out[k] = place(current[k], v)
+            else:
+                host = np.asarray(v, current[k].dtype)
+                # Waited for: a pending transfer keeps its host array alive, all of them at once.
+                out[k] = jax.make_array_from_callback(host.shape, current[k].sharding,
+                                                      lambda i, h=host: h[i]).block_until_ready()
+            del v
+        return out
+
+    full = opt_lib.merge_trees(state["params"], state["frozen"])
     for key, folder, tower, convert, tower_cfg in (
             ("vit", vit_folder, "vision", hf_backbones.vision_params_from_hf, model_cfg.vision),
             ("llm", llm_folder, "llm", hf_backbones.llm_params_from_hf, model_cfg.llm)):
         if not folder:
             continue
         try:
-            updates[tower] = convert(read_hf_tensors(folder), tower_cfg)
+            host = convert(HFTensors(folder), tower_cfg)
         except CheckpointError as e:
             raise CheckpointError(f"config.init.{key}={folder!r} does not fit config.model.{tower}: {e}") from e
+        full = place(full, {tower: host})
+        del host
         log.info("initial %s params from %s", tower, folder)
-
-    def place(current: Dict, new: Dict) -> Dict:
-        out = dict(current)
-        for k, v in new.items():
-            if isinstance(v, dict):
-                out[k] = place(current[k], v)
-            else:
-                host = np.asarray(v, current[k].dtype)
-                out[k] = jax.make_array_from_callback(host.shape, current[k].sharding, lambda i, h=host: h[i])
-        return out
-
-    full = place(opt_lib.merge_trees(state["params"], state["frozen"]), updates)
     params, frozen = opt_lib.split_trainable(full, frozen_regex)
     return dict(state, params=params, frozen=frozen)
 
