@@ -12,9 +12,8 @@ from flax import nnx
 
 import configs
 from configs import common
-from molmo_jax import sharding
-
 from molmo_jax.model import config as cfg
+from molmo_jax.model import sharding
 from molmo_jax.model.attention import (AttentionMask, _reference_attention, dot_product_attention,
                                        select_implementation)
 from molmo_jax.model.attention_chunked import chunked_attention

@@ -1,9 +1,9 @@
 """One attention function over a structural mask, the ViT / pooling multi-head attention,
 and the LLM's positions.
 
-The mask travels through the layers as an `AttentionMask` (a few per-token arrays); only the
-backend turns it into what it needs: the reference einsum builds the dense bool[B, T, S]
-mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time, the
+The mask travels through the layers as an `AttentionMask` (attention_mask.py: a few per-token
+arrays); only the backend turns it into what it needs: the reference einsum builds the dense
+bool[B, T, S] mask, the chunked backend (attention_chunked.py) one [block_q, block_k] tile at a time, the
 library kernels (attention_kernels.py: TPU splash, GPU cuDNN) segment ids / sequence lengths.
 
 Axis legend: B batch, T query length, S key length, N query heads, K kv heads,
@@ -11,75 +11,18 @@ G = N // K query heads per kv head, H head dim, D width.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax.model import attention_kernels as kernels
+from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q, chunked_attention
+from molmo_jax.model.attention_kernels import cudnn_attention, splash_attention
+from molmo_jax.model.attention_mask import MASK_VALUE, AttentionMask
 from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from molmo_jax.model.layers import Dense, Names
-
-# Masked logits get the most negative float32 (as the official additive mask does) rather
-# than -inf, so fully masked rows (padding queries) stay finite.
-MASK_VALUE = float(jnp.finfo(jnp.float32).min)
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["q_offset", "key_valid", "subsegment_ids", "block_ids"],
-                   meta_fields=["causal"])
-@dataclasses.dataclass(frozen=True)
-class AttentionMask:
-    """Which keys each query may attend to, as per-token arrays rather than a dense [T, S] mask.
-
-    Query i sits at key slot q_offset + i (q_offset = 0 without a KV cache, the cache's first
-    free slot with one); the per-token arrays are indexed by key slot, [B, S]:
-
-        allowed[b, i, j] = key_valid[b, j]
-                           & (not causal  or  q_offset + i >= j  or  same nonzero block id)
-                           & subsegment_ids[b, q_offset + i] <= subsegment_ids[b, j]
-
-    key_valid: bool[B, S] (right padding, empty cache slots), None = all valid.
-    subsegment_ids: int[B, S], Molmo's several conversations per image (spec §4.6), None = one.
-    block_ids: int[B, S], bidirectional blocks (Molmo2: the tokens of one image or frame see
-    each other both ways); 0 = no block, None = none.
-    """
-
-    causal: bool = True
-    q_offset: Union[int, jax.Array] = 0
-    key_valid: Optional[jax.Array] = None
-    subsegment_ids: Optional[jax.Array] = None
-    block_ids: Optional[jax.Array] = None
-
-    def allowed(self, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
-        """The mask for query slots int32[Tq] x key slots int32[Sk] -> bool[B or 1, Tq, Sk].
-
-        Slots past the end of the per-token arrays (tile padding) read the last entry; callers
-        mask padded keys with `key_valid`.
-        """
-        def at(ids, slots):
-            return jnp.take(ids, slots, axis=1, mode="clip")
-
-        allowed = jnp.ones((1, q_slots.shape[0], k_slots.shape[0]), bool)
-        if self.causal:
-            ordered = q_slots[:, None] >= k_slots[None, :]
-            if self.block_ids is not None:
-                qb, kb = at(self.block_ids, q_slots), at(self.block_ids, k_slots)
-                ordered = ordered | ((qb[:, :, None] == kb[:, None, :]) & (qb[:, :, None] != 0))
-            allowed = allowed & ordered
-        if self.key_valid is not None:
-            allowed = allowed & at(self.key_valid, k_slots)[:, None, :]
-        if self.subsegment_ids is not None:
-            qs, ks = at(self.subsegment_ids, q_slots), at(self.subsegment_ids, k_slots)
-            allowed = allowed & (qs[:, :, None] <= ks[:, None, :])
-        return allowed
-
-    def dense(self, t: int, s: int) -> jax.Array:
-        """The full mask of T queries over S keys: bool[B or 1, T, S] (True = attend)."""
-        return self.allowed(self.q_offset + jnp.arange(t), jnp.arange(s))
-
 
 def check_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
@@ -99,9 +42,6 @@ def select_implementation(name: str, q: jax.Array, k: jax.Array, mask: Optional[
     An explicit "splash" or "cudnn" also falls back to the chunked kernel for the masks it
     cannot express (the KV-cache decode of generation, subsegments, bidirectional blocks).
     """
-    from molmo_jax.model import attention_kernels as kernels  # noqa: PLC0415 (they import this module)
-    from molmo_jax.model.attention_chunked import BLOCK_K, BLOCK_Q  # noqa: PLC0415
-
     check_implementation(name)
     t, s = q.shape[1], k.shape[1]
     expressible = kernels.unsupported(mask, t, s) is None
@@ -145,15 +85,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     platform = jax.default_backend()
     name = select_implementation(implementation, q, k, mask, platform)
     if name == "chunked":
-        from molmo_jax.model.attention_chunked import chunked_attention  # noqa: PLC0415 (imports this module)
         return chunked_attention(q, k, v, mask)
     if name == "splash":  # off TPU in the Pallas interpreter (slow; for tests)
-        from molmo_jax.model.attention_kernels import splash_attention  # noqa: PLC0415
         return splash_attention(q, k, v, mask, interpret=platform != "tpu")
     if name == "cudnn":
         if platform != "gpu":
             raise ValueError(f"attention implementation 'cudnn' needs a GPU; this is {platform!r}")
-        from molmo_jax.model.attention_kernels import cudnn_attention  # noqa: PLC0415
         return cudnn_attention(q, k, v, mask)
     return _reference_attention(q, k, v, mask)
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from molmo_jax.model.attention import MASK_VALUE, AttentionMask
+from molmo_jax.model.attention_mask import MASK_VALUE, AttentionMask
 from molmo_jax.model.layers import ATTENTION_NAME
 
 BLOCK_Q = 512

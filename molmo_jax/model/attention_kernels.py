@@ -28,7 +28,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from molmo_jax.model.attention import AttentionMask
+from molmo_jax.model.attention_mask import AttentionMask
 from molmo_jax.model.layers import ATTENTION_NAME
 
 SPLASH_BLOCK = 512  # the largest tile; the kernel needs multiples of 128
