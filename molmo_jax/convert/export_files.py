@@ -1,13 +1,15 @@
-"""The files of an exported folder besides weights and configs: the tokenizer and the official
-remote code.
+"""Writing an exported folder: atomically, and the files besides weights and configs (the
+tokenizer and the official remote code).
 
-    tok = write_tokenizer("run/tokenizer/spm.model", "out/", vocab_size)   # + tokenizer.json for spm
-    copy_remote_code("Molmo-7B-D-0924/", "out/")                            # --remote-code
+    with AtomicFolder("out/", force=False) as tmp: ...                     # out/ appears when complete
+    tok = write_tokenizer("run/tokenizer/spm.model", tmp, vocab_size)      # + tokenizer.json for spm
+    copy_remote_code("Molmo-7B-D-0924/", tmp)                               # --remote-code
 
 Bad sources raise ExportError naming the flag and what is missing.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import List
@@ -16,6 +18,8 @@ from data_pipelines.spm_convert import sentencepiece_to_hf
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.convert.safetensors_stream import write_json
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json", "tokenizer.model", "spm.model", "chat_template.jinja")
@@ -78,3 +82,79 @@ def copy_remote_code(source: str, folder: str) -> List[str]:
     for name in names:
         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
     return names
+
+
+def _stale_temporaries(out: str) -> List[str]:
+    """Temporary folders of `out` whose process is gone (killed before it could clean up)."""
+    parent, name = os.path.split(out)
+    stale = []
+    for entry in os.listdir(parent):
+        for prefix in (f".{name}.partial-", f".{name}.replaced-"):
+            pid = entry[len(prefix):] if entry.startswith(prefix) else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                stale.append(os.path.join(parent, entry))
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicFolder:
+    """`with AtomicFolder(out, force) as tmp:` writes into `.NAME.partial-PID` beside `out` and
+    renames it to `out` on success; on any error (or SIGTERM turned into SystemExit) the
+    temporary folder is removed, and a failed write (OSError: disk full, read-only target)
+    becomes one ExportError naming the file. Leftovers of killed runs are removed at the next
+    start."""
+
+    def __init__(self, out: str, force: bool):
+        self.out = os.path.abspath(out.rstrip("/") or out)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ExportError(f"--out {out}: exists and is not a folder")
+        if os.path.isdir(self.out) and os.listdir(self.out) and not force:
+            raise ExportError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
+        parent = os.path.dirname(self.out)
+        if not os.path.isdir(parent):
+            raise ExportError(f"--out {out}: parent folder {parent} does not exist")
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.partial-{os.getpid()}")
+
+    def __enter__(self) -> str:
+        for stale in _stale_temporaries(self.out):
+            log.warning("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.makedirs(self.tmp)
+        except OSError as e:  # e.g. a read-only target
+            raise self.write_error(e) from e
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(kind, OSError):  # disk full, read-only, quota: one line, not a traceback
+                raise self.write_error(value) from value
+            return
+        old = None
+        try:
+            if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
+                old = self.tmp.replace(".partial-", ".replaced-")
+                os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            if old is not None and not os.path.exists(self.out):
+                os.rename(old, self.out)  # the previous folder back in its place
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise self.write_error(e) from e
+        if old is not None:
+            shutil.rmtree(old)
+
+    def write_error(self, e: OSError) -> ExportError:
+        """The one-line error of a failed write, naming the file as it would have been called."""
+        where = str(e.filename2 or e.filename or self.out).replace(self.tmp, self.out)
+        return ExportError(f"--out {self.out}: cannot write {where} ({e.strerror or e}); nothing was written")

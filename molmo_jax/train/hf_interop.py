@@ -24,8 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +34,9 @@ import orbax.checkpoint as ocp
 
 from data_pipelines.multicrop import CropConfig
 from data_pipelines.pipeline import crop_fields
+from data_pipelines.tokenizer import Tokenizer
 from molmo_jax.convert import export_formats as formats
-from molmo_jax.convert.export_files import copy_remote_code, write_tokenizer
+from molmo_jax.convert.export_files import AtomicFolder, copy_remote_code, write_tokenizer
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_links, read_hf_config
@@ -139,82 +139,6 @@ class CheckpointParams:
 # ----------------------------------------------------------------------------- folders
 
 
-def _stale_temporaries(out: str) -> List[str]:
-    """Temporary folders of `out` whose process is gone (killed before it could clean up)."""
-    parent, name = os.path.split(out)
-    stale = []
-    for entry in os.listdir(parent):
-        for prefix in (f".{name}.partial-", f".{name}.replaced-"):
-            pid = entry[len(prefix):] if entry.startswith(prefix) else ""
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                stale.append(os.path.join(parent, entry))
-    return stale
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class AtomicFolder:
-    """`with AtomicFolder(out, force) as tmp:` writes into `.NAME.partial-PID` beside `out` and
-    renames it to `out` on success; on any error (or SIGTERM turned into SystemExit) the
-    temporary folder is removed, and a failed write (OSError: disk full, read-only target)
-    becomes one ExportError naming the file. Leftovers of killed runs are removed at the next
-    start."""
-
-    def __init__(self, out: str, force: bool):
-        self.out = os.path.abspath(out.rstrip("/") or out)
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ExportError(f"--out {out}: exists and is not a folder")
-        if os.path.isdir(self.out) and os.listdir(self.out) and not force:
-            raise ExportError(f"--out {out}: folder exists and is not empty; pass --force to replace it")
-        parent = os.path.dirname(self.out)
-        if not os.path.isdir(parent):
-            raise ExportError(f"--out {out}: parent folder {parent} does not exist")
-        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}.partial-{os.getpid()}")
-
-    def __enter__(self) -> str:
-        for stale in _stale_temporaries(self.out):
-            log.warning("removing %s, left by an interrupted export", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.makedirs(self.tmp)
-        except OSError as e:  # e.g. a read-only target
-            raise self.write_error(e) from e
-        return self.tmp
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            if issubclass(kind, OSError):  # disk full, read-only, quota: one line, not a traceback
-                raise self.write_error(value) from value
-            return
-        old = None
-        try:
-            if os.path.isdir(self.out):  # --force: the old folder goes only once the new one is in place
-                old = self.tmp.replace(".partial-", ".replaced-")
-                os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-        except OSError as e:
-            if old is not None and not os.path.exists(self.out):
-                os.rename(old, self.out)  # the previous folder back in its place
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise self.write_error(e) from e
-        if old is not None:
-            shutil.rmtree(old)
-
-    def write_error(self, e: OSError) -> ExportError:
-        """The one-line error of a failed write, naming the file as it would have been called."""
-        where = str(e.filename2 or e.filename or self.out).replace(self.tmp, self.out)
-        return ExportError(f"--out {self.out}: cannot write {where} ({e.strerror or e}); nothing was written")
-
-
 def checkpoint_crop(params: CheckpointParams) -> CropConfig:
     """The crop geometry the checkpoint was trained with (meta "crop", recorded by the trainer);
     checkpoints written before it was recorded get the geometry the model was built for at the
@@ -228,6 +152,19 @@ def checkpoint_crop(params: CheckpointParams) -> CropConfig:
         return CropConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()})
     except (TypeError, ValueError) as e:
         raise ExportError(f"checkpoint step {params.step} meta 'crop' {recorded}: {e}") from e
+
+
+def special_ids(tok: Tokenizer, config: MolmoConfig) -> Dict[str, int]:
+    """bos/eos/pad ids for a backbone config.json (pad = EOS, as the released tokenizers); an id
+    outside the model's vocabulary (a tokenizer that is not the model's) is left out with a
+    warning, since transformers refuses a padding row the embedding does not have."""
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
+    outside = {k: v for k, v in ids.items() if not 0 <= v < config.llm.embedding_size}
+    if outside:
+        log.warning("the tokenizer's %s lie outside the model's vocabulary of %d rows; not written to "
+                    "llm/config.json (is it the tokenizer the model was trained with?)", outside,
+                    config.llm.embedding_size)
+    return {k: v for k, v in ids.items() if k not in outside}
 
 
 def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, fmt: str = "hf",
@@ -285,8 +222,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
                 if sub in ("", "llm"):
                     tok = write_tokenizer(tokenizer, folder, config.llm.vocab_size)
                 if sub == "llm":
-                    jsons = {"config.json": formats.causal_lm_config_json(config, dtype, {
-                        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id})}
+                    jsons = {"config.json": formats.causal_lm_config_json(config, dtype, special_ids(tok, config))}
                 for name, content in jsons.items():
                     write_json(os.path.join(folder, name), content)
                 if remote_code:
