@@ -16,10 +16,8 @@ Answer with `error` set, and the other requests of the batch are answered.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, Optional, Sequence
 
@@ -36,6 +34,7 @@ from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig, Generator
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
+from molmo_jax.train.checkpointing import quiet_absl
 
 # Inference preprocessing per model: the crop geometry of the releases, image ids from the tokenizer.
 CROP_KEYS = ("images", "image_masks", "image_input_idx")
@@ -134,7 +133,7 @@ def load_orbax_model(path: str) -> Molmo:
     abstract = nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abstract_state)
-    with _quiet_orbax():  # it looks for the step's metadata file inside the item and warns
+    with quiet_absl():  # it looks for the step's metadata file inside the item and warns
         checkpointer = ocp.PyTreeCheckpointer()
         stored = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
         if "params" not in stored:
@@ -149,18 +148,6 @@ def load_orbax_model(path: str) -> Molmo:
     params = _merge(restored["params"], restored.get("frozen", {}))
     nnx.replace_by_pure_dict(abstract_state, params)
     return nnx.merge(graphdef, abstract_state)
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Orbax's warnings (absl logging) off for a moment; errors still show."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _subtree_like(stored: Any, pure: Any) -> Any:

@@ -187,7 +187,7 @@ class Checkpointer:
                 max_to_keep=keep, keep_period=keep_every or None, create=True,
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         _quiet_save_failures()
-        with self._save_errors("open the checkpoint directory"), _quiet_absl():  # "directory is read only"
+        with self._save_errors("open the checkpoint directory"), quiet_absl():  # "directory is read only"
             self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                  item_names=("state", "data", "meta"))
 
@@ -273,7 +273,7 @@ class Checkpointer:
     @staticmethod
     def _stored_shapes(path: epath.Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         """{array path: (shape, dtype)} of a checkpoint's state item, from its metadata alone."""
-        with _quiet_absl():  # orbax looks for a step metadata file inside the item and warns
+        with quiet_absl():  # orbax looks for a step metadata file inside the item and warns
             tree = ocp.PyTreeCheckpointer().metadata(path / "state").item_metadata.tree
         return {path_str(p): (tuple(leaf.shape), str(leaf.dtype))
                 for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -406,7 +406,8 @@ def _mismatch_message(path: epath.Path, mismatch: str, saved_model: Any, model_c
 
 
 @contextlib.contextmanager
-def _quiet_absl():
+def quiet_absl():
+    """absl logging (orbax's warnings) at ERROR for a moment; errors still show."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
