@@ -1,1 +1,1 @@
-"""Inference: KV-cache generation, the predict command and drawing points on images."""
+"""Inference: KV-cache generation, the predictor behind `python -m molmo_jax.predict`, points drawn on images."""
