@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import transformers  # the "torch" extra, which `make test` installs
 from flax import nnx
 
 from configs import common, demo
@@ -129,7 +130,6 @@ def test_remote_code_gives_a_local_auto_map(demo_run, tmp_path, monkeypatch):
     assert jsons["preprocessor_config.json"]["auto_map"]["AutoProcessor"] == "preprocessing_molmo.MolmoProcessor"
     assert "allenai" not in json.dumps(jsons) and "--" not in json.dumps([j["auto_map"] for j in jsons.values()])
 
-    transformers = pytest.importorskip("transformers")  # the "torch" extra, which `make test` installs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
     assert type(config).__name__ == "MolmoConfig" and config.stand_in  # the folder's own module, offline
@@ -145,7 +145,6 @@ def test_sentencepiece_tokenizer_json_encodes_like_the_project(demo_run, tmp_pat
     out = export.export_checkpoint(run, str(tmp_path / "hf"))
     assert {"spm.model", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
     ours = load_tokenizer(spm, pad_to=int(cfg.model.llm.vocab_size))
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(out)
     prompts = lines + ["User: Point to the red circles. Assistant:", "  two  spaces and ünïcode ½ 12:45 "]
     for text in prompts:
@@ -164,7 +163,6 @@ def test_backbone_configs_carry_the_special_ids(demo_run, tmp_path):
     ours = load_tokenizer(spm, pad_to=int(cfg.model.llm.vocab_size))
     assert (llm["bos_token_id"], llm["eos_token_id"], llm["pad_token_id"]) == (ours.bos_id, ours.eos_id, ours.eos_id)
     assert max(llm["bos_token_id"], llm["eos_token_id"]) < llm["vocab_size"]
-    transformers = pytest.importorskip("transformers")
     loaded = transformers.AutoConfig.from_pretrained(os.path.join(out, "llm"))
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (ours.bos_id, ours.eos_id, ours.eos_id)
 
@@ -199,7 +197,6 @@ def test_verify_passes_a_faithful_folder_and_catches_a_corrupted_tensor(demo_run
 
 def test_torch_side_of_verify_says_why_the_stand_in_cannot_run(demo_run, tmp_path):
     """The stand-in code resolves but has no Molmo forward: the report says so instead of a number."""
-    pytest.importorskip("torch")
     _, _, run, _ = demo_run
     reports = []
     export.export_checkpoint(run, str(tmp_path / "hf"), remote_code=write_stand_in(tmp_path / "code"),
