@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from data_pipelines import formatting, images, multicrop, preprocess, tokenizer as tokenizer_lib
@@ -120,7 +121,6 @@ def _orbax_step_dir(path: str) -> str:
 
 def load_orbax_model(path: str) -> Molmo:
     """The model of a molmo-jax training checkpoint (params only: trainable + frozen)."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415 (only this loader needs orbax)
     step_dir = _orbax_step_dir(path)
     meta_path = os.path.join(step_dir, "meta", "metadata")
     if not os.path.exists(meta_path):
