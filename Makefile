@@ -21,7 +21,7 @@ $(VENV)/.core: setup.py | $(VENV)/bin/activate
 	touch $@
 
 $(VENV)/.test: setup.py | $(VENV)/bin/activate
-	$(PIP) install -q -e ".[test,torch,tfds,tpu]"
+	$(PIP) install -q -e ".[test,torch,tfds,tpu,serve,video,lora]"
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core

@@ -24,13 +24,19 @@ CORE = [
 
 EXTRAS = {
     # what the test suite needs on top of the core stack
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scikit-image>=0.24"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "scikit-image>=0.24", "httpx>=0.27"],
     # PyTorch parity and export checks; 2.13.0 is the CPU wheel (a bare "torch" pulls CUDA builds)
     "torch": ["torch==2.13.0", "transformers>=5.0"],
     # TFDS builders writing ArrayRecord (TensorFlow itself is not needed for the grain path)
     "tfds": ["tensorflow-datasets==4.9.10", "array_record>=0.5", "importlib_resources>=6"],
     # optional seqio adapters (pulls the full tensorflow wheel)
     "seqio": ["seqio>=0.0.20", "tensorflow>=2.17", "tensorflow-datasets==4.9.10"],
+    # the HTTP server (python -m molmo_jax.serve)
+    "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
+    # video decoding for Molmo2 (PyAV)
+    "video": ["av>=12"],
+    # LoRA / QLoRA adapters and weight quantisation
+    "lora": ["qwix==0.1.8"],
     # AOT compilation for TPU topologies on a CPU machine
     "tpu": ["libtpu"],
 }
