@@ -3,7 +3,7 @@
   python benchmarks/train_step.py                          # demo and ~100M models, float32, CPU
   python benchmarks/train_step.py --size 100m --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
   python benchmarks/train_step.py --size 1b --dtype bfloat16 --batch 8 --seq-len 2304 --max-crops 12 --remat full
-  python benchmarks/train_step.py --size 36m      # forward, ViT, train step and peak memory of the 36M config
+  python benchmarks/train_step.py --size 36m      # forward, ViT, train step, generation, peak memory: 36M config
 
 Measured rows: compile time of the full training step (forward, backward, per-group clipping,
 AdamW), then the median time of `--steps` steps on random inputs of the model's shapes, with
@@ -30,6 +30,7 @@ from molmo_jax.model import sharding
 from molmo_jax.model.flops import params_count
 from molmo_jax.model.config import LLMConfig, MOLMO_7B_D, MOLMO_7B_O, MOLMO_72B, MOLMOE_1B, VisionConfig
 from data_pipelines import multicrop
+from molmo_jax.inference.generate import GenerationConfig, Generator
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train import trainer
@@ -144,6 +145,19 @@ def timed(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def generation_36m(model, model_cfg, repeats: int) -> tuple[float, float]:
+    """Seconds of the prefill of one 613-token prompt (BOS + 580 image tokens + 32 text tokens, 5
+    crops) and per decoded token, as users call the Generator (default GenerationConfig: 12 new
+    tokens): prefill = a 1-token generation, decode = (12-token generation - prefill) / 11."""
+    host = batch_36m(model_cfg, np.random.default_rng(1), batch=1, seq_len=613)
+    prompt = {k: host[k] for k in ("input_ids", "images", "image_masks", "image_input_idx")}
+    generator = Generator(model)
+    defaults = GenerationConfig()
+    prefill_s = timed(lambda: generator(prompt, GenerationConfig(max_new_tokens=1)).tokens, repeats=repeats)
+    total_s = timed(lambda: generator(prompt, defaults).tokens, repeats=repeats)
+    return prefill_s, (total_s - prefill_s) / (defaults.max_new_tokens - 1)
+
+
 def measure_36m(steps: int) -> list:
     """Rows of the 36M comparison: forward (loss), the ViT alone on the 10 crops, the train step
     (forward, CE, backward, AdamW: b 0.9 / 0.95, eps 1e-6, no weight decay, no clipping,
@@ -162,6 +176,8 @@ def measure_36m(steps: int) -> list:
     vision = nnx.merge(setup.graphdef, opt_lib.merge_trees(state["params"], state["frozen"])).vision
     crops = jax.numpy.asarray(host["images"].reshape(-1, *host["images"].shape[2:]))
     vit_s = timed(jax.jit(lambda x: vision(x)), crops, repeats=steps)
+    prefill_s, decode_s = generation_36m(nnx.merge(setup.graphdef, opt_lib.merge_trees(state["params"], state["frozen"])),
+                                         model_cfg, repeats=steps)
     step = setup.step_fn.lower(state, batch).compile()
     times = []
     for _ in range(steps + 1):
@@ -173,6 +189,8 @@ def measure_36m(steps: int) -> list:
     return [["forward, batch 2 x 1024 tokens, 5 crops each", f"{forward_s:.3f} s"],
             ["vision backbone only (10 crops)", f"{vit_s:.3f} s"],
             ["train step (forward, CE, backward, AdamW)", f"{np.median(times[1:]):.3f} s"],
+            ["generation prefill, 613-token prompt (Generator defaults)", f"{prefill_s:.3f} s"],
+            ["generation decode per token (Generator defaults)", f"{decode_s * 1e3:.1f} ms"],
             ["peak host memory of the process", f"{peak_gb:.2f} GB"],
             ["parameters", f"{params_count(model_cfg)['total']:,}"],
             ["loss at step 1", f"{float(metrics['loss']):.6f}"]]

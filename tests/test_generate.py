@@ -67,6 +67,15 @@ def test_golden_greedy_continuation(generated, inputs, golden_dir):
     np.testing.assert_allclose(out.logits[0], golden["gen_step_logits"], atol=1e-4, rtol=1e-4)
 
 
+def test_chunking_does_not_change_tokens(generated, inputs):
+    """One step per call and one call for all steps (chunk 16 > N_NEW - 1) give the same tokens as
+    chunks of 4 with a cut last chunk."""
+    _, generator, out = generated
+    for chunk in (1, 16):
+        tokens = generator(inputs, GenerationConfig(max_new_tokens=N_NEW, chunk_size=chunk)).tokens
+        np.testing.assert_array_equal(tokens, out.tokens)
+
+
 def test_batched_equals_one_by_one(generated, inputs):
     _, generator, out = generated
     for row in range(2):
@@ -112,3 +121,4 @@ def test_sampling_filters():
     draws = np.asarray(sample_tokens(logits, keys, jnp.float32(1.0), jnp.float32(1.0), greedy=False, top_k=3))
     assert set(draws) == {0, 1, 2}
     assert prompt_bucket(1) == 32 and prompt_bucket(427) == 512 and prompt_bucket(512) == 512
+    assert prompt_bucket(513) == 640 and prompt_bucket(613) == 640 and prompt_bucket(1025) == 1152

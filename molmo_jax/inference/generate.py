@@ -11,10 +11,13 @@ Q pooled tokens per crop, V logit columns, N new tokens.
 padding), and optionally images float32[B, C, P, D], image_masks float32[B, C, P], image_input_idx
 int[B, C, Q]. Rows may have different prompt lengths and crop counts.
 
-Compilation: the prompt is padded to a length bucket (next power of two, at least 32) and decoding
-runs in fixed chunks of `chunk_size` steps, so a new prompt length reuses a compiled program unless
-it crosses a bucket. Between chunks the host checks stop tokens and stop strings and stops early
-once every row is finished. Greedy decoding reproduces the official `Molmo.generate` (beam 1): the
+Compilation: the prompt is padded to a length bucket (the next power of two from 32 to 512, then
+the next multiple of 128, so padding stays under a quarter and, past 512, under 128 tokens) and
+decoding runs in chunks of `chunk_size` steps, the last one cut to the tokens still wanted, so a
+new prompt length reuses a compiled program unless it crosses a bucket, and no step computes a
+token that is thrown away. The KV cache holds exactly the padded prompt and the new tokens.
+Between chunks the host checks stop tokens and stop strings and stops early once every row is
+finished. Greedy decoding reproduces the official `Molmo.generate` (beam 1): the
 first new token comes from the logits at each row's last valid prompt position, next positions
 continue from there, and the padded prompt slots stay masked.
 """
@@ -67,9 +70,13 @@ class GenerationOutput:
     logits: Optional[np.ndarray] = None  # float32[B, N, V], with return_logits
 
 
-def prompt_bucket(length: int, minimum: int = 32) -> int:
-    """The padded prompt length: the next power of two >= length (at least `minimum`)."""
-    return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+def prompt_bucket(length: int, minimum: int = 32, step: int = 128) -> int:
+    """The padded prompt length: the next power of two >= length (at least `minimum`) up to
+    4 * step, past that the next multiple of `step` (a 613-token prompt pads to 640, not 1024)."""
+    length = int(length)
+    if length > 4 * step:
+        return -(-length // step) * step
+    return max(minimum, 1 << max(0, length - 1).bit_length())
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
@@ -167,8 +174,8 @@ class Generator:
             raise ValueError("stop_strings need a decode function (token ids -> text)")
         length = np.asarray(batch["input_ids"]).shape[1]
         prompt = _pad_prompt(batch, prompt_bucket(length))
-        n_decode = -(-(config.max_new_tokens - 1) // config.chunk_size) * config.chunk_size
-        cache_len = prompt["input_ids"].shape[1] + n_decode
+        # Decode steps feed one token each: max_new_tokens - 1 of them after the prefill's token.
+        cache_len = prompt["input_ids"].shape[1] + max(1, config.max_new_tokens - 1)
         greedy = config.temperature == 0
         sampling = dict(greedy=greedy, top_k=config.top_k)
         temperature, top_p = jnp.float32(max(config.temperature, 1e-6)), jnp.float32(config.top_p)
@@ -180,12 +187,13 @@ class Generator:
         tokens = [np.asarray(token)[:, None]]
         all_logits = [np.asarray(logits)[:, None]] if return_logits else []
         stop_ids = np.asarray(config.stop_token_ids, np.int32)
-        while sum(t.shape[1] for t in tokens) < config.max_new_tokens:
+        while (done := sum(t.shape[1] for t in tokens)) < config.max_new_tokens:
             if self._finished(np.concatenate(tokens, 1), stop_ids, config.stop_strings, decode).all():
                 break
             key, sub = jax.random.split(key)
+            steps = min(config.chunk_size, config.max_new_tokens - done)
             chunk, logits, cache, position = decode_steps(self.graphdef, self.state, token, cache, position,
-                                                          sub, temperature, top_p, steps=config.chunk_size,
+                                                          sub, temperature, top_p, steps=steps,
                                                           keep_logits=return_logits, **sampling)
             token = chunk[:, -1]
             tokens.append(np.asarray(chunk))
