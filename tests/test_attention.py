@@ -90,10 +90,23 @@ def test_chunked_equals_reference_forward_and_gradient(case):
     live = _live_rows(mask, t, s)
     cotangent = cotangent * live[:, :, None, None]  # the loss never reaches rows with no key
 
-    def chunked(q, k, v):
-        return chunked_attention(q, k, v, mask, block_q=8, block_k=16)
+    def chunked(q, k, v):  # blocks even without a mask (single_tile=0)
+        return chunked_attention(q, k, v, mask, block_q=8, block_k=16, single_tile=0)
 
     _compare_with_reference(chunked, mask, (q, k, v), cotangent, live)
+
+
+def test_unmasked_single_tile_equals_reference_and_keeps_no_probabilities():
+    """The ViT's case: no mask, T = S = 577 (336 px / 14 + CLS), one tile without mask arrays.
+    Forward and gradients equal the einsum, and the saved residuals hold no [T, S] array."""
+    t, n, h = 577, 2, 8
+    q, k, v, cotangent = _inputs(t, t, n, n, h=h)
+    single = lambda q, k, v: chunked_attention(q, k, v, None)  # noqa: E731
+    _compare_with_reference(single, None, (q, k, v), cotangent, np.ones((2, t), bool))
+    loss = lambda q, k, v: jnp.sum(single(q, k, v) * cotangent)  # noqa: E731
+    saved = jax.vjp(loss, q, k, v)[1]
+    shapes = [leaf.shape for leaf in jax.tree_util.tree_leaves(saved) if hasattr(leaf, "shape")]
+    assert shapes and all(np.prod(shape) < 2 * t * n * h * 4 for shape in shapes), shapes
 
 
 def test_chunked_single_block_and_bfloat16_inputs():
@@ -143,6 +156,9 @@ def test_backend_selection_per_platform_and_mask():
     causal, packed = CASES["right_padding"][4], CASES["subsegments"][4]
     decode, blocks = CASES["kv_cache_decode"][4], CASES["bidirectional_blocks"][4]
     assert _select("auto", 512, 512, causal, "cpu") == "reference"  # one tile
+    assert _select("auto", 577, 577, None, "cpu") == "chunked"  # a ViT crop: recompute, not keep, its probabilities
+    assert _select("auto", 1, 4, None, "cpu") == "reference"  # a pooling window
+    assert _select("auto", 577, 577, None, "tpu") == _select("auto", 577, 577, None, "gpu") == "reference"
     assert _select("auto", 1024, 1024, causal, "cpu") == "chunked"
     assert _select("auto", 1024, 1024, causal, "tpu") == "splash"
     assert _select("auto", 1024, 1024, causal, "gpu", jnp.bfloat16) == "cudnn"

@@ -41,6 +41,10 @@ def select_implementation(name: str, q: jax.Array, k: jax.Array, mask: Optional[
     the einsum until one head's [T, S] logits pass AUTO_CHUNKED_LOGITS, where memory decides.
     An explicit "splash" or "cudnn" also falls back to the chunked kernel for the masks it
     cannot express (the KV-cache decode of generation, subsegments, bidirectional blocks).
+    Unmasked attention (the ViT's crops, the pooling windows) takes the kernels only on CPU
+    under "auto": there the einsum keeps every layer's [T, S] probabilities for the backward
+    (1 GB of the 36M config's ViT gradient) and the chunked kernel recomputes them; on
+    accelerators a few hundred tokens per crop are what XLA's fused einsum does well.
     """
     check_implementation(name)
     t, s = q.shape[1], k.shape[1]
@@ -49,6 +53,8 @@ def select_implementation(name: str, q: jax.Array, k: jax.Array, mask: Optional[
         return name if expressible else "chunked"
     if name != "auto":
         return name
+    if mask is None and platform != "cpu":
+        return "chunked" if t * s > AUTO_CHUNKED_LOGITS else "reference"
     if expressible and platform == "tpu":
         return "splash"
     if expressible and platform == "gpu" and kernels.cudnn_supports(q, k) is None:
@@ -115,8 +121,9 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, d_in: int, num_heads: int, head_dim: int, d_out: int, names: Names, *,
-                 rngs: nnx.Rngs):
+                 implementation: str = "reference", rngs: nnx.Rngs):
         n_in, n_heads, n_out = names
+        self.implementation = check_implementation(implementation)
         qkv_names = (n_in, n_heads, "head_dim")
         self.wq = Dense((d_in,), (num_heads, head_dim), qkv_names, use_bias=True, rngs=rngs)
         self.wk = Dense((d_in,), (num_heads, head_dim), qkv_names, use_bias=True, rngs=rngs)
@@ -127,7 +134,8 @@ class MultiHeadAttention(nnx.Module):
     def __call__(self, x_q: jax.Array, x_kv: jax.Array, dtype) -> jax.Array:
         """x_q: [B, T, D_in], x_kv: [B, S, D_in] -> [B, T, D_out]."""
         q, k, v = self.wq(x_q, dtype), self.wk(x_kv, dtype), self.wv(x_kv, dtype)
-        return self.wo(dot_product_attention(q, k, v, float32_logits=True), dtype)
+        out = dot_product_attention(q, k, v, implementation=self.implementation, float32_logits=True)
+        return self.wo(out, dtype)
 
 
 def default_positions(input_ids: jax.Array) -> jax.Array:

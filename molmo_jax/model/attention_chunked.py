@@ -28,17 +28,25 @@ from molmo_jax.model.layers import ATTENTION_NAME
 
 BLOCK_Q = 512
 BLOCK_K = 512
+# Attention without a mask (the ViT: 577 or 729 tokens per crop) up to this length is one tile
+# with no mask arrays: no tail padding (577 in blocks of 512 would pad to 1024, 3x the work) and
+# no skipping to gain, while the backward still recomputes instead of keeping the probabilities.
+SINGLE_TILE = 1024
 
 _F32 = jnp.float32
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[AttentionMask], *,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> jax.Array:
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, single_tile: int = SINGLE_TILE) -> jax.Array:
     """softmax(q k^T masked) v blockwise. q (already scaled by 1/sqrt(H)): [B, T, N, H];
     k, v: [B, S, K, H]; mask: AttentionMask or None (all allowed) -> [B, T, N, H] in v's dtype.
-    Lengths need not be multiples of the blocks: the tails are padded, padded keys masked."""
+    Lengths need not be multiples of the blocks: the tails are padded, padded keys masked.
+    Without a mask, T and S up to `single_tile` are one unpadded, unmasked tile."""
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
+    if mask is None and t <= single_tile and s <= single_tile:
+        out = _flash(q.reshape(b, t, kv, n // kv, h)[None], k[None], v[None], None)
+        return out[0].reshape(b, t, n, h)
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = -(-t // bq), -(-s // bk)
     mask = AttentionMask(causal=False) if mask is None else mask
@@ -55,10 +63,22 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[A
     return jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, n, h)[:, :t]
 
 
-def _tile_mask(mask: AttentionMask, i, j, bq: int, bk: int) -> jax.Array:
-    """bool[B or 1, 1, 1, Q, C]: the mask of query block i x key block j, broadcast over heads."""
+def _tile_mask(mask: Optional[AttentionMask], i, j, bq: int, bk: int) -> Optional[jax.Array]:
+    """bool[B or 1, 1, 1, Q, C]: the mask of query block i x key block j, broadcast over heads;
+    None for the unmasked single tile."""
+    if mask is None:
+        return None
     allowed = mask.allowed(mask.q_offset + i * bq + jnp.arange(bq), j * bk + jnp.arange(bk))
     return allowed[:, None, None]
+
+
+def _where(allowed: Optional[jax.Array], x: jax.Array, other) -> jax.Array:
+    return x if allowed is None else jnp.where(allowed, x, other)
+
+
+def _if_any(allowed: Optional[jax.Array], run, skip, carry):
+    """run(carry) unless the tile has no allowed entry (then skip(carry))."""
+    return run(carry) if allowed is None else jax.lax.cond(jnp.any(allowed), run, skip, carry)
 
 
 def _logits(qi, kj):
@@ -79,14 +99,14 @@ def _forward(qb, kb, vb, mask):
 
             def fold(carry):
                 m, l, acc = carry
-                s = jnp.where(allowed, _logits(qi, kj), MASK_VALUE)
+                s = _where(allowed, _logits(qi, kj), MASK_VALUE)
                 m_new = jnp.maximum(m, s.max(-1))
-                p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+                p = _where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
                 scale = jnp.exp(m - m_new)
                 pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=_F32)
                 return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
 
-            return jax.lax.cond(jnp.any(allowed), fold, lambda c: c, carry), None
+            return _if_any(allowed, fold, lambda c: c, carry), None
 
         init = (jnp.full((b, kv, g, bq), MASK_VALUE, _F32), jnp.zeros((b, kv, g, bq), _F32),
                 jnp.zeros((b, kv, g, bq, h), _F32))
@@ -126,7 +146,7 @@ def _flash_bwd(residuals, dout):
             def grads(carry):
                 dk, dv = carry
                 s = _logits(qi, kj)
-                p = jnp.where(allowed, jnp.exp(s - mi[..., None]) * inv_li[..., None], 0.0)
+                p = _where(allowed, jnp.exp(s - mi[..., None]) * inv_li[..., None], 0.0)
                 dv = dv + jnp.einsum("bkgqc,bqkgh->bckh", p.astype(doi.dtype), doi, preferred_element_type=_F32)
                 dp = jnp.einsum("bqkgh,bckh->bkgqc", doi, vj, preferred_element_type=_F32)
                 ds = p * (dp - di[..., None])
@@ -137,7 +157,7 @@ def _flash_bwd(residuals, dout):
             def skip(carry):
                 return carry, jnp.zeros(qi.shape, _F32)
 
-            return jax.lax.cond(jnp.any(allowed), grads, skip, carry)
+            return _if_any(allowed, grads, skip, carry)
 
         zeros = jnp.zeros(kj.shape, _F32)
         (dk, dv), dq_j = jax.lax.scan(query_block, (zeros, zeros),

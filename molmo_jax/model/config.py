@@ -121,8 +121,9 @@ class MolmoConfig:
     # Numerics and compilation. Parameters are always float32.
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" | "dots_and_attention" (layers.py)
-    # The decoder's attention backend, one of ATTENTION_IMPLEMENTATIONS. The ViT and pooling
-    # attend over a few hundred tokens per crop without a mask and always use the einsum.
+    # The attention backend, one of ATTENTION_IMPLEMENTATIONS, for the decoder, the ViT and the
+    # pooling ("auto" gives the unmasked ViT / pooling attention the kernels only on CPU, see
+    # attention.select_implementation).
     attention: str = "auto"
     # Random init of a model trained from scratch (pretrained weights replace it otherwise):
     # "normal": every weight N(0, 0.02), the official / transformers convention;

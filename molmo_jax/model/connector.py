@@ -34,7 +34,8 @@ class Connector(nnx.Module):
         self.pad_embed = (param(rngs, zeros, (2, feat), (None, "vit_embed"))
                           if cc.padding_embed == "pad_and_partial_pad" else None)
         self.pooling = MultiHeadAttention(feat, vc.num_heads, vc.head_dim, vc.width,
-                                          ("vit_embed", "vit_heads", "vit_embed"), rngs=rngs)
+                                          ("vit_embed", "vit_heads", "vit_embed"),
+                                          implementation=config.attention, rngs=rngs)
         self.projector = SwiGLU(vc.width, config.projector_hidden, config.llm.d_model,
                                 ("vit_embed", "mlp", "embed"), rngs=rngs)
 

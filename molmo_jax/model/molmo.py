@@ -57,7 +57,7 @@ class Molmo(nnx.Module):
     def __init__(self, config: MolmoConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.vision = VisionTransformer(config.vision, dtype=config.dtype, remat_policy=config.remat_policy,
-                                        rngs=rngs)
+                                        attention=config.attention, rngs=rngs)
         self.connector = Connector(config, rngs=rngs)
         self.llm = LLM(config.llm, dtype=config.dtype, remat_policy=config.remat_policy,
                        attention=config.attention, rngs=rngs)

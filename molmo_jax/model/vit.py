@@ -26,12 +26,13 @@ from molmo_jax.model.sharding import with_logical_constraint
 class ViTBlock(nnx.Module):
     """Pre-LN residual block: x += wo(MHA(ln1(x))); x += w2(act(w1(ln2(x))))."""
 
-    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, *, attention: str = "reference", rngs: nnx.Rngs):
         w = config.width
         self.act = activation(config.activation)
         self.attention_norm = LayerNorm(w, config.norm_eps, ("vit_embed",), rngs=rngs)
         self.attention = MultiHeadAttention(w, config.num_heads, config.head_dim, w,
-                                            ("vit_embed", "vit_heads", "vit_embed"), rngs=rngs)
+                                            ("vit_embed", "vit_heads", "vit_embed"), implementation=attention,
+                                            rngs=rngs)
         self.ffn_norm = LayerNorm(w, config.norm_eps, ("vit_embed",), rngs=rngs)
         self.w1 = Dense((w,), (config.mlp_dim,), ("vit_embed", "vit_mlp"), use_bias=True, rngs=rngs)
         self.w2 = Dense((config.mlp_dim,), (w,), ("vit_mlp", "vit_embed"), use_bias=True, rngs=rngs)
@@ -44,7 +45,7 @@ class ViTBlock(nnx.Module):
 
 class VisionTransformer(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype="float32", remat_policy: str = "none",
-                 rngs: nnx.Rngs):
+                 attention: str = "reference", rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat_policy = remat_policy
@@ -54,7 +55,7 @@ class VisionTransformer(nnx.Module):
         self.class_embedding = param(rngs, normal(), (w,), ("vit_embed",)) if config.use_cls_token else None
         self.positional_embedding = param(rngs, normal(), (config.num_positions, w), (None, "vit_embed"))
         self.pre_ln = LayerNorm(w, config.norm_eps, ("vit_embed",), rngs=rngs) if config.pre_ln else None
-        self.blocks = stacked(lambda r: ViTBlock(config, rngs=r), config.num_layers, rngs)
+        self.blocks = stacked(lambda r: ViTBlock(config, attention=attention, rngs=r), config.num_layers, rngs)
 
     def rescale_position_embeddings(self, factor: float) -> None:
         """Multiplies the positional and class embeddings (init scheme "fan_in" brings them from
