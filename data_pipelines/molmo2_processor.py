@@ -49,6 +49,11 @@ class Molmo2ProcessorConfig:
   use_frame_special_tokens: bool = True
 
 
+# The released Molmo2 models share one processor (SigLIP2 at 378 px): these are its settings,
+# the class defaults above. A --processor folder is authoritative where it says otherwise.
+PRESETS = {name: Molmo2ProcessorConfig() for name in ("molmo2-4b", "molmo2-8b", "molmo2-o-7b")}
+
+
 def _read_json(path: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text(encoding="utf-8"))

@@ -353,3 +353,55 @@ def test_bad_videos_get_one_clear_error(tmp_path, make, max_pixels, cause, ours)
     tok, cfg = ours
     with pytest.raises(video.VideoDecodeError, match=cause):
       molmo2_processor.process("<|video|>", tok, cfg, video=str(path))
+
+
+def test_cli_writes_the_processor_arrays(tmp_path, processor_dir, ours):
+  from PIL import Image
+  from data_pipelines import preprocess
+  tok, cfg = ours
+  images = _random_images([(300, 451), (120, 90)], seed=3)
+  paths = []
+  for k, image in enumerate(images):
+    paths.append(str(tmp_path / f"im{k}.png"))
+    Image.fromarray(image).save(paths[-1])
+  prompt = "User: <|image|><|image|> Compare. Assistant:"
+  out, show = tmp_path / "images.npz", tmp_path / "images.png"
+  assert preprocess.main(paths + ["--processor", str(processor_dir), "--prompt", prompt,
+                                  "--out", str(out), "--show", str(show)]) == 0
+  expected = molmo2_processor.process(prompt, tok, cfg, images=images)
+  with np.load(out) as saved:
+    assert sorted(saved.files) == sorted(expected)
+    for key in expected:
+      np.testing.assert_array_equal(saved[key], expected[key], err_msg=key)
+  with Image.open(show) as sheet:  # two images, each one row of 378-px crops
+    assert sheet.height == 2 * (378 + 8)
+
+  clip = tmp_path / "clip.mkv"
+  write_video(clip, n_frames=20, fps=10, codec="libx264")
+  out = tmp_path / "video.npz"
+  assert preprocess.main([str(clip), "--preset", "molmo2-8b", "--tokenizer", str(processor_dir),
+                          "--prompt", "<|video|> Where?", "--max-frames", "3", "--out", str(out),
+                          "--show", str(tmp_path / "frames.png")]) == 0
+  with np.load(out) as saved:
+    np.testing.assert_array_equal(saved["frame_indices"], [0, 9, 19])
+    assert saved["video_grids"].tolist() == [[3, 9, 9]]
+    assert saved["pixel_values_videos"].shape == (3, 729, 588)
+
+
+def test_cli_errors_are_one_line(tmp_path, processor_dir, capsys):
+  from data_pipelines import preprocess
+  clip = tmp_path / "clip.mp4"
+  write_video(clip, n_frames=5)
+  assert preprocess.main([str(clip), "--preset", "molmo2-8b", "--prompt", "x",
+                          "--out", str(tmp_path / "o.npz")]) == 2
+  assert "needs --tokenizer" in capsys.readouterr().err
+  bad = tmp_path / "bad.mp4"
+  bad.write_bytes(b"\x00" * 100)
+  assert preprocess.main([str(bad), "--processor", str(processor_dir), "--prompt", "x",
+                          "--out", str(tmp_path / "o.npz")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "bad.mp4: not a video file" in err
+  assert preprocess.main([str(clip), str(clip), "--processor", str(processor_dir), "--prompt",
+                          "x", "--out", str(tmp_path / "o.npz")]) == 1
+  assert "not 2 files with 2 video(s)" in capsys.readouterr().err
+  assert not (tmp_path / "o.npz").exists()
