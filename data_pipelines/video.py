@@ -27,8 +27,8 @@ import numpy as np
 MODES = ("uniform_last_frame", "fps", "transformers")
 # 8K: larger frames are refused before any is decoded.
 DEFAULT_MAX_PIXELS = 7680 * 4320
-# A frame interval that differs from the median by more than this fraction means a variable
-# frame rate: its timestamps (index / fps) would be wrong.
+# A frame interval that differs from the median by more than this fraction (and more than one
+# time-base unit) means a variable frame rate: its timestamps (index / fps) would be wrong.
 VFR_TOLERANCE = 0.25
 MAX_CANDIDATE_FPS = 8  # the official "fps" mode never samples faster
 
@@ -100,8 +100,9 @@ def probe(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> V
     if declared_s and covered_s < declared_s * 0.99 - 2 * median * float(time_base):
       raise VideoDecodeError(f"{path}: truncated or corrupt data (the header declares "
                              f"{declared_s:.2f} s, the frames cover {covered_s:.2f} s)")
-    worst = float(np.max(np.abs(steps - median))) / median if median > 0 else np.inf
-    if worst > VFR_TOLERANCE:
+    # One time-base unit of rounding is allowed (30 fps in a 1/1000 time base: 33 or 34).
+    worst = float(np.max(np.abs(steps - median)))
+    if median <= 0 or worst > max(VFR_TOLERANCE * median, 1.0):
       raise VideoDecodeError(f"{path}: variable frame rate (frame intervals from {steps.min()} "
                              f"to {steps.max()} time-base units; timestamps would be wrong)")
   return VideoInfo(path=path, num_frames=len(pts), fps=float(rate), height=height, width=width,

@@ -405,3 +405,32 @@ def test_cli_errors_are_one_line(tmp_path, processor_dir, capsys):
                           "x", "--out", str(tmp_path / "o.npz")]) == 1
   assert "not 2 files with 2 video(s)" in capsys.readouterr().err
   assert not (tmp_path / "o.npz").exists()
+
+
+def test_processor_folder_flags(tmp_path, processor_dir, ours):
+  tok, _ = ours
+  folder = tmp_path / "proc"
+  folder.mkdir()
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    (folder / name).write_bytes((processor_dir / name).read_bytes())
+  (folder / "processor_config.json").write_text(json.dumps(
+      {"use_frame_special_tokens": False, "video_use_col_tokens": True,
+       "use_single_crop_start_token": False}))
+  (folder / "video_preprocessor_config.json").write_text(json.dumps(
+      {"num_frames": 4, "frame_sample_mode": "fps", "do_normalize": True}))
+  cfg = molmo2_processor.load_config(folder)
+  assert (cfg.sampling.max_frames, cfg.sampling.mode, cfg.video.pool) == (4, "fps", (3, 3))
+  ids = molmo2_processor.token_ids(tok)
+  clip = tmp_path / "clip.mp4"
+  write_video(clip, n_frames=12, fps=4)
+  out = molmo2_processor.process("<|video|>", tok, cfg, video=str(clip))
+  ids_out = out["input_ids"][0]
+  assert (ids_out == ids.frame_start).sum() == 0 and (ids_out == ids.im_start).sum() == 4
+  assert (ids_out == ids.im_col).sum() == 4 * 9  # a column token after each of the 9 rows
+  image = molmo2_processor.process("<|image|>", tok, cfg, images=_random_images([(50, 50)]))
+  assert (image["input_ids"][0] == ids.low_res_im_start).sum() == 0
+  (folder / "video_preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+  with pytest.raises(ValueError, match="do_normalize=false"):
+    molmo2_processor.load_config(folder)
+  with pytest.raises(ValueError, match="no processor_config.json"):
+    molmo2_processor.load_config(tmp_path)
