@@ -196,10 +196,11 @@ def image_layout(h: int, w: int, cfg: CropConfig, ids: ImageTokenIds) -> ImageLa
   return _layout(tiling, cfg, ids)
 
 
-def _patchify(canvas: np.ndarray, n_rows: int, n_cols: int, cfg: CropConfig, out: np.ndarray):
+def cut_crops(canvas: np.ndarray, n_rows: int, n_cols: int, cfg, out: np.ndarray):
   """Cuts a float32[H, W, 3] canvas into n_rows x n_cols crops (stride window_size) and writes
   them as float32[n_rows*n_cols, P, D] into `out`: patches row-major, patch vectors (dy, dx, c).
-  One copy, through a strided view."""
+  One copy, through a strided view. `cfg` is any config with crop_patches, patch_size and
+  window_size (CropConfig, molmo2_images.Molmo2CropConfig)."""
   s0, s1, s2 = canvas.strides
   n, p = cfg.crop_patches, cfg.patch_size
   shape = (n_rows, n_cols, n, n, p, p, 3)
@@ -254,8 +255,8 @@ def preprocess_image(image: np.ndarray, cfg: CropConfig, ids: ImageTokenIds) -> 
       image, [canvas_hw, crop_hw], **kwargs)
 
   crops = np.empty((1 + rows * cols, cfg.crop_patches ** 2, cfg.patch_dim), np.float32)
-  _patchify(global_canvas, 1, 1, cfg, crops[:1])
-  _patchify(canvas, rows, cols, cfg, crops[1:])
+  cut_crops(global_canvas, 1, 1, cfg, crops[:1])
+  cut_crops(canvas, rows, cols, cfg, crops[1:])
 
   masks = _patch_fractions(box, rows, cols, cfg)
   if cfg.legacy_mask:

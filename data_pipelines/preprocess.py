@@ -18,6 +18,10 @@ that quirk is deliberately not reproduced).
 Command line (prints the tiling and the token counts):
   python -m data_pipelines.preprocess IMAGE --preset molmo-7b-d [--max-crops N]
       [--out FILE.npz] [--show FILE.png [--points MODEL_OUTPUT]]
+  Molmo2 (images, several images, or one video; `molmo2_processor`):
+  python -m data_pipelines.preprocess FILE [FILE ...] (--processor DIR | --preset molmo2-8b
+      --tokenizer PATH) --prompt TEXT [--max-crops N] [--max-frames N] --out OUT.npz [--show PNG]
+  writes transformers' arrays (input_ids, pixel_values, image_token_pooling, ...).
 """
 import argparse
 import dataclasses
@@ -25,7 +29,8 @@ import sys
 
 import numpy as np
 
-from data_pipelines import formatting, images as images_lib, multicrop
+from data_pipelines import formatting, images as images_lib, molmo2_images, molmo2_processor
+from data_pipelines import molmo2_show, multicrop, tokenizer as tokenizer_lib
 
 IMAGE_SUBSEGMENT = 10000
 
@@ -198,12 +203,77 @@ def _show(path: str, out: dict, cfg: multicrop.CropConfig, points: np.ndarray) -
   sheet.save(path)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts")
+
+
+def _molmo2_config(args) -> molmo2_processor.Molmo2ProcessorConfig:
+  cfg = (molmo2_processor.load_config(args.processor) if args.processor else
+         molmo2_processor.PRESETS[args.preset])
+  if args.max_crops is not None:
+    cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, max_crops=args.max_crops))
+  if args.max_frames is not None:
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling,
+                                                                max_frames=args.max_frames))
+  return cfg
+
+
+def _molmo2_main(args) -> int:
+  """The Molmo2 command: files -> transformers' processor arrays in an npz (+ a picture)."""
+  if args.processor is None and args.tokenizer is None:
+    print(f"error: --preset {args.preset} needs --tokenizer PATH (the model's tokenizer.json; "
+          "it cannot be downloaded here), or use --processor DIR", file=sys.stderr)
+    return 2
+  if args.prompt is None or not args.out:
+    print("error: Molmo2 preprocessing needs --prompt TEXT and --out OUT.npz", file=sys.stderr)
+    return 2
+  videos = [f for f in args.files if f.lower().endswith(VIDEO_SUFFIXES)]
+  try:
+    if videos and len(args.files) > 1:
+      raise ValueError(f"give images or one video, not {len(args.files)} files with "
+                       f"{len(videos)} video(s)")
+    cfg = _molmo2_config(args)
+    tok = tokenizer_lib.load_tokenizer(args.tokenizer or args.processor)
+    images = [] if videos else [images_lib.load_image(f) for f in args.files]
+    out = molmo2_processor.process(args.prompt, tok, cfg, images=images,
+                                   video=videos[0] if videos else None)
+  except (ValueError, OSError) as e:  # ImageDecodeError and VideoDecodeError are ValueErrors
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  tilings = [molmo2_images.crop_geometry(image.shape[0], image.shape[1], cfg.image)[0]
+             for image in images]
+  for name, image, tiling in zip(args.files, images, tilings):
+    print(f"image            {name}: {image.shape[0]}x{image.shape[1]} (HxW), tiling "
+          f"{tiling[0]}x{tiling[1]}, {tiling[0] * tiling[1]} high-res crops + 1 low-res")
+  if videos:
+    times = ", ".join(f"{t:.1f}" for t in out["timestamps"])
+    print(f"video            {videos[0]}: {len(out['frame_indices'])} frames sampled "
+          f"({cfg.sampling.mode}) at {times} s")
+  n_vision = int(out["mm_token_type_ids"].sum())
+  print(f"input_ids        {out['input_ids'].shape[1]} tokens ({n_vision} vision tokens)")
+  np.savez(args.out, **out)
+  print(f"wrote {args.out}")
+  if args.show:
+    molmo2_show.draw(args.show, out, tilings, cfg.image, cfg.video)
+    print(f"wrote {args.show}")
+  return 0
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m data_pipelines.preprocess",
-                                   description="Show how an image is cropped for a Molmo model.")
-  parser.add_argument("image")
-  parser.add_argument("--preset", default="molmo-7b-d", choices=sorted(PRESETS))
+                                   description="Show how an image is cropped for a Molmo model; "
+                                               "for Molmo2, write the processor's arrays of "
+                                               "images or a video.")
+  parser.add_argument("files", nargs="+", metavar="FILE",
+                      help="an image (Molmo); images or one video (Molmo2)")
+  parser.add_argument("--preset", default="molmo-7b-d",
+                      choices=sorted(PRESETS) + sorted(molmo2_processor.PRESETS))
+  parser.add_argument("--processor", help="Molmo2: a transformers processor or checkpoint folder "
+                                          "(processor_config.json + tokenizer files)")
+  parser.add_argument("--tokenizer", help="Molmo2 with --preset: tokenizer file or folder")
+  parser.add_argument("--prompt", help="Molmo2: the processor's prompt text; <|image|> / "
+                                       "<|video|> placeholders, else the media go first")
   parser.add_argument("--max-crops", type=int, default=None)
+  parser.add_argument("--max-frames", type=int, default=None, help="Molmo2 video: most frames")
   parser.add_argument("--out", help="write image_tokens, image_input_idx, image_masks, tiling, "
                                     "images (+ geometry) to this .npz")
   parser.add_argument("--show", help="draw the crops over the resized image into this .png")
@@ -211,6 +281,11 @@ def main(argv=None) -> int:
                       help="with --show: points to draw, as model output text (<point x=.. y=..>, "
                            "<points ...>, (x, y); percent of the image)")
   args = parser.parse_args(argv)
+  if args.processor or args.preset in molmo2_processor.PRESETS:
+    return _molmo2_main(args)
+  if len(args.files) != 1:
+    parser.error(f"--preset {args.preset} takes one image, got {len(args.files)} files")
+  args.image = args.files[0]
   preset = PRESETS[args.preset]
   cfg = preset.crop
   if args.max_crops is not None:

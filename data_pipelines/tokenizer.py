@@ -59,6 +59,10 @@ class Tokenizer:
       ids = [i for i in ids if i not in self._special and i < self._backend.size]
     return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+  def token_to_id(self, token: str) -> int | None:
+    """Id of a token the tokenizer knows by name (e.g. an added special token), else None."""
+    return self._backend.token_to_id(token)
+
   def __len__(self) -> int:
     return self.vocab_size
 

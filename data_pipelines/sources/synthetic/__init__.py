@@ -5,6 +5,8 @@ no downloads. Every source is random access and deterministic per (seed, index);
   shapes    ShapesSource: coloured shapes for pointing / counting, with masks and counts
   captions  CaptionSource: long captions of the shapes scenes
   charts    ChartSource: bar charts with questions about their data (PixMo-Docs charts style)
+  video_shapes  VideoShapesSource: moving shapes encoded to video files (point per frame, count
+            over time, track); needs PyAV (the "video" extra), so import it from its module
 """
 from data_pipelines.sources.synthetic.base import SyntheticSource
 from data_pipelines.sources.synthetic.captions import CaptionSource
