@@ -120,7 +120,7 @@ def test_rows_joining_a_running_cache_decode_as_alone(generated, inputs):
     tokens, also through the sampling program with per-row temperature 0."""
     import jax
     import jax.numpy as jnp
-    from molmo_jax.inference.generate import _pad_prompt, decode_steps, insert_row, prefill, shift_cache
+    from molmo_jax.inference.generate import pad_prompt, decode_steps, insert_row, prefill, shift_cache
     model, generator, out = generated
     if model.config.llm.block_type != "dense" or model.config.llm.norm_after:
         return  # the slot logic is independent of the block type: checked on the Qwen2-style model
@@ -129,7 +129,7 @@ def test_rows_joining_a_running_cache_decode_as_alone(generated, inputs):
     rows = []
     for row in range(2):
         batch = example(inputs, row)
-        prompt = _pad_prompt(batch, prompt_bucket(batch["input_ids"].shape[1]))
+        prompt = pad_prompt(batch, prompt_bucket(batch["input_ids"].shape[1]))
         token, row_cache, position, _ = prefill(graphdef, state, prompt, key, one, one,
                                                 cache_len=prompt["input_ids"].shape[1], greedy=True, top_k=0)
         rows.append((int(token[0]), row_cache, int(position[0])))

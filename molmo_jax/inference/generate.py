@@ -104,7 +104,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     return jnp.where(row_greedy, argmax, sampled)
 
 
-def _pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
+def pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
     ids = np.asarray(batch["input_ids"], np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be int[B, L], got shape {ids.shape}")
@@ -209,7 +209,7 @@ class Generator:
         if config.stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function (token ids -> text)")
         length = np.asarray(batch["input_ids"]).shape[1]
-        prompt = _pad_prompt(batch, prompt_bucket(length))
+        prompt = pad_prompt(batch, prompt_bucket(length))
         n_decode = -(-(config.max_new_tokens - 1) // config.chunk_size) * config.chunk_size
         cache_len = prompt["input_ids"].shape[1] + n_decode
         greedy = config.temperature == 0
@@ -238,7 +238,7 @@ class Generator:
         tokens = self._cut_at_stop(tokens, stop_ids)
         out = GenerationOutput(tokens)
         if decode is not None:
-            out.texts = [self._cut_text(decode([t for t in row if t >= 0]), config.stop_strings) for row in tokens]
+            out.texts = [self.cut_text(decode([t for t in row if t >= 0]), config.stop_strings) for row in tokens]
         if return_logits:
             out.logits = np.concatenate(all_logits, 1)[:, :config.max_new_tokens]
         return out
@@ -251,7 +251,8 @@ class Generator:
         return np.where(after, -1, tokens).astype(np.int32)
 
     @staticmethod
-    def _cut_text(text: str, stop_strings: Sequence[str]) -> str:
+    def cut_text(text: str, stop_strings: Sequence[str]) -> str:
+        """`text` up to the first stop string in it."""
         cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
         return text[:cut]
 

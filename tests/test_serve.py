@@ -1,0 +1,173 @@
+"""The server on the golden tiny model: answers equal `predict`'s, streaming equals non-streaming,
+32 concurrent clients all answered as one at a time, every bad input refused by name while the
+other clients are answered, and the page in a real headless chromium drawing the answer's points.
+
+Servers run in a thread (uvicorn on 127.0.0.1, port 0) and stop at the end of the module."""
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from molmo_jax import serve as serve_cli
+from molmo_jax.inference.generate import GenerationConfig
+from molmo_jax.inference.predictor import Predictor, Request
+from molmo_jax.serving.app import ServeConfig, create_app
+from molmo_jax.serving.batcher import Engine, EngineConfig, Job
+from test_predict import checkpoint, image_path, predictor, socket_free_port  # noqa: F401 (fixtures)
+
+MAX_NEW = 6
+LIMITS = dict(max_body_bytes=2**20, max_pixels=150 * 150, body_timeout=2.0, request_timeout=60.0)
+ENGINE = EngineConfig(max_batch=8, context=1024, chunk=4, max_queue=256)
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app served by uvicorn in a thread on 127.0.0.1 (a free port) -> its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def url(predictor):
+    with running(create_app(predictor, ServeConfig(engine=ENGINE, model_name="tiny", **LIMITS))) as base:
+        yield base
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png(width, height) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((np.arange(width * height * 3) % 251).astype(np.uint8).reshape(height, width, 3)).save(out, "PNG")
+    return out.getvalue()
+
+
+def body(prompt, image=None, **extra) -> dict:
+    content = [{"type": "text", "text": prompt}]
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": MAX_NEW, **extra}
+
+
+@pytest.fixture(scope="module")
+def cases(predictor, image_path):
+    """Requests (as bodies) and their answers from Predictor.predict, one request at a time."""
+    image = data_url(image_path.read_bytes())
+    asks = [("what is in the image", image, "user_qa"), ("how many dogs are there", None, "user_qa"),
+            ("point to the cat", image, "pointing"), ("a red circle and a blue square", None, "user_qa")]
+    out = []
+    for prompt, img, style in asks:
+        [answer] = predictor.predict([Request(prompt, image_path.read_bytes() if img else None, style)],
+                                     GenerationConfig(max_new_tokens=MAX_NEW))
+        out.append((body(prompt, img, style=style), answer))
+    return out
+
+
+def read_sse(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    return events
+
+
+def test_engine_tokens_equal_predict(predictor, cases, image_path):
+    """Three requests through a 2-row engine (the third joins when a row frees): predict's tokens."""
+    engine = Engine(predictor, EngineConfig(max_batch=2, context=1024, chunk=3)).start()
+    try:
+        done, results = threading.Event(), {}
+        for index, (request_body, _) in enumerate(cases[:3]):
+            prompt, image, style = (request_body["messages"][0]["content"][0]["text"],
+                                    image_path.read_bytes() if len(request_body["messages"][0]["content"]) > 1
+                                    else None, request_body["style"])
+
+            def on_event(kind, payload, index=index):
+                if kind != "delta":
+                    results[index] = payload
+                    if len(results) == 3:
+                        done.set()
+
+            engine.submit(Job(predictor.prepare(Request(prompt, image, style)), MAX_NEW, on_event))
+        assert done.wait(120), results
+    finally:
+        engine.close()
+    for index, (_, answer) in enumerate(cases[:3]):
+        assert results[index].tokens == answer.tokens.tolist() and results[index].text == answer.text
+
+
+def test_api_answers_as_predict_and_streams_the_same_text(url, cases):
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for request_body, answer in cases:
+            r = client.post("/v1/chat/completions", json=request_body)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["choices"][0]["message"]["content"] == answer.text
+            assert out["usage"]["completion_tokens"] == len(answer.tokens)
+            assert out["model"] == "tiny" and out["object"] == "chat.completion"
+            with client.stream("POST", "/v1/chat/completions", json={**request_body, "stream": True}) as s:
+                assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+                events = read_sse(s)
+            assert events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+            streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+            assert streamed == answer.text
+            assert events[-2]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["slots"] == ENGINE.max_batch
+
+
+def test_32_concurrent_clients_all_answered_as_one_at_a_time(url, cases):
+    """32 clients x 4 requests at once: nothing lost, every answer the one-at-a-time answer."""
+    async def client_run(client, number):
+        answers = []
+        for i in range(4):
+            request_body, answer = cases[(number + i) % len(cases)]
+            r = await client.post("/v1/chat/completions", json=request_body)
+            answers.append((r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200
+                            else r.text, answer.text))
+        return answers
+
+    async def main():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(client_run(client, n) for n in range(32)))
+
+    start = time.monotonic()
+    results = [a for client in asyncio.run(main()) for a in client]
+    assert len(results) == 128
+    wrong = [r for r in results if r[0] != 200 or r[1] != r[2]]
+    assert not wrong, wrong[:3]
+    print(f"128 requests from 32 clients in {time.monotonic() - start:.1f} s")
+
+
+def test_help_and_bad_flags():
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(["--checkpoint", "x", "--max-body-mb", "0"])
+    assert "--max-body-mb must be positive" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        serve_cli.main(["--checkpoint", "/nonexistent/checkpoint"])
+    assert str(e.value).startswith("error: ")
