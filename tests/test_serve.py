@@ -171,3 +171,114 @@ def test_help_and_bad_flags():
     with pytest.raises(SystemExit) as e:
         serve_cli.main(["--checkpoint", "/nonexistent/checkpoint"])
     assert str(e.value).startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- bad input, others answered
+@contextlib.contextmanager
+def good_clients_alongside(url, cases, clients=3):
+    """Good requests from `clients` threads while the block runs; afterwards each was answered
+    as one at a time."""
+    results, stop = [], threading.Event()
+
+    def run(number):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            i = number
+            while not stop.is_set() or i == number:  # at least one request each
+                request_body, answer = cases[i % len(cases)]
+                r = client.post("/v1/chat/completions", json=request_body)
+                results.append((r.status_code, r.json()["choices"][0]["message"]["content"]
+                                if r.status_code == 200 else r.text, answer.text))
+                i += 1
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert len(results) >= clients and all(r[0] == 200 and r[1] == r[2] for r in results), results
+
+
+def slow_body(url, declared=1000, seconds=8.0) -> tuple[bytes, float]:
+    """Send headers, then the body one byte per second; -> (the response's status line, seconds
+    until it came)."""
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=seconds) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n{" % declared)
+        s.settimeout(1.0)
+        while time.monotonic() - start < seconds:
+            try:
+                data = s.recv(4096)
+                return data.split(b"\r\n")[0], time.monotonic() - start
+            except socket.timeout:
+                with contextlib.suppress(OSError):
+                    s.sendall(b" ")
+    return b"", time.monotonic() - start
+
+
+def test_bad_inputs_are_refused_by_name_while_others_are_answered(url, cases, predictor):
+    dead = f"http://127.0.0.1:{socket_free_port()}/x.png"
+    long_prompt = " ".join(["a red circle and a blue square"] * 200)
+    bad = [
+        (body("what", "data:image/png;base64,@@not base64@@"), 400, "bad base64"),
+        (body("what", data_url(b"this is a text file, not an image")), 400, "image"),
+        (body("what", data_url(png(300, 300))), 413, "--max-pixels"),
+        (body("what", dead), 400, "connection_refused"),
+        (body(long_prompt), 400, "longer than the context"),
+        ({**body("what"), "frequency_penalty": 0.5, "logprobs": True}, 400, "unknown fields frequency_penalty, logprobs"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "x"}]}, 400, "messages[0]: unknown field name"),
+        ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}, 400,
+         "exactly one user message"),
+        (body("what", max_tokens=0), 400, "max_tokens"),
+        (body("what", temperature="hot"), 400, "temperature"),
+        (body("what", max_tokens=2000), 400, "does not fit"),
+    ]
+    with good_clients_alongside(url, cases), httpx.Client(base_url=url, timeout=60) as client:
+        for request_body, status, words in bad:
+            r = client.post("/v1/chat/completions", json=request_body)
+            assert r.status_code == status and words in r.json()["error"]["message"], (words, r.status_code, r.text)
+        r = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", content=b" " * (LIMITS["max_body_bytes"] + 1))
+        assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+        status, seconds = slow_body(url)
+        assert status == b"HTTP/1.1 408 Request Timeout" and seconds < LIMITS["body_timeout"] + 3, (status, seconds)
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_client_disconnecting_mid_stream_frees_its_row(url, cases):
+    with httpx.Client(base_url=url, timeout=60) as client:
+        long = next((b for b, _ in cases
+                     if client.post("/v1/chat/completions", json={**b, "max_tokens": 120}).json()
+                     ["choices"][0]["finish_reason"] == "length"), None)
+        assert long is not None, "no prompt runs 120 tokens without a stop token"
+        before = client.get("/health").json()["cancelled"]
+        with good_clients_alongside(url, cases):
+            with client.stream("POST", "/v1/chat/completions", json={**long, "max_tokens": 400, "stream": True}) as s:
+                next(s.iter_lines())  # the first event, then the client goes away
+        deadline = time.monotonic() + 30
+        while client.get("/health").json()["cancelled"] == before:
+            assert time.monotonic() < deadline, "the disconnected request kept its row"
+            time.sleep(0.2)
+        assert client.get("/health").json()["running"] == 0
+
+
+def test_full_queue_answers_503_with_retry_after(predictor, cases):
+    config = ServeConfig(engine=EngineConfig(max_batch=1, context=1024, chunk=4, max_queue=1), **LIMITS)
+    request_body = {**cases[1][0], "max_tokens": 40}
+
+    async def main(base):
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=request_body) for _ in range(6)))
+
+    with running(create_app(predictor, config)) as base:
+        responses = asyncio.run(main(base))
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(r.headers["Retry-After"] == "1" and "--max-queue" in r.json()["error"]["message"]
+                        for r in busy)
+    assert all(r.status_code == 200 for r in responses if r.status_code != 503), [r.text for r in responses]

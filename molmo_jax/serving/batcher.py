@@ -107,6 +107,7 @@ class Engine:
         self.waiting: collections.deque[Job] = collections.deque()
         self.wake = threading.Condition()
         self.stopping = False
+        self.counts = collections.Counter()  # finished requests by how: done, cancelled, failed
         self.thread = threading.Thread(target=self._run, name="molmo-engine", daemon=True)
 
     # ------------------------------------------------------------------ called from request threads
@@ -144,7 +145,7 @@ class Engine:
 
     def load(self) -> dict:
         return {"running": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
-                "slots": self.config.max_batch}
+                "slots": self.config.max_batch, **{k: self.counts[k] for k in ("done", "cancelled", "failed")}}
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
@@ -159,6 +160,8 @@ class Engine:
                     job = self.waiting.popleft()
                     if not job.cancelled:
                         joining.append(job)
+                    else:
+                        self.counts["cancelled"] += 1
             for job in joining:
                 self._guard(self._admit, [job], job)
             if any(self.rows):
@@ -174,6 +177,7 @@ class Engine:
             log.exception("engine step failed")
             for job in jobs:
                 self._free(job)
+                self.counts["failed"] += 1
                 job.on_event("error", f"internal error while generating: {type(e).__name__}: {e}")
             if fn == self._step:  # the cache may be half donated: start from an empty one
                 self.cache = self.llm.init_cache(self.config.max_batch, self.config.context)
@@ -233,6 +237,7 @@ class Engine:
         (its row, if it has one, is then free)."""
         if job.cancelled:
             self._free(job)
+            self.counts["cancelled"] += 1
             return True
         finish = None
         for token in new_tokens.tolist():
@@ -252,6 +257,7 @@ class Engine:
         self._free(job)
         final = Generator.cut_text(text, job.stop).strip()
         self._emit_delta(job, final)
+        self.counts["done"] += 1
         job.on_event("done", Result(final, job.tokens, finish))
         return True
 
