@@ -282,3 +282,152 @@ def test_full_queue_answers_503_with_retry_after(predictor, cases):
     assert busy and all(r.headers["Retry-After"] == "1" and "--max-queue" in r.json()["error"]["message"]
                         for r in busy)
     assert all(r.status_code == 200 for r in responses if r.status_code != 503), [r.text for r in responses]
+
+
+# ----------------------------------------------------------------------------- the page in headless chromium
+POINTS = ("(30.0,40.0)", "(70.0,65.0)")  # each one token of the pointing model's tokenizer
+
+
+def pointing_predictor(predictor, folder) -> Predictor:
+    """The tiny model rewired to answer every chat prompt with the two points of POINTS: the
+    attention and FFN outputs are zeroed, so each position sees only its own token, and the
+    embeddings and the LM head make a chain "prompt end" -> point 1 -> point 2 -> EOS."""
+    from flax import nnx
+    from data_pipelines import tokenizer as tokenizer_lib
+    from test_predict import train_tiny_tokenizer
+    train_tiny_tokenizer(folder, POINTS)
+    tokenizer = tokenizer_lib.load_tokenizer(str(folder / "tokenizer.model"),
+                                             pad_to=predictor.model.config.llm.vocab_size)
+    chain = [Predictor(predictor.model, tokenizer, predictor.crop).prepare(Request("x"))["input_tokens"][-1],
+             *(tokenizer.encode(p)[-1] for p in POINTS), tokenizer.eos_id]
+    graphdef, state = nnx.split(predictor.model)
+    params = nnx.to_pure_dict(state)
+    llm = params["llm"]
+    llm["blocks"]["attention"]["o"]["kernel"] = np.zeros_like(llm["blocks"]["attention"]["o"]["kernel"])
+    llm["blocks"]["ffn"]["mlp"]["down"]["kernel"] = np.zeros_like(llm["blocks"]["ffn"]["mlp"]["down"]["kernel"])
+    llm["ln_f"]["scale"] = np.ones_like(llm["ln_f"]["scale"])
+    embedding, head = np.zeros_like(llm["embed"]["embedding"]), np.zeros_like(llm["lm_head"]["kernel"])
+    for dim, (token, following) in enumerate(zip(chain, chain[1:])):
+        embedding[token, dim] = 1.0
+        head[dim, following] = 10.0
+    llm["embed"]["embedding"], llm["lm_head"]["kernel"] = embedding, head
+    nnx.replace_by_pure_dict(state, params)
+    return Predictor(nnx.merge(graphdef, state), tokenizer, predictor.crop)
+
+
+def test_pointing_answer_in_pixels(predictor, image_path, tmp_path):
+    pointer = pointing_predictor(predictor, tmp_path)
+    [answer] = pointer.predict([Request("point to the cat", image_path.read_bytes())], GenerationConfig(max_new_tokens=5))
+    assert answer.text == "".join(POINTS), answer.text
+    width, height = Image.open(image_path).size
+    with running(create_app(pointer, ServeConfig(engine=EngineConfig(max_batch=2, context=1024), **LIMITS))) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", json=body("point to the cat", data_url(image_path.read_bytes())),
+                       timeout=60)
+    points = r.json()["choices"][0]["message"]["points"]
+    assert points == [{"label": "", "points": [[0.3 * width, 0.4 * height], [0.7 * width, 0.65 * height]]}]
+
+
+class Chromium:
+    """Headless chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe:
+    NUL-separated JSON messages, chromium reads fd 3 and writes fd 4): no websocket, no driver."""
+
+    def __init__(self, profile, timeout=60.0):
+        import os
+        import shutil
+        import subprocess
+        binary = shutil.which("chromium") or "/usr/bin/chromium"
+        assert os.path.exists(binary), "chromium not found: apt-get install chromium (.ci/run does in CI)"
+        self.log = open(f"{profile}.log", "wb")  # chromium's own messages, kept beside the screenshot
+        to_browser, self.to_browser = os.pipe()
+        self.from_browser, from_browser_w = os.pipe()
+        args = ["--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                "--window-size=900,800", "about:blank"]
+        self.process = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_browser} 4>&{from_browser_w}', binary, *args],
+            pass_fds=(to_browser, from_browser_w), stdout=subprocess.DEVNULL, stderr=self.log)
+        os.close(to_browser)
+        os.close(from_browser_w)
+        self.timeout, self.next_id, self.buffer = timeout, 0, b""
+
+    def send(self, method, params=None, session=None) -> dict:
+        import os
+        import select
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self.to_browser, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    assert "error" not in reply, (method, reply["error"])
+                    return reply["result"]
+            ready, _, _ = select.select([self.from_browser], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"chromium did not answer {method}"
+            chunk = os.read(self.from_browser, 1 << 20)
+            assert chunk, f"chromium exited during {method}"
+            self.buffer += chunk
+
+    def close(self):
+        import os
+        with contextlib.suppress(Exception):
+            self.send("Browser.close")
+        try:
+            self.process.wait(10)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+            self.process.wait(10)
+        os.close(self.to_browser)
+        os.close(self.from_browser)
+        self.log.close()
+
+
+def test_page_in_headless_chromium_draws_the_points(predictor, image_path, tmp_path):
+    """Open the page, upload an image through the file input, pick the pointing preset, ask: the
+    streamed answer appears and the points are drawn over the image where they belong."""
+    pointer = pointing_predictor(predictor, tmp_path)
+    width, height = Image.open(image_path).size
+    with running(create_app(pointer, ServeConfig(engine=EngineConfig(max_batch=2, context=1024), **LIMITS))) as base:
+        browser = Chromium(tmp_path / "profile")
+        try:
+            [page] = [t for t in browser.send("Target.getTargets")["targetInfos"] if t["type"] == "page"][:1]
+            session = browser.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+
+            def js(expression):
+                return browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
+                                                         "awaitPromise": True}, session)["result"].get("value")
+
+            def wait_for(expression, seconds=60):
+                deadline = time.monotonic() + seconds
+                while not (value := js(expression)):
+                    assert time.monotonic() < deadline, (expression, js("document.getElementById('status').textContent"))
+                    time.sleep(0.2)
+                return value
+
+            browser.send("Page.navigate", {"url": base + "/"}, session)
+            wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+            root = browser.send("DOM.getDocument", {}, session)["root"]["nodeId"]
+            node = browser.send("DOM.querySelector", {"nodeId": root, "selector": "#file"}, session)["nodeId"]
+            browser.send("DOM.setFileInputFiles", {"files": [str(image_path)], "nodeId": node}, session)
+            wait_for("!document.getElementById('stage').hidden && document.getElementById('image').naturalWidth > 0")
+            js("document.querySelector('button[data-prompt]').click();"
+               "document.getElementById('prompt').value += 'cat'; document.getElementById('ask').click()")
+            circles = wait_for("(() => { const c = document.querySelectorAll('#overlay circle.point');"
+                               "return c.length ? Array.from(c, d => [+d.getAttribute('cx'), +d.getAttribute('cy')]) "
+                               ": null })()")
+            assert circles == [[0.3 * width, 0.4 * height], [0.7 * width, 0.65 * height]]
+            assert js("document.getElementById('answer').textContent") == "".join(POINTS)
+            assert js("document.getElementById('style').value") == "pointing"
+            wait_for("document.getElementById('status').textContent.startsWith('done')")
+            shot = base64.b64decode(browser.send("Page.captureScreenshot", {"format": "png"}, session)["data"])
+        finally:
+            browser.close()
+    (tmp_path / "page.png").write_bytes(shot)
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
+    dot = np.abs(pixels - np.array([0xff, 0x3b, 0x30])).sum(-1) < 40  # the points' colour
+    assert dot.sum() > 20, "no drawn point in the screenshot"
+    print(f"screenshot: {tmp_path / 'page.png'}")
