@@ -15,13 +15,12 @@ import time
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from molmo_jax import serve as serve_cli
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.predictor import Predictor, Request
-from molmo_jax.serving.app import ServeConfig, create_app
+from molmo_jax.serving.app import ServeConfig, create_app, serving_in_thread
 from molmo_jax.serving.batcher import Engine, EngineConfig, Job
 from test_predict import checkpoint, image_path, predictor, socket_free_port  # noqa: F401 (fixtures)
 
@@ -30,29 +29,9 @@ LIMITS = dict(max_body_bytes=2**20, max_pixels=150 * 150, body_timeout=2.0, requ
 ENGINE = EngineConfig(max_batch=8, context=1024, chunk=4, max_queue=256)
 
 
-@contextlib.contextmanager
-def running(app):
-    """The app served by uvicorn in a thread on 127.0.0.1 (a free port) -> its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def url(predictor):
-    with running(create_app(predictor, ServeConfig(engine=ENGINE, model_name="tiny", **LIMITS))) as base:
+    with serving_in_thread(create_app(predictor, ServeConfig(engine=ENGINE, model_name="tiny", **LIMITS))) as base:
         yield base
 
 
@@ -230,7 +209,8 @@ def test_bad_inputs_are_refused_by_name_while_others_are_answered(url, cases, pr
         (body("what", data_url(png(300, 300))), 413, "--max-pixels"),
         (body("what", dead), 400, "connection_refused"),
         (body(long_prompt), 400, "longer than the context"),
-        ({**body("what"), "frequency_penalty": 0.5, "logprobs": True}, 400, "unknown fields frequency_penalty, logprobs"),
+        ({**body("what"), "frequency_penalty": 0.5, "logprobs": True}, 400,
+         "unknown fields frequency_penalty, logprobs"),
         ({"messages": [{"role": "user", "content": "hi", "name": "x"}]}, 400, "messages[0]: unknown field name"),
         ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}, 400,
          "exactly one user message"),
@@ -251,12 +231,18 @@ def test_bad_inputs_are_refused_by_name_while_others_are_answered(url, cases, pr
         assert client.get("/health").json()["status"] == "ok"
 
 
-def test_client_disconnecting_mid_stream_frees_its_row(url, cases):
+@pytest.fixture(scope="module")
+def long(url, cases) -> dict:
+    """A request body whose greedy answer runs 120 tokens without a stop token."""
     with httpx.Client(base_url=url, timeout=60) as client:
-        long = next((b for b, _ in cases
-                     if client.post("/v1/chat/completions", json={**b, "max_tokens": 120}).json()
-                     ["choices"][0]["finish_reason"] == "length"), None)
-        assert long is not None, "no prompt runs 120 tokens without a stop token"
+        found = next((b for b, _ in cases if client.post("/v1/chat/completions", json={**b, "max_tokens": 120})
+                      .json()["choices"][0]["finish_reason"] == "length"), None)
+    assert found is not None, "no prompt runs 120 tokens without a stop token"
+    return found
+
+
+def test_client_disconnecting_mid_stream_frees_its_row(url, cases, long):
+    with httpx.Client(base_url=url, timeout=60) as client:
         before = client.get("/health").json()["cancelled"]
         with good_clients_alongside(url, cases):
             with client.stream("POST", "/v1/chat/completions", json={**long, "max_tokens": 400, "stream": True}) as s:
@@ -276,7 +262,7 @@ def test_full_queue_answers_503_with_retry_after(predictor, cases):
         async with httpx.AsyncClient(base_url=base, timeout=120) as client:
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=request_body) for _ in range(6)))
 
-    with running(create_app(predictor, config)) as base:
+    with serving_in_thread(create_app(predictor, config)) as base:
         responses = asyncio.run(main(base))
     busy = [r for r in responses if r.status_code == 503]
     assert busy and all(r.headers["Retry-After"] == "1" and "--max-queue" in r.json()["error"]["message"]
@@ -286,6 +272,7 @@ def test_full_queue_answers_503_with_retry_after(predictor, cases):
 
 # ----------------------------------------------------------------------------- the page in headless chromium
 POINTS = ("(30.0,40.0)", "(70.0,65.0)")  # each one token of the pointing model's tokenizer
+POINTER_SERVER = ServeConfig(engine=EngineConfig(max_batch=2, context=1024), **LIMITS)
 
 
 def pointing_predictor(predictor, folder) -> Predictor:
@@ -317,10 +304,11 @@ def pointing_predictor(predictor, folder) -> Predictor:
 
 def test_pointing_answer_in_pixels(predictor, image_path, tmp_path):
     pointer = pointing_predictor(predictor, tmp_path)
-    [answer] = pointer.predict([Request("point to the cat", image_path.read_bytes())], GenerationConfig(max_new_tokens=5))
+    [answer] = pointer.predict([Request("point to the cat", image_path.read_bytes())],
+                               GenerationConfig(max_new_tokens=5))
     assert answer.text == "".join(POINTS), answer.text
     width, height = Image.open(image_path).size
-    with running(create_app(pointer, ServeConfig(engine=EngineConfig(max_batch=2, context=1024), **LIMITS))) as base:
+    with serving_in_thread(create_app(pointer, POINTER_SERVER)) as base:
         r = httpx.post(f"{base}/v1/chat/completions", json=body("point to the cat", data_url(image_path.read_bytes())),
                        timeout=60)
     points = r.json()["choices"][0]["message"]["points"]
@@ -391,11 +379,12 @@ def test_page_in_headless_chromium_draws_the_points(predictor, image_path, tmp_p
     streamed answer appears and the points are drawn over the image where they belong."""
     pointer = pointing_predictor(predictor, tmp_path)
     width, height = Image.open(image_path).size
-    with running(create_app(pointer, ServeConfig(engine=EngineConfig(max_batch=2, context=1024), **LIMITS))) as base:
+    with serving_in_thread(create_app(pointer, POINTER_SERVER)) as base:
         browser = Chromium(tmp_path / "profile")
         try:
             [page] = [t for t in browser.send("Target.getTargets")["targetInfos"] if t["type"] == "page"][:1]
-            session = browser.send("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+            session = browser.send("Target.attachToTarget",
+                                   {"targetId": page["targetId"], "flatten": True})["sessionId"]
 
             def js(expression):
                 return browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -404,7 +393,8 @@ def test_page_in_headless_chromium_draws_the_points(predictor, image_path, tmp_p
             def wait_for(expression, seconds=60):
                 deadline = time.monotonic() + seconds
                 while not (value := js(expression)):
-                    assert time.monotonic() < deadline, (expression, js("document.getElementById('status').textContent"))
+                    status = js("document.getElementById('status').textContent")
+                    assert time.monotonic() < deadline, (expression, status)
                     time.sleep(0.2)
                 return value
 
@@ -431,3 +421,18 @@ def test_page_in_headless_chromium_draws_the_points(predictor, image_path, tmp_p
     dot = np.abs(pixels - np.array([0xff, 0x3b, 0x30])).sum(-1) < 40  # the points' colour
     assert dot.sum() > 20, "no drawn point in the screenshot"
     print(f"screenshot: {tmp_path / 'page.png'}")
+
+
+def test_answer_past_the_request_timeout_is_504_and_frees_the_row(predictor, long):
+    config = ServeConfig(engine=ENGINE, **{**LIMITS, "request_timeout": 0.5})
+    with serving_in_thread(create_app(predictor, config)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        r = client.post("/v1/chat/completions", json={**long, "max_tokens": 400})
+        assert r.status_code == 504 and "--request-timeout" in r.json()["error"]["message"]
+        with client.stream("POST", "/v1/chat/completions", json={**long, "max_tokens": 400, "stream": True}) as s:
+            events = read_sse(s)
+        assert "--request-timeout" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+        deadline = time.monotonic() + 30
+        while (health := client.get("/health").json())["cancelled"] < 2:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.2)
+        assert health["running"] == 0

@@ -22,6 +22,11 @@ import dataclasses
 import io
 import logging
 import pathlib
+import socket
+import threading
+import time
+
+import uvicorn
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -223,6 +228,30 @@ def create_app(predictor: Predictor, config: ServeConfig = ServeConfig()) -> Fas
             job.cancelled = True
 
     return app
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: FastAPI, host: str = "127.0.0.1", start_timeout: float = 60.0):
+    """Serve `app` with uvicorn in a background thread on a free port of `host` (tests,
+    benchmarks) -> its base URL; stops (lifespan included) when the block ends."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError(f"the server did not start within {start_timeout:g} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 def _timeout(config: ServeConfig) -> api.ApiError:
