@@ -119,6 +119,21 @@ def test_api_answers_as_predict_and_streams_the_same_text(url, cases):
         assert health["status"] == "ok" and health["slots"] == ENGINE.max_batch
 
 
+def test_stop_strings_cut_the_answer_as_predict_does(url, cases, predictor, image_path):
+    request_body, answer = cases[0]
+    assert len(answer.text) >= 4, answer.text
+    stop = answer.text[len(answer.text) // 2:][:2]  # the answer is cut at its first occurrence
+    [expected] = predictor.predict([Request("what is in the image", image_path.read_bytes())],
+                                   GenerationConfig(max_new_tokens=MAX_NEW, stop_strings=(stop,)))
+    with httpx.Client(base_url=url, timeout=60) as client:
+        out = client.post("/v1/chat/completions", json={**request_body, "stop": stop}).json()
+        with client.stream("POST", "/v1/chat/completions", json={**request_body, "stop": [stop], "stream": True}) as s:
+            events = read_sse(s)
+    assert out["choices"][0]["message"]["content"] == expected.text and stop not in expected.text
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == expected.text
+
+
 def test_32_concurrent_clients_all_answered_as_one_at_a_time(url, cases):
     """32 clients x 4 requests at once: nothing lost, every answer the one-at-a-time answer."""
     async def client_run(client, number):
@@ -130,17 +145,51 @@ def test_32_concurrent_clients_all_answered_as_one_at_a_time(url, cases):
                             else r.text, answer.text))
         return answers
 
+    async def sampling_client(client):
+        """Sampled requests in the same batch: the greedy rows must not change."""
+        for i in range(2):
+            r = await client.post("/v1/chat/completions", json={**cases[i][0], "temperature": 1.0, "top_p": 0.9})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
     async def main():
         limits = httpx.Limits(max_connections=64)
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(client_run(client, n) for n in range(32)))
+            return await asyncio.gather(*(client_run(client, n) for n in range(32)), sampling_client(client))
 
     start = time.monotonic()
-    results = [a for client in asyncio.run(main()) for a in client]
+    results = [a for client in asyncio.run(main())[:32] for a in client]
     assert len(results) == 128
     wrong = [r for r in results if r[0] != 200 or r[1] != r[2]]
     assert not wrong, wrong[:3]
     print(f"128 requests from 32 clients in {time.monotonic() - start:.1f} s")
+
+
+def test_the_command_serves_a_checkpoint(checkpoint):
+    """python -m molmo_jax.serve on the tiny HF folder: up, answering, and stopped by SIGTERM."""
+    import subprocess
+    import sys
+    port = socket_free_port()
+    process = subprocess.Popen([sys.executable, "-m", "molmo_jax.serve", "--checkpoint", str(checkpoint), "--port",
+                                str(port), "--max-crops", "2", "--max-batch", "2", "--context", "1024"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body("how many dogs are there"),
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["model"] == checkpoint.name
+        assert "molmo-jax" in httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=60)[0]
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (exit status -SIGTERM)
+    assert process.returncode in (0, -15) and "Application shutdown complete" in output, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
 
 
 def test_help_and_bad_flags():
