@@ -22,6 +22,7 @@ from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.predictor import Predictor, Request
 from molmo_jax.serving.app import ServeConfig, create_app, serving_in_thread
 from molmo_jax.serving.batcher import Engine, EngineConfig, Job
+from test_download import server  # noqa: F401 (the hostile HTTP server on 127.0.0.1)
 from test_predict import checkpoint, image_path, predictor, socket_free_port  # noqa: F401 (fixtures)
 
 MAX_NEW = 6
@@ -117,6 +118,16 @@ def test_api_answers_as_predict_and_streams_the_same_text(url, cases):
         assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
         health = client.get("/health").json()
         assert health["status"] == "ok" and health["slots"] == ENGINE.max_batch
+
+
+def test_image_from_an_http_url_answers_as_predict(url, server, predictor):
+    """An http(s) image_url goes through the bounded downloader; the answer is predict's for it."""
+    image = f"{server}/good/0"
+    [answer] = predictor.predict([Request("what is in the image", image)], GenerationConfig(max_new_tokens=MAX_NEW))
+    r = httpx.post(f"{url}/v1/chat/completions", json=body("what is in the image", image), timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == answer.text, r.text
+    r = httpx.post(f"{url}/v1/chat/completions", json=body("what is in the image", f"{server}/html"), timeout=60)
+    assert r.status_code == 400 and "html" in r.json()["error"]["message"]
 
 
 def test_stop_strings_cut_the_answer_as_predict_does(url, cases, predictor, image_path):
