@@ -46,6 +46,7 @@ setup(
     version="0.1.0",
     description="Molmo vision-language models (Molmo and PixMo, arXiv 2409.17146) in JAX/Flax NNX",
     packages=find_packages(include=["molmo_jax*", "data_pipelines*", "configs*", "launch*"]),
+    package_data={"molmo_jax.serving": ["page.html"]},  # the served page ships with the package
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,

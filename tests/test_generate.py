@@ -122,3 +122,62 @@ def test_sampling_filters():
     assert set(draws) == {0, 1, 2}
     assert prompt_bucket(1) == 32 and prompt_bucket(427) == 512 and prompt_bucket(512) == 512
     assert prompt_bucket(513) == 640 and prompt_bucket(613) == 640 and prompt_bucket(1025) == 1152
+
+
+def test_rows_joining_a_running_cache_decode_as_alone(generated, inputs):
+    """Continuous batching: example 0 decodes alone in a 2-row cache, example 1 is prefilled alone
+    and inserted mid-run, the rows are shifted towards slot 0, and both give Generator's greedy
+    tokens, also through the sampling program with per-row temperature 0."""
+    import jax
+    import jax.numpy as jnp
+    from molmo_jax.inference.generate import pad_prompt, decode_steps, insert_row, prefill, shift_cache
+    model, generator, out = generated
+    if model.config.llm.block_type != "dense" or model.config.llm.norm_after:
+        return  # the slot logic is independent of the block type: checked on the Qwen2-style model
+    graphdef, state = generator.graphdef, generator.state
+    key, one, zeros = jax.random.key(0), jnp.float32(1.0), jnp.zeros(2, jnp.float32)
+    rows = []
+    for row in range(2):
+        batch = example(inputs, row)
+        prompt = pad_prompt(batch, prompt_bucket(batch["input_ids"].shape[1]))
+        token, row_cache, position, _ = prefill(graphdef, state, prompt, key, one, one,
+                                                cache_len=prompt["input_ids"].shape[1], greedy=True, top_k=0)
+        rows.append((int(token[0]), row_cache, int(position[0])))
+    longest = max(r[1].valid.shape[1] for r in rows)
+    cache = model.llm.init_cache(2, 2 * longest + 4 * N_NEW)
+    cache = shift_cache(cache, jnp.int32(rows[0][1].valid.shape[1]), jnp.zeros(2, jnp.int32))
+    cache = insert_row(cache, rows[0][1], jnp.int32(0))
+    starts = [int(cache.index) - rows[0][1].valid.shape[1], int(cache.index)]
+    tokens = jnp.array([rows[0][0], 0], jnp.int32)
+    positions = jnp.array([rows[0][2], 0], jnp.int32)
+    got = [[rows[0][0]], []]
+
+    def decode(tokens, cache, positions, steps, greedy):
+        chunk, _, cache, positions = decode_steps(graphdef, state, tokens, cache, positions, key, zeros,
+                                                  jnp.ones(2), steps=steps, greedy=greedy, top_k=0,
+                                                  keep_logits=False)
+        return np.asarray(chunk), cache, positions
+
+    chunk, cache, positions = decode(tokens, cache, positions, 3, True)
+    got[0] += chunk[0].tolist()
+    # Example 1 joins: room below the index first (the index is past its length here, so no shift).
+    need = rows[1][1].valid.shape[1] - int(cache.index)
+    if need > 0:
+        cache = shift_cache(cache, jnp.int32(need), jnp.array(starts, jnp.int32))
+        starts = [s + need for s in starts]
+    cache = insert_row(cache, rows[1][1], jnp.int32(1))
+    starts[1] = int(cache.index) - rows[1][1].valid.shape[1]
+    tokens = jnp.array([chunk[0, -1], rows[1][0]], jnp.int32)
+    positions = positions.at[1].set(rows[1][2])
+    got[1].append(rows[1][0])
+    chunk, cache, positions = decode(tokens, cache, positions, 2, False)
+    got[0] += chunk[0].tolist()
+    got[1] += chunk[1].tolist()
+    index = int(cache.index)
+    cache = shift_cache(cache, jnp.int32(-min(starts)), jnp.array(starts, jnp.int32))
+    assert int(cache.index) == index - min(starts) and not np.asarray(cache.valid)[:, int(cache.index):].any()
+    chunk, cache, positions = decode(jnp.asarray(chunk[:, -1]), cache, positions, N_NEW, True)
+    got[0] += chunk[0].tolist()
+    got[1] += chunk[1].tolist()
+    for row in range(2):
+        np.testing.assert_array_equal(np.asarray(got[row][:N_NEW]), out.tokens[row])

@@ -20,9 +20,9 @@ ALLOWED = {"configs": {"configs", "molmo_jax", "data_pipelines"},
            "data_pipelines": {"data_pipelines"},
            "launch": {"launch", "molmo_jax"}}
 # The documented command lines (README, docs/): each must answer --help with exit status 0.
-COMMANDS = ("molmo_jax.predict", "molmo_jax.evaluate", "molmo_jax.export", "molmo_jax.import_hf",
-            "molmo_jax.train", "molmo_jax.demo", "molmo_jax.evaluation.score", "molmo_jax.tools.logits",
-            "molmo_jax.tools.aot", "data_pipelines.preprocess", "data_pipelines.download",
+COMMANDS = ("molmo_jax.predict", "molmo_jax.serve", "molmo_jax.evaluate", "molmo_jax.export",
+            "molmo_jax.import_hf", "molmo_jax.train", "molmo_jax.demo", "molmo_jax.evaluation.score",
+            "molmo_jax.tools.logits", "molmo_jax.tools.aot", "data_pipelines.preprocess", "data_pipelines.download",
             "data_pipelines.sources.custom", "data_pipelines.tfds.builders")
 # absl's --help prints the flags and exits 1 by its own convention.
 ABSL_COMMANDS = ("molmo_jax.train",)

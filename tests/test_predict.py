@@ -18,8 +18,9 @@ from molmo_jax.inference.predictor import (Predictor, Request, collate, crop_buc
 MAX_NEW = 5
 
 
-def train_tiny_tokenizer(folder):
-    """A small sentencepiece model (ids < 512, EOS = 1 like the golden tiny models)."""
+def train_tiny_tokenizer(folder, user_symbols=()):
+    """A small sentencepiece model (ids < 512, EOS = 1 like the golden tiny models); each of
+    `user_symbols` becomes one token."""
     import sentencepiece
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(["User: point to the cat Assistant:", "how many dogs are there",
@@ -27,7 +28,7 @@ def train_tiny_tokenizer(folder):
                                  "a red circle and a blue square", "the clock shows ten past three"] * 40))
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=120, model_type="bpe", character_coverage=1.0,
-        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
+        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2, user_defined_symbols=list(user_symbols))
     corpus.unlink()
 
 

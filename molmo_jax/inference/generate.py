@@ -20,6 +20,10 @@ Between chunks the host checks stop tokens and stop strings and stops early once
 finished. Greedy decoding reproduces the official `Molmo.generate` (beam 1): the
 first new token comes from the logits at each row's last valid prompt position, next positions
 continue from there, and the padded prompt slots stay masked.
+
+Continuous batching (the server) reuses `prefill` and `decode_steps` over a cache whose rows are
+slots: `insert_row` puts a request prefilled alone into a free row of a running cache, and
+`shift_cache` makes room for it (see the comment above `insert_row`).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from molmo_jax.model.attention import default_positions
+from molmo_jax.model.llm import KVCache
 from molmo_jax.model.molmo import Molmo
 
 
@@ -81,14 +86,18 @@ def prompt_bucket(length: int, minimum: int = 32, step: int = 128) -> int:
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                   greedy: bool, top_k: int) -> jax.Array:
-    """Next token per row. logits: float32[B, V] -> int32[B].
+    """Next token per row. logits: float32[B, V] -> int32[B]. temperature, top_p: scalars or
+    float32[B] (one per row: a batch that mixes requests); a row with temperature 0 takes the argmax.
 
     Top-k keeps the k largest logits; top-p then keeps the smallest set of most likely tokens
     whose probability mass reaches top_p (the most likely token always survives).
     """
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+        return argmax
+    temperature, top_p = jnp.reshape(temperature, (-1, 1)), jnp.reshape(top_p, (-1, 1))
+    row_greedy = temperature[:, 0] <= 0
+    logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -98,10 +107,11 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    sampled = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jnp.where(row_greedy, argmax, sampled)
 
 
-def _pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
+def pad_prompt(batch: Mapping[str, np.ndarray], length: int) -> dict:
     ids = np.asarray(batch["input_ids"], np.int32)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be int[B, L], got shape {ids.shape}")
@@ -156,6 +166,39 @@ def decode_steps(graphdef, state, token, cache, position, key, temperature, top_
     return tokens.T, None if logits is None else jnp.swapaxes(logits, 0, 1), cache, position
 
 
+# Slot caches (continuous batching): each row of a KVCache is a slot that a request holds while it
+# decodes. All rows write at the shared `cache.index`, so a request's tokens fill the contiguous
+# slots [start, index) of its row; a new request's prompt, prefilled alone, is put just below the
+# index (`insert_row`), and `shift_cache` moves every row along the slot axis to make room, at
+# either end, without changing what any row attends to (RoPE positions live in the keys).
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def insert_row(cache: KVCache, row_cache: KVCache, row: jax.Array) -> KVCache:
+    """Put a prefilled one-row cache (k, v [layers, 1, L, K, H], valid bool[1, L]) into row `row`
+    of `cache` (S >= L slots) at slots [index - L, index); the rest of that row becomes invalid.
+    Needs cache.index >= L (see `shift_cache`)."""
+    length = row_cache.valid.shape[1]
+    start = cache.index - length
+    k = jax.lax.dynamic_update_slice(cache.k, row_cache.k.astype(cache.k.dtype), (0, row, start, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache.v, row_cache.v.astype(cache.v.dtype), (0, row, start, 0, 0))
+    valid_row = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.valid[:1]), row_cache.valid, (0, start))
+    return KVCache(k, v, jax.lax.dynamic_update_slice(cache.valid, valid_row, (row, 0)), cache.index)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def shift_cache(cache: KVCache, shift: jax.Array, starts: jax.Array) -> KVCache:
+    """Move every row by `shift` slots (negative: towards slot 0) and the index with them.
+    starts: int32[B], the first slot of each row's tokens (= index for a free row); slots outside
+    [start + shift, index + shift) become invalid, so nothing wraps around into view. The caller
+    keeps every row inside [0, S)."""
+    k, v = jnp.roll(cache.k, shift, axis=2), jnp.roll(cache.v, shift, axis=2)
+    index = cache.index + shift
+    slots = jnp.arange(cache.valid.shape[1])[None]
+    kept = (slots >= starts[:, None] + shift) & (slots < index)
+    return KVCache(k, v, jnp.roll(cache.valid, shift, axis=1) & kept, index)
+
+
 class Generator:
     """Generation for one model. The compiled programs are keyed by the model's structure
     (graphdef) and the shapes, so every Generator of the same architecture shares them; the
@@ -173,7 +216,7 @@ class Generator:
         if config.stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function (token ids -> text)")
         length = np.asarray(batch["input_ids"]).shape[1]
-        prompt = _pad_prompt(batch, prompt_bucket(length))
+        prompt = pad_prompt(batch, prompt_bucket(length))
         # Decode steps feed one token each: max_new_tokens - 1 of them after the prefill's token.
         cache_len = prompt["input_ids"].shape[1] + max(1, config.max_new_tokens - 1)
         greedy = config.temperature == 0
@@ -203,7 +246,7 @@ class Generator:
         tokens = self._cut_at_stop(tokens, stop_ids)
         out = GenerationOutput(tokens)
         if decode is not None:
-            out.texts = [self._cut_text(decode([t for t in row if t >= 0]), config.stop_strings) for row in tokens]
+            out.texts = [self.cut_text(decode([t for t in row if t >= 0]), config.stop_strings) for row in tokens]
         if return_logits:
             out.logits = np.concatenate(all_logits, 1)[:, :config.max_new_tokens]
         return out
@@ -216,7 +259,8 @@ class Generator:
         return np.where(after, -1, tokens).astype(np.int32)
 
     @staticmethod
-    def _cut_text(text: str, stop_strings: Sequence[str]) -> str:
+    def cut_text(text: str, stop_strings: Sequence[str]) -> str:
+        """`text` up to the first stop string in it."""
         cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
         return text[:cut]
 
