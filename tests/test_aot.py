@@ -228,3 +228,28 @@ def test_eval_step_is_the_token_loss_of_the_model():
     assert float(got["ce_loss"]) == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
     assert float(got["z_loss"]) == pytest.approx(exp.train.z_loss_weight * (lse ** 2 * w).sum() / w.sum(), rel=1e-4)
     assert float(got["accuracy"]) == pytest.approx(((logits.argmax(-1) == targets) * w).sum() / w.sum())
+
+
+def test_attention_is_lowered_with_the_splash_kernel_for_tpu():
+    """On this CPU machine, attention traced for a TPU device under target_platform("tpu") is the
+    Pallas splash kernel (a Mosaic custom call that libtpu compiles), and the XLA einsum without it."""
+    import jax
+    import jax.numpy as jnp
+    from molmo_jax.model import attention
+    from molmo_jax.model.attention_mask import AttentionMask
+
+    device = jax.sharding.SingleDeviceSharding(aot.parse_topology("v5p-8").devices()[0])
+    q = jax.ShapeDtypeStruct((2, 1024, 8, 128), jnp.bfloat16, sharding=device)
+    kv = jax.ShapeDtypeStruct((2, 1024, 2, 128), jnp.bfloat16, sharding=device)
+    valid = jax.ShapeDtypeStruct((2, 1024), jnp.bool_, sharding=device)
+
+    def lowered():  # a new function each time: jit's trace cache does not key on the platform
+        return jax.jit(lambda q, k, v, valid: attention.dot_product_attention(
+            q, k, v, AttentionMask(key_valid=valid), implementation="auto")).lower(q, kv, kv, valid)
+
+    with attention.target_platform("tpu"):
+        kernel = lowered()
+    assert "tpu_custom_call" in kernel.as_text()
+    assert kernel.compile().memory_analysis() is not None
+    assert "tpu_custom_call" not in lowered().as_text()
+

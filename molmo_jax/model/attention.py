@@ -11,7 +11,9 @@ G = N // K query heads per kv head, H head dim, D width.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,28 @@ from molmo_jax.model.attention_kernels import cudnn_attention, splash_attention
 from molmo_jax.model.attention_mask import MASK_VALUE, AttentionMask
 from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from molmo_jax.model.layers import Dense, Names
+
+# The platform the traced program will run on, when it is not JAX's default backend (tools/aot
+# lowers TPU programs on a CPU machine: "auto" must pick the TPU kernels there, not CPU's).
+_TARGET_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Trace attention for `platform` ("cpu", "gpu", "tpu") inside this block.
+
+    jit caches a function's trace without this setting in its key, so use it around the first
+    trace of freshly made functions (tools/aot builds its step functions anew for each compile)."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
 
 def check_implementation(name: str) -> str:
     if name not in IMPLEMENTATIONS:
@@ -88,7 +112,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     if float32_logits:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     q = q / jnp.sqrt(jnp.asarray(h, q.dtype))
-    platform = jax.default_backend()
+    platform = current_platform()
     name = select_implementation(implementation, q, k, mask, platform)
     if name == "chunked":
         return chunked_attention(q, k, v, mask)

@@ -231,7 +231,7 @@ def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: 
     apply to decode. Raises ValueError when the config cannot run on the mesh, and the
     compiler's error (RESOURCE_EXHAUSTED) when it runs out of HBM."""
     import jax  # noqa: PLC0415
-    from molmo_jax.model import sharding  # noqa: PLC0415
+    from molmo_jax.model import attention, sharding  # noqa: PLC0415
     from molmo_jax.tools import aot_programs  # noqa: PLC0415
     from molmo_jax.train import trainer  # noqa: PLC0415
 
@@ -249,7 +249,9 @@ def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: 
 
     def run(program) -> "jax.stages.Compiled":
         start = time.perf_counter()
-        with jax.set_mesh(mesh):  # the model's activation sharding constraints apply, as in train()
+        # The model's activation sharding constraints apply, as in train(); attention picks the
+        # TPU kernels ("auto": splash) although the tracing machine's backend is CPU.
+        with jax.set_mesh(mesh), attention.target_platform("tpu"):
             compiled = program.lower().compile()
         seconds = time.perf_counter() - start
         mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
