@@ -34,7 +34,7 @@ from molmo_jax.inference.generate import GenerationConfig, Generator
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train import trainer
-from molmo_jax.train.metrics_logging import peak_flops, train_step_flops
+from molmo_jax.train.metrics_logging import peak_flops, train_step_flops, useful_train_step_flops
 
 # A ~100M-parameter Molmo: small CLIP-style ViT, Qwen2-style LLM with a 32k vocabulary.
 MODEL_100M = dataclasses.replace(
@@ -107,7 +107,8 @@ def measure(size: str, dtype: str, batch: int, seq_len: int, max_crops: int, rem
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times[1:]))
-    flops = train_step_flops(model_cfg, batch, seq_len, crops)
+    # Useful FLOPs: the real tokens and crops (this random batch has no padding, so all of them).
+    flops = useful_train_step_flops(model_cfg, np.asarray(batch_arrays["input_ids"]), np.asarray(batch_arrays["images"]))
     peak = peak_flops(jax.devices()[0].device_kind)
     return {"params": params_count(model_cfg)["total"], "compile_s": compile_s, "step_s": step_s,
             "tokens_s": batch * seq_len / step_s, "tflop_step": flops / 1e12,

@@ -1,6 +1,7 @@
 """AOT compilation for TPU topologies on CPU (libtpu wheel, no TPU) and the analytic FLOPs."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from molmo_jax.model import flops
@@ -252,4 +253,20 @@ def test_attention_is_lowered_with_the_splash_kernel_for_tpu():
     assert "tpu_custom_call" in kernel.as_text()
     assert kernel.compile().memory_analysis() is not None
     assert "tpu_custom_call" not in lowered().as_text()
+
+
+def test_useful_flops_leave_out_padding_tokens_and_crops():
+    """MFU's numerator: a row's FLOPs are those of its real tokens and crops only."""
+    from molmo_jax.model.config import TINY_QWEN2
+    from molmo_jax.train.metrics_logging import train_step_flops, useful_train_step_flops
+
+    v = TINY_QWEN2.vision
+    ids = np.zeros((2, 64), np.int32)
+    ids[1, 40:] = -1  # row 1: 40 real tokens
+    images = np.zeros((2, 3, v.num_patches, v.patch_dim), np.float32)
+    images[1, 1:] = -1  # row 1: one real crop
+    useful = useful_train_step_flops(TINY_QWEN2, ids, images)
+    assert useful == train_step_flops(TINY_QWEN2, 1, 64, 3) + train_step_flops(TINY_QWEN2, 1, 40, 1)
+    assert useful < train_step_flops(TINY_QWEN2, 2, 64, 3)
+    assert useful_train_step_flops(TINY_QWEN2, ids[:1], images[:1]) == train_step_flops(TINY_QWEN2, 1, 64, 3)
 

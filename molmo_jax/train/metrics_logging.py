@@ -3,7 +3,8 @@
 The loop hands over the device metrics of step s right after dispatching step s+1, so reading
 them (`jax.device_get`) waits for a step that is already finished and never stalls the device
 (MaxText's one-step-late metrics). Throughput uses the wall time between consecutive steps.
-MFU = model FLOPs per step / step time / (devices * peak FLOP/s of one device), shown only for
+MFU = useful model FLOPs of the step (its real tokens and crops, padding excluded:
+useful_train_step_flops) / step time / (devices * peak FLOP/s of one device), shown only for
 devices whose peak is known.
 """
 from __future__ import annotations
@@ -66,6 +67,25 @@ def train_step_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
     return total
 
 
+def useful_train_step_flops(cfg: MolmoConfig, input_ids: np.ndarray, images: Optional[np.ndarray] = None,
+                            trained: Iterable[str] = ("vit", "connector", "llm")) -> float:
+    """Model FLOPs of one step counting only real work: each row's non-padding tokens
+    (input_ids != -1, so its attention is over that length) and its crops that are not all
+    padding (images not all -1). input_ids: int[B, T]; images: float[B, C, P, D] or None.
+    What MFU divides (a batch of short examples padded to seq_len scores what it computes usefully)."""
+    lengths = np.sum(np.asarray(input_ids) != -1, axis=1)
+    if images is None:
+        crops = np.zeros_like(lengths)
+    else:
+        crops = np.sum(~np.all(np.asarray(images) == -1, axis=(2, 3)), axis=1)
+    total, memo = 0.0, {}
+    for key in zip(lengths.tolist(), crops.tolist()):
+        if key not in memo:
+            memo[key] = train_step_flops(cfg, 1, key[0], key[1], trained) if key[0] else 0.0
+        total += memo[key]
+    return total
+
+
 class MetricsLogger:
     """Writes one console line per `every` steps, TensorBoard scalars and metrics.jsonl (process 0)."""
 
@@ -88,9 +108,11 @@ class MetricsLogger:
         self.last_time: Optional[float] = None
         self.step_times: list = []
 
-    def write(self, step: int, device_metrics: Dict, examples: Optional[int] = None) -> Dict[str, float]:
+    def write(self, step: int, device_metrics: Dict, examples: Optional[int] = None,
+              flops: Optional[float] = None) -> Dict[str, float]:
         """Fetches the metrics of `step` (blocking until that step finished) and records them.
-        examples: how many the step's batch held (default examples_per_step; rows may pack several)."""
+        examples: how many the step's batch held (default examples_per_step; rows may pack several);
+        flops: the step's useful model FLOPs for MFU (useful_train_step_flops; default flops_per_step)."""
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
         if self.last_time is not None:
@@ -100,7 +122,7 @@ class MetricsLogger:
             metrics["examples_per_s"] = (self.examples_per_step if examples is None else examples) / dt
             metrics["tokens_per_s"] = self.tokens_per_step / dt
             if self.peak_total:
-                metrics["mfu"] = self.flops_per_step / dt / self.peak_total
+                metrics["mfu"] = (self.flops_per_step if flops is None else flops) / dt / self.peak_total
         self.last_time = now
         if self.is_main:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")

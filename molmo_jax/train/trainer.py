@@ -37,7 +37,7 @@ from molmo_jax.train import loss as loss_lib
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer, NonFiniteStateError, PreemptionWatcher
 from molmo_jax.train.config_checks import ConfigError, validate
-from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops
+from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops, useful_train_step_flops
 from molmo_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
             if pending is not None:  # read step-1 now that step is queued behind it
                 history.append(logger.write(*pending))
                 _check_finite(pending[0], history[-1], last_good, ckpt_dir)
-            pending = (step, metrics, examples)
+            # MFU counts the real tokens and crops of the step, not the padding (all processes alike).
+            flops = useful_train_step_flops(model_cfg, host_batch["input_ids"], host_batch.get("images"))
+            pending = (step, metrics, examples, flops * jax.process_count())
             stop = preemption.should_stop(step)
             if stop or step % config.checkpoint.every == 0 or step == tc.total_steps:
                 history.append(logger.write(*pending))
