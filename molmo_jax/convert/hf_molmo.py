@@ -3,6 +3,7 @@
     config, params = load_hf_checkpoint("Molmo-7B-D-0924/")   # nnx.State of the Molmo params
     model = load_hf_model("Molmo-7B-D-0924/")                  # the same, merged into a Molmo
     save_hf_checkpoint("out/", params, config)                 # official key layout again
+    stream_hf_checkpoint("out/", params, config, max_shard_bytes=2**30)  # the same, shard by shard
 
 A folder holds config.json and model.safetensors or a sharded model.safetensors.index.json
 (convert/hf_folder.py). Which key map applies is read from the config: the dense releases
@@ -15,6 +16,7 @@ written keys always carry it.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import jax
@@ -24,7 +26,9 @@ from flax import nnx
 
 from molmo_jax.convert import molmo2_keys, molmo_keys, molmoe_keys
 from molmo_jax.convert.hf_folder import read_config_json, read_hf_tensors, write_hf_folder
-from molmo_jax.convert.links import Link, abstract_state, params_to_tensors, pure_params, tensors_to_params
+from molmo_jax.convert.links import (Link, abstract_state, get_path, params_to_tensors, pure_params,
+                                     tensors_to_params)
+from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.model.molmo2 import Molmo2
@@ -136,3 +140,14 @@ def save_hf_checkpoint(folder: str, params, config: AnyConfig, *, dtype=None,
     `python -m molmo_jax.export` streams a trainer checkpoint instead (train/hf_interop.py)."""
     tensors = {k: v if dtype is None else v.astype(dtype) for k, v in params_to_hf(params, config).items()}
     write_hf_folder(folder, tensors, config_to_hf(config), max_shard_bytes=max_shard_bytes)
+
+
+def stream_hf_checkpoint(folder: str, params, config: AnyConfig, *, max_shard_bytes: int, dtype=np.float32) -> None:
+    """Writes config.json, safetensors shards and their index, converting one parameter group
+    at a time (convert/safetensors_stream.py): host memory holds `params` plus one group's
+    tensors, never the whole checkpoint a second time. dtype: np.float32 or ml_dtypes.bfloat16."""
+    pure = pure_params(params)
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "config.json"), config_to_hf(config))
+    write_safetensors(folder, lambda paths: {p: np.asarray(get_path(pure, p)) for p in paths}, molmo_links(config),
+                      abstract_params(config), dtype, max_shard_bytes)

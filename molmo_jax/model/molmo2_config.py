@@ -61,6 +61,43 @@ SIGLIP2_SO400M_14_378 = VisionConfig(
     mlp_dim=4304, num_layers=25, activation="gelu_tanh", norm_eps=1e-6, use_cls_token=False,
     pre_ln=False, patch_bias=True, feature_layers=(24, 18))
 
+# The releases (allenai/molmo2 README: Molmo2-8B uses qwen3_8b, Molmo2-4B qwen3_4b_instruct,
+# Molmo2-O-7B olmo3_7b_instruct; their LlmConfigs in olmo/model_configs.py; the adapter's SwiGLU
+# half = the LLM's, as convert_molmo2_to_hf.py sets it; max_position_embeddings = the
+# --override_max_model_len the README gives for the HF conversion).
+MOLMO2_8B = Molmo2Config(
+    vision=SIGLIP2_SO400M_14_378, adapter=AdapterConfig(projector_hidden=12288),
+    llm=LLMConfig(d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, mlp_hidden_size=2 * 12288,
+                  vocab_size=151936, embedding_size=151936, additional_vocab_size=128, norm_eps=1e-6,
+                  rope_theta=1_000_000.0, max_position_embeddings=36864, qkv_bias=False, qk_norm=True,
+                  qk_norm_per_head=True))
+
+MOLMO2_4B = Molmo2Config(
+    vision=SIGLIP2_SO400M_14_378, adapter=AdapterConfig(projector_hidden=9728),
+    llm=LLMConfig(d_model=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, mlp_hidden_size=2 * 9728,
+                  vocab_size=151936, embedding_size=151936, additional_vocab_size=128, norm_eps=1e-6,
+                  rope_theta=5_000_000.0, max_position_embeddings=36864, qkv_bias=False, qk_norm=True,
+                  qk_norm_per_head=True))
+
+# OLMo3-7B: post-norm, full-width QK-norm, YaRN on its 8 full-attention layers only (the
+# official model's other layers are sliding-window in OLMo3, but Molmo2 runs every layer with
+# full attention: its flash call passes window (-1, -1) and neither its HF config nor
+# transformers has a window). Special token ids: the Qwen3 releases' offsets from the end of
+# the base vocabulary (not checked against the hub config, which is not reachable from here).
+_OLMO3_VOCAB = 100278
+MOLMO2_O_7B = Molmo2Config(
+    vision=SIGLIP2_SO400M_14_378, adapter=AdapterConfig(projector_hidden=11008),
+    llm=LLMConfig(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, mlp_hidden_size=2 * 11008,
+                  vocab_size=_OLMO3_VOCAB, embedding_size=_OLMO3_VOCAB, additional_vocab_size=128, norm_eps=1e-6,
+                  rope_theta=500_000.0, max_position_embeddings=65536, qkv_bias=False, qk_norm=True,
+                  norm_after=True,
+                  rope_scaling=RopeScaling(rope_type="yarn", factor=8.0, original_max_position_embeddings=8192,
+                                           attention_factor=1.2079441541679836, beta_fast=32.0, beta_slow=1.0),
+                  rope_scaling_layers=tuple(range(3, 32, 4))),
+    image_start_token_id=_OLMO3_VOCAB, image_end_token_id=_OLMO3_VOCAB + 1, image_patch_id=_OLMO3_VOCAB + 2,
+    low_res_image_start_token_id=_OLMO3_VOCAB + 4, frame_start_token_id=_OLMO3_VOCAB + 7,
+    frame_end_token_id=_OLMO3_VOCAB + 8)
+
 # Tiny configs for tests: 24 px crops of 4 px patches (6x6 patches), toy widths.
 TINY_VISION2 = VisionConfig(
     kind="siglip", image_size=(24, 24), patch_size=4, width=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -90,6 +127,9 @@ TINY_MOLMO2_OLMO3 = Molmo2Config(
     **_TINY_IDS)
 
 PRESETS = {
+    "molmo2-4b": MOLMO2_4B,
+    "molmo2-8b": MOLMO2_8B,
+    "molmo2-o-7b": MOLMO2_O_7B,
     "tiny-molmo2-qwen3": TINY_MOLMO2_QWEN3,
     "tiny-molmo2-olmo3": TINY_MOLMO2_OLMO3,
 }
