@@ -49,7 +49,7 @@ def add_at_placeholders(embeds: jax.Array, features: jax.Array, feature_valid: j
     return embeds + added.reshape(b, l, e)
 
 
-def _check_placeholders(placeholder, token_pooling) -> None:
+def check_placeholders(placeholder, token_pooling) -> None:
     """With concrete inputs: as many image_patch_id tokens as pooled tokens with a valid slot."""
     if isinstance(placeholder, jax.core.Tracer) or isinstance(token_pooling, jax.core.Tracer):
         return
@@ -95,7 +95,7 @@ class Molmo2(nnx.Module):
         if token_pooling is None:
             raise ValueError("pixel_values were given without token_pooling (image_token_pooling / video_token_pooling)")
         placeholder = input_ids == self.config.image_patch_id
-        _check_placeholders(placeholder, token_pooling)
+        check_placeholders(placeholder, token_pooling)
         features, valid = self.encode_images(pixel_values, token_pooling)
         return with_logical_constraint(add_at_placeholders(x, features, valid, placeholder), ("act_batch", None, None))
 
