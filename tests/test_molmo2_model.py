@@ -25,6 +25,7 @@ from transformers import Molmo2ForConditionalGeneration
 
 from molmo_jax.convert import hf_molmo
 from molmo_jax.model import molmo2_config as m2
+from molmo_jax.tools import logits as logits_tool
 
 COL_TOKEN, LOW_TOKEN = 506, 507  # <im_col>, <im_low>: ids in the extra rows, not in the config
 TOL = 1e-4
@@ -252,3 +253,42 @@ def test_placeholder_count_mismatch_is_one_clear_error(pair):
     ids[0, np.flatnonzero(ids[0] == config.image_patch_id)[0]] = 7
     with pytest.raises(ValueError, match="image features and image tokens do not match"):
         ours(jnp.asarray(ids), jnp.asarray(inputs["pixel_values"]), jnp.asarray(inputs["image_token_pooling"]))
+
+
+@pytest.mark.parametrize("case", ["two_images_padded", "video"])
+def test_logits_tool_takes_a_molmo2_folder_and_transformers_kwargs(pair, case, tmp_path):
+    config, hf, _, folder = pair
+    inputs = CASES[case](config)
+    np.savez(tmp_path / "in.npz", **inputs)
+    assert logits_tool.main(["--checkpoint", str(folder), "--inputs", str(tmp_path / "in.npz"),
+                             "--out", str(tmp_path / "out.npz")]) == 0
+    got = np.load(tmp_path / "out.npz")["logits"]
+    expected, _ = hf_forward(hf, inputs)
+    mask = inputs["attention_mask"].astype(bool)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert max_diff(got[mask], expected[mask]) < TOL
+
+
+def test_logits_tool_names_bad_molmo2_inputs(pair, tmp_path, capsys):
+    config, _, _, folder = pair
+    inputs = CASES["video"](config)
+    del inputs["video_token_pooling"]
+    np.savez(tmp_path / "in.npz", **inputs, images=np.zeros(1))
+    assert logits_tool.main(["--checkpoint", str(folder), "--inputs", str(tmp_path / "in.npz"),
+                             "--out", str(tmp_path / "out.npz")]) == 2
+    assert "unknown keys ['images']" in capsys.readouterr().err
+    np.savez(tmp_path / "in.npz", **inputs)
+    assert logits_tool.main(["--checkpoint", str(folder), "--inputs", str(tmp_path / "in.npz"),
+                             "--out", str(tmp_path / "out.npz")]) == 2
+    assert "'pixel_values_videos' and 'video_token_pooling' go together" in capsys.readouterr().err
+
+
+def test_chunked_attention_backend_keeps_the_image_block(pair):
+    """The same mask through the project's tiled kernel (the backend long sequences get)."""
+    config, hf, _, folder = pair
+    chunked = hf_molmo.load_hf_model(str(folder), attention="chunked")
+    inputs = CASES["two_images_padded"](config)
+    expected, _ = hf_forward(hf, inputs)
+    got = our_forward(chunked, inputs)[0]
+    mask = inputs["attention_mask"].astype(bool)
+    assert max_diff(got[mask], expected[mask]) < TOL
