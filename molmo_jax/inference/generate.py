@@ -138,8 +138,14 @@ def prefill(graphdef, state, prompt, key, temperature, top_p, *, cache_len, gree
     embeds = model.embed(ids, prompt.get("images"), prompt.get("image_masks"), prompt.get("image_input_idx"))
     cache = model.llm.init_cache(ids.shape[0], cache_len)
     logits, cache, _ = model.llm(embeds, default_positions(ids), token_valid=valid, cache=cache)
+    return first_token(logits, valid, cache, key, temperature, top_p, greedy=greedy, top_k=top_k)
+
+
+def first_token(logits, valid, cache, key, temperature, top_p, *, greedy, top_k):
+    """The prefill's result from its logits [B, L, V] over a right-padded prompt (valid bool[B, L]):
+    (first new token int32[B], cache, position of that token int32[B], its logits [B, V])."""
     lengths = jnp.sum(valid, axis=-1)
-    last_logits = logits[jnp.arange(ids.shape[0]), jnp.maximum(lengths - 1, 0)]
+    last_logits = logits[jnp.arange(valid.shape[0]), jnp.maximum(lengths - 1, 0)]
     token = sample_tokens(last_logits, key, temperature, top_p, greedy=greedy, top_k=top_k)
     return token, cache, lengths.astype(jnp.int32), last_logits
 
@@ -202,10 +208,20 @@ def shift_cache(cache: KVCache, shift: jax.Array, starts: jax.Array) -> KVCache:
 class Generator:
     """Generation for one model. The compiled programs are keyed by the model's structure
     (graphdef) and the shapes, so every Generator of the same architecture shares them; the
-    parameters are those of the model when the Generator was made."""
+    parameters are those of the model when the Generator was made. A model family with other
+    prompt inputs overrides `pad_prompt` and `prefill` (inference/generate_molmo2.py)."""
 
     def __init__(self, model: Molmo):
         self.graphdef, self.state = nnx.split(model)
+
+    def pad_prompt(self, batch: Mapping[str, np.ndarray], length: int) -> dict:
+        """The batch's prompt arrays with input_ids right-padded (-1) to `length`, checked."""
+        return pad_prompt(batch, length)
+
+    def prefill(self, prompt, key, temperature, top_p, *, cache_len, greedy, top_k):
+        """-> (first new token int32[B], cache, its position int32[B], its logits [B, V])."""
+        return prefill(self.graphdef, self.state, prompt, key, temperature, top_p, cache_len=cache_len,
+                       greedy=greedy, top_k=top_k)
 
     def __call__(self, batch: Mapping[str, np.ndarray], config: GenerationConfig = GenerationConfig(),
                  decode: Optional[Callable[[Sequence[int]], str]] = None, *,
@@ -216,7 +232,7 @@ class Generator:
         if config.stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function (token ids -> text)")
         length = np.asarray(batch["input_ids"]).shape[1]
-        prompt = pad_prompt(batch, prompt_bucket(length))
+        prompt = self.pad_prompt(batch, prompt_bucket(length))
         # Decode steps feed one token each: max_new_tokens - 1 of them after the prefill's token.
         cache_len = prompt["input_ids"].shape[1] + max(1, config.max_new_tokens - 1)
         greedy = config.temperature == 0
@@ -225,8 +241,8 @@ class Generator:
         key = jax.random.key(config.seed)
 
         key, sub = jax.random.split(key)
-        token, cache, position, logits = prefill(self.graphdef, self.state, prompt, sub, temperature, top_p,
-                                                 cache_len=cache_len, **sampling)
+        token, cache, position, logits = self.prefill(prompt, sub, temperature, top_p, cache_len=cache_len,
+                                                      **sampling)
         tokens = [np.asarray(token)[:, None]]
         all_logits = [np.asarray(logits)[:, None]] if return_logits else []
         stop_ids = np.asarray(config.stop_token_ids, np.int32)

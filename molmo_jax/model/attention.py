@@ -155,10 +155,11 @@ class MultiHeadAttention(nnx.Module):
         self.wo = Dense((num_heads, head_dim), (d_out,), (n_heads, "head_dim", n_out), use_bias=True,
                         rngs=rngs)
 
-    def __call__(self, x_q: jax.Array, x_kv: jax.Array, dtype) -> jax.Array:
-        """x_q: [B, T, D_in], x_kv: [B, S, D_in] -> [B, T, D_out]."""
+    def __call__(self, x_q: jax.Array, x_kv: jax.Array, dtype, key_valid: Optional[jax.Array] = None) -> jax.Array:
+        """x_q: [B, T, D_in], x_kv: [B, S, D_in]; key_valid: bool[B, S] (None = every key) -> [B, T, D_out]."""
         q, k, v = self.wq(x_q, dtype), self.wk(x_kv, dtype), self.wv(x_kv, dtype)
-        out = dot_product_attention(q, k, v, implementation=self.implementation, float32_logits=True)
+        mask = None if key_valid is None else AttentionMask(causal=False, key_valid=key_valid)
+        out = dot_product_attention(q, k, v, mask, implementation=self.implementation, float32_logits=True)
         return self.wo(out, dtype)
 
 

@@ -73,6 +73,28 @@ class ConnectorConfig:
     projector_hidden: Optional[int] = None
 
 
+ROPE_TYPES = ("default", "linear", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """transformers' `rope_parameters` beyond rope_theta: what a scaled layer uses (model/rope.py)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None  # yarn
+    attention_factor: Optional[float] = None  # yarn; None = 0.1 ln(factor) + 1
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; choose from {list(ROPE_TYPES)}")
+        if self.rope_type == "yarn" and self.original_max_position_embeddings is None:
+            raise ValueError("rope_type 'yarn' needs original_max_position_embeddings")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     """The decoder. `mlp_hidden_size` is the fused SwiGLU width H (up and gate, H/2 each)."""
@@ -91,6 +113,11 @@ class LLMConfig:
     max_position_embeddings: int = 4096
     qkv_bias: bool = True
     qk_norm: bool = False  # OLMo-style full-width RMSNorm on q and k before the head split
+    qk_norm_per_head: bool = False  # with qk_norm: Qwen3-style, one RMSNorm [H] over each head instead
+    # Scaled RoPE (None = plain) on the layers rope_scaling_layers names (None = all), the
+    # others keep the plain table (Molmo2TextConfig.rope_parameters / rope_scaling_layers).
+    rope_scaling: Optional[RopeScaling] = None
+    rope_scaling_layers: Optional[Tuple[int, ...]] = None
     norm_after: bool = False  # post-norm blocks (OLMo-7B-1024)
     block_type: str = "dense"  # "dense" | "moe"
     # Residual dropout after attention / FFN (before the residual add); the response rate
@@ -106,6 +133,16 @@ class LLMConfig:
     moe_capacity_factor: float = 1.25
     moe_load_balance_weight: float = 0.0
     moe_router_z_weight: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # from_dict / JSON
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.rope_scaling_layers is not None:
+            layers = tuple(self.rope_scaling_layers)
+            bad = [i for i in layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"rope_scaling_layers {bad} out of range for {self.n_layers} layers")
+            object.__setattr__(self, "rope_scaling_layers", layers)
 
     @property
     def total_vocab(self) -> int:

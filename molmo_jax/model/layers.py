@@ -209,21 +209,21 @@ class Embedding(nnx.Module):
         return jnp.take(table, jnp.maximum(ids, 0), axis=0).astype(dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale=1.0) -> jax.Array:
     """Rotate-half RoPE in float32 ("llama" style, spec §2.6).
 
-    x: [B, T, N, H]; positions: int32[B, T]. The angles are computed from the positions
-    directly, giving the same values as the official sin/cos table of
+    x: [B, T, N, H]; positions: int32[B, T]; inv_freq: float32[H/2] (model/rope.py);
+    scale: cos/sin multiplier (YaRN's attention factor; 1 otherwise). The angles are computed
+    from the positions directly, giving the same values as the official sin/cos table of
     max_position_embeddings rows (which simply fails past its end).
     """
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     xf = x.astype(jnp.float32)
     half = head_dim // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+    return (xf * (jnp.cos(emb) * scale) + rotated * (jnp.sin(emb) * scale)).astype(x.dtype)
 
 
 def masked_dropout(x: jax.Array, key: jax.Array, rate: float, masked_rate: float,

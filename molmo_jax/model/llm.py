@@ -1,5 +1,6 @@
-"""The Molmo decoder (spec §2.2, §2.6): Qwen2-style pre-norm blocks (q/k/v bias, GQA) and
-OLMo-7B-1024 post-norm blocks (full-width QK-norm), scanned, with a KV cache.
+"""The Molmo decoder (spec §2.2, §2.6): Qwen2-style pre-norm blocks (q/k/v bias, GQA),
+OLMo-7B-1024 post-norm blocks (full-width QK-norm) and, for Molmo2, Qwen3 (per-head QK-norm)
+and OLMo3 blocks with per-layer RoPE scaling; scanned, with a KV cache.
 
 Axis legend: B batch, T new tokens, S cache slots, D width, N heads, K kv heads,
 H head dim, F SwiGLU half width, V embedding_size (logit columns).
@@ -33,6 +34,7 @@ from molmo_jax.model.config import LLMConfig
 from molmo_jax.model.layers import (ATTENTION_NAME, Dense, Embedding, RMSNorm, SwiGLU, apply_rope, masked_dropout,
                                     scan_stack, stacked)
 from molmo_jax.model.moe import MoEFeedForward
+from molmo_jax.model.rope import rope_tables
 from molmo_jax.model.sharding import with_logical_constraint
 
 
@@ -45,7 +47,8 @@ class KVCache(NamedTuple):
 
 class Attention(nnx.Module):
     """q, k, v: float32[D, N|K, H] (+ bias [N|K, H] for Qwen2); o: float32[N, H, D], no bias;
-    optional q_norm [N*H] / k_norm [K*H] applied over the full width before the head split."""
+    optional q_norm [N*H] / k_norm [K*H] applied over the full width before the head split, or
+    (qk_norm_per_head, Qwen3) q_norm / k_norm [H] applied to every head."""
 
     def __init__(self, config: LLMConfig, *, attention: str = "reference", rngs: nnx.Rngs):
         c = config
@@ -59,7 +62,10 @@ class Attention(nnx.Module):
                        use_bias=c.qkv_bias, rngs=rngs)
         self.o = Dense((c.n_heads, c.head_dim), (c.d_model,), ("heads", "head_dim", "embed"),
                        use_bias=False, rngs=rngs)
-        if c.qk_norm:
+        if c.qk_norm and c.qk_norm_per_head:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps, ("head_dim",), rngs=rngs)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps, ("head_dim",), rngs=rngs)
+        elif c.qk_norm:
             self.q_norm = RMSNorm(c.n_heads * c.head_dim, c.norm_eps, ("embed",), rngs=rngs)
             self.k_norm = RMSNorm(c.n_kv_heads * c.head_dim, c.norm_eps, (None,), rngs=rngs)
         else:
@@ -69,16 +75,19 @@ class Attention(nnx.Module):
     def _full_width_norm(norm: RMSNorm, x: jax.Array) -> jax.Array:
         return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, dtype,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, dtype, rope,
                  layer_cache: Optional[Tuple[jax.Array, jax.Array]] = None,
                  index: Optional[jax.Array] = None):
         """x: [B, T, D]; positions: int32[B, T]; mask: over the S keys (T, or the cache slots);
+        rope: this layer's (inv_freq float32[H/2], scale float32[]) (model/rope.py);
         layer_cache: (k, v) [B, S, K, H] written at slot `index`. Returns (out, new layer_cache)."""
         q, k, v = self.q(x, dtype), self.k(x, dtype), self.v(x, dtype)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.config.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:
             q, k = self._full_width_norm(self.q_norm, q), self._full_width_norm(self.k_norm, k)
-        theta = self.config.rope_theta
-        q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+        inv_freq, scale = rope
+        q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
         if layer_cache is not None:
             ck, cv = layer_cache
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
@@ -126,11 +135,11 @@ class DecoderBlock(nnx.Module):
             y = masked_dropout(y, key, c.residual_dropout, c.response_residual_dropout, response_mask)
         return x + y
 
-    def __call__(self, x, positions, mask, dtype, layer_cache=None, index=None, dropout_key=None,
+    def __call__(self, x, positions, mask, dtype, rope, layer_cache=None, index=None, dropout_key=None,
                  response_mask=None):
         post = self.config.norm_after
         keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-        h, layer_cache = self.attention(x if post else self.attn_norm(x), positions, mask, dtype,
+        h, layer_cache = self.attention(x if post else self.attn_norm(x), positions, mask, dtype, rope,
                                         layer_cache, index)
         x = self._residual(x, self.attn_norm(h) if post else h, keys[0], response_mask)
         h, aux = self.ffn(x if post else self.ff_norm(x))
@@ -165,35 +174,43 @@ class LLM(nnx.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, *, token_valid: jax.Array,
                  subsegment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 response_mask: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None):
+                 response_mask: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None,
+                 block_ids: Optional[jax.Array] = None):
         """embeds: [B, T, D]; positions: int32[B, T]; token_valid: bool[B, T];
         subsegment_ids: int[B, T] (no cache); response_mask: bool[B, T] where the response
-        residual dropout applies; dropout_key: PRNG key, None = deterministic.
+        residual dropout applies; dropout_key: PRNG key, None = deterministic;
+        block_ids: int[B, T], tokens of one nonzero id attend to each other both ways (Molmo2's
+        image tokens); with a cache they hold for these T tokens only, so a prompt's images
+        must be prefilled in one call.
 
         Returns (logits float32[B, T, V], updated cache or None, aux dict of FFN scalars
         summed over layers; empty for dense blocks).
         """
         if cache is None:
-            mask = AttentionMask(key_valid=token_valid, subsegment_ids=subsegment_ids)
+            mask = AttentionMask(key_valid=token_valid, subsegment_ids=subsegment_ids, block_ids=block_ids)
             index, layer_caches = None, None
         else:
             if subsegment_ids is not None:
                 raise ValueError("subsegment_ids cannot be combined with a KV cache")
             index = cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (0, index))
-            mask = AttentionMask(q_offset=index, key_valid=valid)  # new token i sits at slot index + i
+            if block_ids is not None:  # slot-indexed like key_valid; earlier slots are in no block
+                block_ids = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape, jnp.int32),
+                                                         block_ids.astype(jnp.int32), (0, index))
+            mask = AttentionMask(q_offset=index, key_valid=valid, block_ids=block_ids)  # token i at slot index + i
             layer_caches = (cache.k, cache.v)
 
         n = self.config.n_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
         def body(block, x, xs):
-            layer_cache, key = xs
+            layer_cache, key, rope = xs
             x = with_logical_constraint(x, ("act_batch", None, None))  # keeps FSDP from splitting activations on width
-            x, layer_cache, aux = block(x, positions, mask, self.dtype, layer_cache, index, key, response_mask)
+            x, layer_cache, aux = block(x, positions, mask, self.dtype, rope, layer_cache, index, key, response_mask)
             return x, (layer_cache, aux)
 
-        x, (new_caches, aux) = scan_stack(self.blocks, body, embeds.astype(self.dtype), (layer_caches, keys),
+        x, (new_caches, aux) = scan_stack(self.blocks, body, embeds.astype(self.dtype),
+                                          (layer_caches, keys, rope_tables(self.config)),
                                           remat_policy=self.remat_policy)
         x = self.ln_f(x)
         logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(self.dtype),
