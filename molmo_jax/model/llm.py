@@ -196,7 +196,7 @@ class LLM(nnx.Module):
         x, (new_caches, aux) = scan_stack(self.blocks, body, embeds.astype(self.dtype), (layer_caches, keys),
                                           remat_policy=self.remat_policy)
         x = self.ln_f(x)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.weight(self.dtype),
                             preferred_element_type=jnp.float32)
         if cache is not None:
             k, v = new_caches

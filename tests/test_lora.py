@@ -1,0 +1,113 @@
+"""LoRA / QLoRA (molmo_jax/model/lora.py) in the trainer, checkpoints, export and inference.
+
+In-process (one compiled step per base dtype, on one CPU device, text-only batches):
+  count      the trainable parameters and optimizer moments are exactly the adapters';
+  overfit    a LoRA run learns a small set while every base parameter stays bit-identical;
+  QLoRA      the same with an int8 base: the loss falls.
+"""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs
+from configs import common
+from molmo_jax.model import lora, sharding
+from molmo_jax.model.config import TINY_QWEN2
+from molmo_jax.train import config_checks, trainer
+
+RANK = 4
+
+
+def lora_config(base_dtype="float32", targets=("llm_attention", "llm_mlp")):
+    """The tiny demo config with LoRA on; a high LR and few steps, so a small set is learnt fast."""
+    cfg = configs.load("configs/demo.py:pretrain")
+    cfg.model = common.model_config(TINY_QWEN2)
+    cfg.model.init_scheme = "fan_in"  # a random base whose activations are at unit scale
+    cfg.mesh = dict(data=1, fsdp=1, tensor=1, expert=1)
+    cfg.lora.update(dict(rank=RANK, alpha=8.0, targets=targets, base_dtype=base_dtype))
+    cfg.train.total_steps = 30
+    for group in ("vit", "connector", "llm"):
+        cfg.optimizer[group] = dict(lr=1e-2, warmup_steps=1)
+    return cfg
+
+
+def pattern_batch(mesh):
+    """4 rows of an arithmetic token sequence (step 5 mod 16): learnable from the text alone."""
+    start = np.random.default_rng(0).integers(0, 16, (4, 1))
+    ids = ((start + 5 * np.arange(33)) % 16 + 100).astype(np.int32)
+    return sharding.make_global_batch({"input_ids": ids[:, :-1], "target_tokens": ids[:, 1:],
+                                       "loss_masks": np.ones((4, 32), np.float32)}, mesh)
+
+
+def run_steps(cfg, steps):
+    """(initial state, final state, losses) of `steps` updates on pattern_batch."""
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])
+    setup = trainer.build_train_setup(cfg, trainer.model_config_from(cfg), mesh)
+    batch = pattern_batch(mesh)
+    state = setup.init(jax.random.key(0))
+    initial = jax.device_get(state)
+    losses = []
+    for _ in range(steps):
+        state, m = setup.step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    return initial, jax.device_get(state), losses
+
+
+def analytic_adapter_count(llm, rank):
+    """Adapters on q, k, v, o and gate, up, down of every LLM block: rank * (fan_in + fan_out) each."""
+    d, q, kv, f = llm.d_model, llm.n_heads * llm.head_dim, llm.n_kv_heads * llm.head_dim, llm.mlp_hidden_size // 2
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
+    return llm.n_layers * rank * per_layer
+
+
+def sizes(tree):
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree) if np.ndim(x) > 0)
+
+
+def test_trainable_parameters_and_optimizer_moments_are_exactly_the_adapters():
+    cfg = lora_config()
+    model_cfg = trainer.model_config_from(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])
+    setup = trainer.build_train_setup(cfg, model_cfg, mesh)
+    params, opt_state = setup.abstract_state["params"], setup.abstract_state["opt_state"]
+    expected = analytic_adapter_count(model_cfg.llm, RANK)
+    assert sizes(params) == expected
+    paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert paths and all(p.startswith("llm/blocks/") and p.split("/")[-2] == "adapter" for p in paths), paths
+    assert sizes(opt_state) == 2 * expected  # Adam's two moments, of the adapters alone
+    # The frozen base is the whole plain model.
+    plain = lora.LoraConfig()
+    plain_count = sum(int(np.size(x)) for x in jax.tree.leaves(
+        nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: lora.build(model_cfg, plain, nnx.Rngs(0)))))))
+    assert sizes(setup.abstract_state["frozen"]) == plain_count
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("targets", ("llm_attn",), "config.lora.targets: target 'llm_attn' matches no layer of this model; use a preset"),
+    ("targets", ("llm/blocks/(q",), "config.lora.targets: target 'llm/blocks/(q' is not a regex"),
+    ("rank", -1, "config.lora.rank=-1: expected an integer >= 0"),
+    ("base_dtype", "fp8", "config.lora.base_dtype='fp8': choose one of float32, bfloat16, int8"),
+    ("alpha", 0.0, "config.lora.alpha=0.0: expected a finite number > 0"),
+])
+def test_each_bad_lora_value_is_one_line_naming_it(key, value, message):
+    cfg = lora_config()
+    cfg.lora[key] = value
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.validate(cfg)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+def test_lora_learns_a_small_set_and_leaves_the_base_bit_identical(base_dtype):
+    initial, final, losses = run_steps(lora_config(base_dtype), 20)
+    assert losses[-1] < 0.3 * losses[0], losses
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(initial["frozen"])[0],
+                            jax.tree.leaves(final["frozen"])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial["params"]),
+                                                        jax.tree.leaves(final["params"]))]
+    assert all(changed)
+    if base_dtype == "int8":
+        q = final["frozen"]["llm"]["blocks"]["attention"]["q"]
+        assert q["kernel"].dtype == np.int8 and q["kernel_scale"].dtype == np.float32
