@@ -4,17 +4,29 @@ In-process (one compiled step per base dtype, on one CPU device, text-only batch
   count      the trainable parameters and optimizer moments are exactly the adapters';
   overfit    a LoRA run learns a small set while every base parameter stays bit-identical;
   QLoRA      the same with an int8 base: the loss falls.
+Subprocess runs (test_trainer.py's tiny config and helpers, on a base checkpoint written here):
+  checkpoints  hold the adapters, optimizer state and step only, and name their base;
+  killed       SIGKILLed after checkpoint 4 and resumed: bit-identical to the uninterrupted run;
+  other base   resuming on another base stops with one error naming both, changing nothing.
 """
+import json
+import os
+import re
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_trainer import (CONFIG_FILE, REPO, STEPS, make_tokenizer, metrics, one_device, run, saved_state, start,
+                          tree_hashes, wait_while_progressing)
 
 import configs
 from configs import common
+from data_pipelines.pipeline import crop_fields
 from molmo_jax.model import lora, sharding
 from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.train import config_checks, trainer
+from molmo_jax.train.checkpointing import Checkpointer
 
 RANK = 4
 
@@ -111,3 +123,93 @@ def test_lora_learns_a_small_set_and_leaves_the_base_bit_identical(base_dtype):
     if base_dtype == "int8":
         q = final["frozen"]["llm"]["blocks"]["attention"]["q"]
         assert q["kernel"].dtype == np.int8 and q["kernel_scale"].dtype == np.float32
+
+
+# ------------------------------------------------------------------ runs of `python -m molmo_jax.train`
+# The tiny trainer config of test_trainer.py with LoRA on, starting from a base checkpoint written
+# here; one device, one persistent compilation cache for every run.
+
+LORA_FILE = '''
+import configs
+
+def get_config(arg=None):
+    c = configs.load({plain!r})
+    c.lora.update(dict(rank={rank}, alpha=8.0, targets=("llm_attention", "llm_mlp", "connector")))
+    c.init.checkpoint = {base!r}
+    return c
+'''
+
+
+def write_base(cfg, directory, seed, tokenizer):
+    """A trainer checkpoint (step 3) of the plain model with the random init of `seed`."""
+    model_cfg = trainer.model_config_from(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])
+    state = trainer.build_train_setup(cfg, model_cfg, mesh).init(jax.random.key(seed))
+    saver = Checkpointer(str(directory), async_save=False)
+    saver.save(3, state, None, {"step": 3, "model": model_cfg.to_dict(), "tokenizer": tokenizer,
+                                "crop": crop_fields(cfg)})
+    saver.close()
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """(root, env, the uninterrupted run's workdir): bases "base" and "other_base" (another
+    init), the LoRA config files, and the 12-step LoRA run on "base"."""
+    root = tmp_path_factory.mktemp("lora")
+    tokenizer = make_tokenizer(root)
+    (root / "plain.py").write_text(CONFIG_FILE.format(tokenizer=tokenizer, steps=STEPS, tensor=1))
+    plain = configs.load(str(root / "plain.py"))
+    for name, seed in (("base", 1), ("other_base", 2)):
+        base = write_base(plain, root / name / "checkpoints", seed, tokenizer)
+        (root / f"lora_{name}.py").write_text(LORA_FILE.format(plain=str(root / "plain.py"), rank=RANK, base=base))
+    env = one_device(dict(os.environ, PYTHONPATH=str(REPO)), root)
+    workdir = root / "uninterrupted"
+    run(root / "lora_base.py", env, workdir)
+    return root, env, workdir
+
+
+def test_checkpoints_hold_the_adapters_and_name_their_base(lora_runs):
+    root, _, workdir = lora_runs
+    saved = saved_state(workdir, STEPS)
+    assert "frozen" not in saved
+    paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]]
+    assert paths and all(p.split("/")[-2] == "adapter" for p in paths)
+    meta = json.loads((workdir / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())["lora"]
+    assert meta["base"] == str(root / "base" / "checkpoints") and meta["base_step"] == 3
+    assert meta["rank"] == RANK and re.fullmatch(r"[0-9a-f]{16}", meta["base_fingerprint"])
+    losses = [m["loss"] for _, m in sorted(metrics(workdir).items())]
+    assert losses[-1] < losses[0], losses
+
+
+def test_kill9_then_resume_with_adapters_is_bit_exact(lora_runs):
+    root, env, reference = lora_runs
+    workdir = root / "killed"
+    proc, log_path = start(root / "lora_base.py", env, workdir)
+    wait_while_progressing(proc, log_path, workdir, done=lambda: (workdir / "checkpoints" / "4").is_dir())
+    proc.kill()
+    proc.wait()
+    killed_steps = sorted(metrics(workdir))
+    assert max(killed_steps) < STEPS, "the run finished before it was killed"
+    log = run(root / "lora_base.py", env, workdir)
+    resumed_from = int(re.search(r"resumed from step (\d+)", log).group(1))
+    assert 4 <= resumed_from <= max(killed_steps)
+    ref, got = metrics(reference), metrics(workdir)
+    for s in range(resumed_from + 1, STEPS + 1):
+        assert got[s] == ref[s], s
+    a, b = saved_state(reference, STEPS), saved_state(workdir, STEPS)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_resuming_adapters_on_another_base_is_one_error_and_changes_nothing(lora_runs):
+    root, env, workdir = lora_runs
+    before = tree_hashes(workdir)
+    log = run(root / "lora_other_base.py", env, workdir, expect=1)
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in log, log[-4000:]
+    assert re.search(rf"checkpoint \S+/{STEPS} holds adapters of another base: it records base "
+                     rf"{re.escape(str(root / 'base' / 'checkpoints'))} \(float32, fingerprint [0-9a-f]{{16}}\), this "
+                     rf"run's base is {re.escape(str(root / 'other_base' / 'checkpoints'))} \(float32, fingerprint "
+                     r"[0-9a-f]{16}\)\. Nothing was changed", errors[0]), errors[0]
+    assert tree_hashes(workdir) == before
