@@ -7,7 +7,8 @@ In-process (one compiled step per base dtype, on one CPU device, text-only batch
 Subprocess runs (test_trainer.py's tiny config and helpers, on a base checkpoint written here):
   checkpoints  hold the adapters, optimizer state and step only, and name their base;
   killed       SIGKILLed after checkpoint 4 and resumed: bit-identical to the uninterrupted run;
-  other base   resuming on another base stops with one error naming both, changing nothing.
+  other base   resuming on another base stops with one error naming both, changing nothing;
+  merged       export --merge-lora: logits of the plain folder == base + adapters unmerged.
 """
 import json
 import os
@@ -24,9 +25,14 @@ import configs
 from configs import common
 from data_pipelines.pipeline import crop_fields
 from molmo_jax.model import lora, sharding
+from molmo_jax.convert import hf_molmo
+from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.model.config import TINY_QWEN2
-from molmo_jax.train import config_checks, trainer
+from molmo_jax.tools.logits import compute_logits
+from molmo_jax.train import config_checks, hf_interop, trainer
+from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer
+from molmo_jax.train.export_verify import random_batch
 
 RANK = 4
 
@@ -213,3 +219,40 @@ def test_resuming_adapters_on_another_base_is_one_error_and_changes_nothing(lora
                      rf"run's base is {re.escape(str(root / 'other_base' / 'checkpoints'))} \(float32, fingerprint "
                      r"[0-9a-f]{16}\)\. Nothing was changed", errors[0]), errors[0]
     assert tree_hashes(workdir) == before
+
+
+def lora_model(model_cfg, lora_cfg, params):
+    """A LoRA Molmo (float32 compute) holding `params` (pure dict: base + adapters)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: lora.build(model_cfg.replace(dtype="float32"), lora_cfg,
+                                                                  nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def test_merged_export_has_the_logits_of_base_plus_adapters_and_reads_back(lora_runs, tmp_path):
+    """export --merge-lora: a plain Molmo folder whose logits are those of the unmerged base +
+    adapters (within 1e-5, float32) and whose tensors read back (HF reader) as the merged params."""
+    root, _, workdir = lora_runs
+    with pytest.raises(ExportError, match=r"holds LoRA adapters only .* with --merge-lora$"):
+        hf_interop.export_checkpoint(str(workdir / "checkpoints"), str(tmp_path / "plain"))
+    out = hf_interop.export_checkpoint(str(workdir / "checkpoints"), str(tmp_path / "merged"), merge_lora=True)
+
+    base, adapters = saved_state(root / "base", 3), saved_state(workdir, STEPS)["params"]
+    model_cfg = trainer.model_config_from(configs.load(str(root / "lora_base.py")))
+    lora_cfg = lora.LoraConfig(rank=RANK, alpha=8.0, targets=("llm_attention", "llm_mlp", "connector"))
+    plain = opt_lib.merge_trees(base["params"], base["frozen"])
+    params = opt_lib.merge_trees(plain, adapters)
+    batch = random_batch(model_cfg)
+    unmerged = compute_logits(lora_model(model_cfg, lora_cfg, params), batch)
+    exported = compute_logits(hf_molmo.load_hf_model(out, dtype="float32"), batch)
+    assert np.max(np.abs(exported - unmerged)) < 1e-5
+    base_alone = compute_logits(lora_model(model_cfg, lora.LoraConfig(), plain), batch)  # rank 0: no adapters
+    assert np.max(np.abs(unmerged - base_alone)) > 1e-3  # the adapters learnt something
+
+    config, state = hf_molmo.load_hf_checkpoint(out)
+    assert config == model_cfg.replace(dtype=config.dtype)
+    expected = lora.merged_params(params, lora.dense_shapes(model_cfg), lora_cfg.scale)
+    got = nnx.to_pure_dict(state)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

@@ -187,8 +187,8 @@ class LoraMergedParams:
     def read(self, paths: Sequence[Path]) -> Dict[Path, np.ndarray]:
         values = self.base.read(paths)
         modules = {"/".join(p[:-1]): p for p in paths if p[-1] == "kernel" and "/".join(p[:-1]) in self.axes}
-        ab = self.adapters.read([(*m.split("/"), lora.ADAPTER, x) for m in modules if m in self.adapted
-                                 for x in ("a", "b")])
+        wanted = [(*m.split("/"), lora.ADAPTER, x) for m in modules if m in self.adapted for x in ("a", "b")]
+        ab = self.adapters.read(wanted) if wanted else {}
         for module, path in modules.items():
             n_in, n_out = self.axes[module]
             kernel = lora.dequantized(*lora.quantize_kernel(jnp.asarray(values[path]), n_in, n_out,
