@@ -8,7 +8,8 @@ Subprocess runs (test_trainer.py's tiny config and helpers, on a base checkpoint
   checkpoints  hold the adapters, optimizer state and step only, and name their base;
   killed       SIGKILLed after checkpoint 4 and resumed: bit-identical to the uninterrupted run;
   other base   resuming on another base stops with one error naming both, changing nothing;
-  merged       export --merge-lora: logits of the plain folder == base + adapters unmerged.
+  merged       export --merge-lora: logits of the plain folder == base + adapters unmerged;
+  predictor    loads a LoRA checkpoint as base + adapters, unmerged; int8 weight-only inference.
 """
 import json
 import os
@@ -27,6 +28,7 @@ from data_pipelines.pipeline import crop_fields
 from molmo_jax.model import lora, sharding
 from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.export_formats import ExportError
+from molmo_jax.inference.predictor import load_orbax_model, with_compute_dtype
 from molmo_jax.model.config import TINY_QWEN2
 from molmo_jax.tools.logits import compute_logits
 from molmo_jax.train import config_checks, hf_interop, trainer
@@ -256,3 +258,25 @@ def test_merged_export_has_the_logits_of_base_plus_adapters_and_reads_back(lora_
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_predictor_runs_base_plus_adapters_unmerged_and_int8_weights(lora_runs):
+    """predict / evaluate (Predictor.from_checkpoint) on a LoRA run's checkpoint: its base with the
+    adapters, unmerged, exactly; weights="int8": every Dense kernel int8, logits close to float32."""
+    root, _, workdir = lora_runs
+    model = load_orbax_model(str(workdir))
+    attention_q = nnx.to_pure_dict(nnx.state(model))["llm"]["blocks"]["attention"]["q"]
+    assert set(attention_q) == {"kernel", "bias", lora.ADAPTER}
+    base, adapters = saved_state(root / "base", 3), saved_state(workdir, STEPS)["params"]
+    model_cfg = trainer.model_config_from(configs.load(str(root / "lora_base.py")))
+    lora_cfg = lora.LoraConfig(rank=RANK, alpha=8.0, targets=("llm_attention", "llm_mlp", "connector"))
+    params = opt_lib.merge_trees(opt_lib.merge_trees(base["params"], base["frozen"]), adapters)
+    batch = random_batch(model_cfg)
+    unmerged = compute_logits(lora_model(model_cfg, lora_cfg, params), batch)
+    np.testing.assert_array_equal(compute_logits(model, batch), unmerged)
+
+    quantized = with_compute_dtype(model, "float32", "int8")
+    kernels = [d.kernel[...] for d in lora.dense_layers(quantized).values()]
+    assert kernels and all(k.dtype == np.int8 for k in kernels)
+    difference = np.max(np.abs(compute_logits(quantized, batch) - unmerged))
+    assert 0 < difference < 0.05 * np.max(np.abs(unmerged)), difference

@@ -181,12 +181,14 @@ def quantize_base(model: nnx.Module, base_dtype: str) -> None:
 
 
 def build(model_config: MolmoConfig, config: LoraConfig, rngs: nnx.Rngs) -> Molmo:
-    """Molmo with adapters on the targets and its base stored in config.base_dtype; with rank 0
-    the plain Molmo. The base init draws the same numbers as Molmo(model_config, rngs) alone."""
+    """Molmo with adapters on the targets (none with rank 0) and its base stored in
+    config.base_dtype (rank 0 + int8: weight-only quantized inference). The base init draws the
+    same numbers as Molmo(model_config, rngs) alone. `model.lora_config` records `config`."""
     model = Molmo(model_config, rngs=rngs)
     if config.enabled:
         add_adapters(model, config, rngs)
-        quantize_base(model, config.base_dtype)
+    quantize_base(model, config.base_dtype)
+    model.lora_config = config
     return model
 
 

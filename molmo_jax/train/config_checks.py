@@ -112,6 +112,9 @@ def _validate_lora(node: Mapping, model: MolmoConfig) -> None:
     if not _is_int(cfg.rank) or cfg.rank < 0:
         raise ConfigError(f"config.lora.rank={cfg.rank!r}: expected an integer >= 0 (0 = no LoRA)")
     if not cfg.enabled:
+        if cfg.base_dtype != "float32":  # a quantized base trains only through adapters
+            raise ConfigError(f"config.lora.base_dtype={cfg.base_dtype!r} needs config.lora.rank > 0 (LoRA); full "
+                              "fine-tuning trains float32 weights")
         return
     if not _is_number(cfg.alpha) or not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
         raise ConfigError(f"config.lora.alpha={cfg.alpha!r}: expected a finite number > 0")
