@@ -30,6 +30,7 @@ from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.inference.predictor import load_orbax_model, with_compute_dtype
 from molmo_jax.model.config import TINY_QWEN2
+from molmo_jax.tools import aot
 from molmo_jax.tools.logits import compute_logits
 from molmo_jax.train import config_checks, hf_interop, trainer
 from molmo_jax.train import optimizer as opt_lib
@@ -280,3 +281,17 @@ def test_predictor_runs_base_plus_adapters_unmerged_and_int8_weights(lora_runs):
     assert kernels and all(k.dtype == np.int8 for k in kernels)
     difference = np.max(np.abs(compute_logits(quantized, batch) - unmerged))
     assert 0 < difference < 0.05 * np.max(np.abs(unmerged)), difference
+
+
+def test_aot_plans_lora_and_qlora_steps_with_less_memory_than_full_fine_tuning():
+    """tools/aot --lora / --lora-base-dtype on the demo config for a v5e-8: the adapters-only
+    step's arguments (params, frozen base, optimizer state) shrink, most with an int8 base."""
+
+    topology = aot.parse_topology("v5e-8")
+    exp = configs.load("configs/demo.py:pretrain")
+    arguments = {}
+    for name, rank, base_dtype in (("full", None, None), ("lora", 8, None), ("qlora", 8, "int8")):
+        report, = aot.compile_report(aot.prepare_config(exp, lora_rank=rank, lora_base_dtype=base_dtype), topology)
+        assert report.fits
+        arguments[name] = report.argument_bytes
+    assert arguments["qlora"] < arguments["lora"] < arguments["full"], arguments

@@ -124,7 +124,7 @@ def load_orbax_model(path: str) -> Molmo:
     """The model of a molmo-jax training checkpoint (params only: trainable + frozen). A LoRA
     run's checkpoint (meta "lora") gives its base (the checkpoint step it records, in the run's
     base_dtype) with the adapters, unmerged."""
-    step_dir = _orbax_step_dir(path)
+    step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax reads no metadata through a relative path
     meta_path = os.path.join(step_dir, "meta", "metadata")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{step_dir}: no meta/metadata (the model config) in this checkpoint")
