@@ -119,6 +119,13 @@ def test_each_bad_lora_value_is_one_line_naming_it(key, value, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_quantized_base_without_adapters_is_refused():
+    cfg = lora_config("int8")
+    cfg.lora.rank = 0
+    with pytest.raises(config_checks.ConfigError, match=r"^config\.lora\.base_dtype='int8' needs config\.lora\.rank > 0"):
+        config_checks.validate(cfg)
+
+
 @pytest.mark.parametrize("base_dtype", ["float32", "int8"])
 def test_lora_learns_a_small_set_and_leaves_the_base_bit_identical(base_dtype):
     initial, final, losses = run_steps(lora_config(base_dtype), 20)
