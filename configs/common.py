@@ -100,6 +100,16 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         frozen=FROZEN,
     ))
 
+    # LoRA / QLoRA (molmo_jax/model/lora.py; docs/custom_data.md): rank 0 = full fine-tuning. With
+    # rank > 0 only the adapters train (they replace config.optimizer.frozen: everything else is
+    # frozen) with their group's optimizer settings; checkpoints hold the adapters and name the
+    # base, which is config.init.checkpoint (or the random init of config.seed).
+    #   targets    preset names (llm_attention, llm_mlp, connector, vit) or regexes over Dense
+    #              module paths, e.g. r"llm/blocks/attention/(q|v)"
+    #   base_dtype float32 | bfloat16 | int8 (QLoRA: weight-only, one scale per output channel)
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("llm_attention", "llm_mlp"),
+                                            base_dtype="float32"))
+
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
     c.sharding = ml_collections.ConfigDict(dict(max_replicated_fraction=0.05))
     c.distributed = ml_collections.ConfigDict(dict(

@@ -2,11 +2,13 @@
 
   python -m molmo_jax.export --checkpoint RUN/checkpoints --out HF_DIR --tokenizer TOK [--step N]
       [--format hf|torch-backbones] [--dtype float32|bfloat16] [--shard-size 5GB] [--force]
-      [--remote-code MOLMO_SNAPSHOT] [--verify]
+      [--remote-code MOLMO_SNAPSHOT] [--verify] [--merge-lora]
 
 --format hf writes the official Molmo folder (loads where Molmo-7B-D-0924 etc. load);
 torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
-(CLIPVisionModel). The output appears only when complete (see molmo_jax/train/hf_interop.py).
+(CLIPVisionModel). --merge-lora exports a LoRA run's checkpoint (adapters only) as the plain
+model: its recorded base with the adapters merged into the weights. The output appears only
+when complete (see molmo_jax/train/hf_interop.py).
 """
 import argparse
 import logging
@@ -31,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="read the folder back and compare logits with the checkpoint on a random batch (and in "
                         "PyTorch with --remote-code and torch installed); prints the max difference")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="the checkpoint is a LoRA run's: merge its adapters into the base it records")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -53,7 +57,7 @@ def main(argv=None) -> None:
         out = export_checkpoint(args.checkpoint, args.out, step=args.step, fmt=args.format, dtype=args.dtype,
                                 max_shard_bytes=parse_size(args.shard_size), tokenizer=args.tokenizer,
                                 remote_code=args.remote_code, force=args.force,
-                                verify=_print_report if args.verify else None)
+                                verify=_print_report if args.verify else None, merge_lora=args.merge_lora)
     except ExportError as e:
         sys.exit(f"error: {e}")
     print(out)

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--weights", choices=("int8",), help="weight-only int8 quantized inference (default: the "
+                   "checkpoint's weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
     p.add_argument("--timeout", type=float, default=IMAGE_FETCH.deadline,
                    help="seconds for the whole download of one image URL (connect, headers, body, retry)")
     p.add_argument("--max-image-mb", type=float, default=IMAGE_FETCH.max_bytes / 2**20,
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
     try:
         requests = read_requests(args.requests, style) if args.requests else None
         predictor = Predictor.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, max_crops=args.max_crops,
-                                              dtype=args.dtype, captioner=args.captioner, fetch_config=fetch_config)
+                                              dtype=args.dtype, captioner=args.captioner, fetch_config=fetch_config,
+                                              weights=args.weights)
     except (UnreadableFile, CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -33,6 +33,7 @@ from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.hf_folder import SAFETENSORS, is_hf_folder
 from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig, Generator
+from molmo_jax.model import lora
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import quiet_absl
@@ -120,8 +121,10 @@ def _orbax_step_dir(path: str) -> str:
 
 
 def load_orbax_model(path: str) -> Molmo:
-    """The model of a molmo-jax training checkpoint (params only: trainable + frozen)."""
-    step_dir = _orbax_step_dir(path)
+    """The model of a molmo-jax training checkpoint (params only: trainable + frozen). A LoRA
+    run's checkpoint (meta "lora") gives its base (the checkpoint step it records, in the run's
+    base_dtype) with the adapters, unmerged."""
+    step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax reads no metadata through a relative path
     meta_path = os.path.join(step_dir, "meta", "metadata")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{step_dir}: no meta/metadata (the model config) in this checkpoint")
@@ -130,7 +133,12 @@ def load_orbax_model(path: str) -> Molmo:
     if "model" not in meta:
         raise KeyError(f"{meta_path}: no 'model' config (keys: {sorted(meta)})")
     config = MolmoConfig.from_dict(meta["model"])
-    abstract = nnx.eval_shape(lambda: Molmo(config, rngs=nnx.Rngs(0)))
+    info = meta.get("lora")
+    lora_cfg = lora.LoraConfig() if info is None else lora.LoraConfig(
+        rank=info["rank"], alpha=info["alpha"], targets=tuple(info["targets"]), base_dtype=info["base_dtype"])
+    if info is not None and info.get("base_step") is None:
+        raise FileNotFoundError(f"{step_dir}: its adapters apply to a {info['base']}, which no checkpoint holds")
+    abstract = nnx.eval_shape(lambda: lora.build(config, lora_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abstract_state)
     with quiet_absl():  # it looks for the step's metadata file inside the item and warns
@@ -146,6 +154,9 @@ def load_orbax_model(path: str) -> Molmo:
             os.path.join(step_dir, "state"),
             args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
     params = _merge(restored["params"], restored.get("frozen", {}))
+    if info is not None:  # the base is not in the checkpoint: read it where the run read it
+        base = nnx.to_pure_dict(nnx.state(load_orbax_model(os.path.join(info["base"], str(info["base_step"])))))
+        params = _merge(lora.base_params(base, lora.dense_shapes(config), lora_cfg.base_dtype), params)
     nnx.replace_by_pure_dict(abstract_state, params)
     return nnx.merge(graphdef, abstract_state)
 
@@ -192,9 +203,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str, *, tokenizer: Optional[str] = None, max_crops: int = 12,
                         dtype: Optional[str] = None, captioner: bool = False,
-                        fetch_config: FetchConfig = IMAGE_FETCH) -> "Predictor":
-        """path: HF folder or orbax checkpoint; tokenizer: file/folder (default: the checkpoint's);
-        dtype: compute dtype override ("bfloat16" for speed); captioner: a stage-1 checkpoint."""
+                        fetch_config: FetchConfig = IMAGE_FETCH, weights: Optional[str] = None) -> "Predictor":
+        """path: HF folder or orbax checkpoint (a LoRA run's: base + adapters, unmerged);
+        tokenizer: file/folder (default: the checkpoint's); dtype: compute dtype override
+        ("bfloat16" for speed); captioner: a stage-1 checkpoint; weights "int8": weight-only
+        int8 quantized inference."""
         changes = {"dtype": dtype} if dtype else {}
         if is_hf_folder(path):
             model = hf_molmo.load_hf_model(path, **changes)
@@ -202,6 +215,8 @@ class Predictor:
             model = load_orbax_model(path)
             if dtype:
                 model = with_compute_dtype(model, dtype)
+        if weights:
+            model = with_compute_dtype(model, model.config.dtype, weights)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
         return cls(model, tok, model_crop_config(model.config, max_crops),
                    formatting.CAPTIONER if captioner else formatting.FINETUNED, fetch_config)
@@ -251,10 +266,17 @@ class Predictor:
         return answers
 
 
-def with_compute_dtype(model: Molmo, dtype: str) -> Molmo:
-    """The same parameters in a model that computes in `dtype`."""
-    graphdef, state = nnx.split(model)
-    new = nnx.eval_shape(lambda: Molmo(model.config.replace(dtype=dtype), rngs=nnx.Rngs(0)))
+def with_compute_dtype(model: Molmo, dtype: str, weights: Optional[str] = None) -> Molmo:
+    """The same parameters (adapters included) in a model that computes in `dtype`; weights
+    "int8" stores its float32 Dense kernels int8, weight-only (model/lora.py)."""
+    lora_cfg = getattr(model, "lora_config", lora.LoraConfig())
+    params = nnx.to_pure_dict(nnx.state(model))
+    if weights and weights != lora_cfg.base_dtype:
+        if lora_cfg.base_dtype != "float32":
+            raise ValueError(f"the model's weights are {lora_cfg.base_dtype} already; cannot store them as {weights}")
+        params = lora.base_params(params, lora.dense_shapes(model.config), weights)
+        lora_cfg = dataclasses.replace(lora_cfg, base_dtype=weights)
+    new = nnx.eval_shape(lambda: lora.build(model.config.replace(dtype=dtype), lora_cfg, rngs=nnx.Rngs(0)))
     new_graphdef, new_state = nnx.split(new)
-    nnx.replace_by_pure_dict(new_state, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(new_state, params)
     return nnx.merge(new_graphdef, new_state)

@@ -97,9 +97,11 @@ def scan_stack(blocks: nnx.Module, body: Callable, carry, xs=None, *, start: int
 
 
 class Dense(nnx.Module):
-    """y = x . kernel (+ bias), contracting the trailing `len(in_shape)` axes of x.
+    """y = x . kernel (+ bias) (+ adapter(x)), contracting the trailing `len(in_shape)` axes of x.
 
-    kernel: float32[*in_shape, *out_shape]; bias: float32[*out_shape].
+    kernel: float32[*in_shape, *out_shape]; bias: float32[*out_shape]. model/lora.py may give a
+    built model's Dense layers a LoRA `adapter` and store a frozen kernel as int8 with a float32
+    `kernel_scale` [*1s, *out_shape] (weight-only quantization); both are None otherwise.
     """
 
     def __init__(self, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], names: Names, *,
@@ -109,11 +111,22 @@ class Dense(nnx.Module):
         self.default_init = init is None  # drawn from normal(): rescale_to_fan_in may rescale it
         self.kernel = param(rngs, init or normal(), (*in_shape, *out_shape), names)
         self.bias = param(rngs, zeros, out_shape, names[self.n_in:]) if use_bias else None
+        self.adapter = None
+        self.kernel_scale = None
+
+    def weight(self, dtype) -> jax.Array:
+        """The kernel in the compute dtype (dequantized when stored as int8)."""
+        kernel = self.kernel[...].astype(dtype)
+        if self.kernel_scale is not None:
+            kernel = kernel * self.kernel_scale[...].astype(dtype)
+        return kernel
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
-        y = jnp.tensordot(x.astype(dtype), self.kernel[...].astype(dtype), axes=self.n_in)
+        y = jnp.tensordot(x.astype(dtype), self.weight(dtype), axes=self.n_in)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
+        if self.adapter is not None:
+            y = y + self.adapter(x, dtype, self.n_in)
         return y
 
 

@@ -213,7 +213,7 @@ class LLM(nnx.Module):
                                           (layer_caches, keys, rope_tables(self.config)),
                                           remat_policy=self.remat_policy)
         x = self.ln_f(x)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.weight(self.dtype),
                             preferred_element_type=jnp.float32)
         if cache is not None:
             k, v = new_caches

@@ -8,6 +8,10 @@ and report per-chip memory and FLOPs: check a configuration before paying for th
     python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-8 --step decode \
         --batch 32 --prompt-len 2048 --max-new-tokens 512
     python -m molmo_jax.tools.aot --table docs/scaling.json    # the sweep of docs/scaling.md
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-8 --lora 16 \
+        --lora-base-dtype int8 --batch 8                         # QLoRA (config.lora), docs/scaling.md
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-1 --hbm-gib 80 --lora 16
+                                                       # one device, judged against 80 GiB (H100-sized)
 
 --step train (default): the trainer's update step. eval: its loss on the same batch without
 dropout, gradient or optimizer state. decode: generation's prefill of --batch prompts of
@@ -204,10 +208,16 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def prepare_config(exp, *, mesh: Optional[Dict[str, int]] = None, remat: Optional[str] = None,
-                   batch: Optional[int] = None, grad_accum: Optional[int] = None):
+                   batch: Optional[int] = None, grad_accum: Optional[int] = None, lora_rank: Optional[int] = None,
+                   lora_base_dtype: Optional[str] = None):
     """A copy of the experiment config with command-line changes; compute dtype "auto"
-    becomes bfloat16, what the trainer picks on TPU."""
+    becomes bfloat16, what the trainer picks on TPU. lora_rank / lora_base_dtype set
+    config.lora (LoRA / QLoRA on the config's targets)."""
     exp = exp.copy_and_resolve_references()
+    if lora_rank is not None:
+        exp.lora.rank = lora_rank
+    if lora_base_dtype is not None:
+        exp.lora.base_dtype = lora_base_dtype
     if exp.model.dtype == "auto":
         exp.model.dtype = "bfloat16"
     if mesh is not None:
@@ -408,6 +418,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="decode: prompt tokens (default: the config's seq_len)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="decode: new tokens the KV cache holds beyond the prompt (default 256)")
+    parser.add_argument("--lora", type=int, default=None, metavar="RANK",
+                        help="LoRA of this rank on config.lora.targets (only adapters train)")
+    parser.add_argument("--lora-base-dtype", default=None, choices=("float32", "bfloat16", "int8"),
+                        help="with --lora: the frozen base's weights (int8 = QLoRA)")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="judge the fit against this memory per device instead of the chip's HBM (e.g. 80 "
+                             "for an H100-80GB-sized device, with --topology v5e-1)")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step-time estimate")
     parser.add_argument("--table", default=None, metavar="RESULTS_JSON",
                         help="sweep every release (results cached in this JSON) and print the table")
@@ -447,9 +464,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mesh = None
         if args.mesh:
             mesh = {k: int(v) for k, v in (item.split("=") for item in args.mesh.split(","))}
+        if args.lora_base_dtype and not args.lora:
+            raise ValueError("--lora-base-dtype needs --lora RANK")
         topology = parse_topology(args.topology, args.slices)
+        if args.hbm_gib is not None:
+            if args.hbm_gib <= 0:
+                raise ValueError(f"--hbm-gib must be > 0, got {args.hbm_gib}")
+            chip = dataclasses.replace(topology.chip, name=f"{topology.chip.name} judged at {args.hbm_gib:g} GiB",
+                                       hbm_bytes=int(args.hbm_gib * GiB))
+            topology = dataclasses.replace(topology, chip=chip)
         exp = prepare_config(load_config_file(args.config), mesh=mesh, remat=args.remat, batch=args.batch,
-                             grad_accum=args.grad_accum)
+                             grad_accum=args.grad_accum, lora_rank=args.lora, lora_base_dtype=args.lora_base_dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from molmo_jax.train.optimizer import path_str
+from molmo_jax.train.optimizer import merge_trees, path_str
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,13 @@ def state_checksums(state: Any) -> Tuple[Dict[str, str], List[str]]:
         if not bool(summary[i][1]):
             bad.append(name)
     return sums, bad
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """16 hex digits naming the values of a pytree (a hash of its state_checksums): how a LoRA
+    checkpoint records the base its adapters apply to."""
+    sums, _ = state_checksums(tree)
+    return hashlib.sha256(json.dumps(sorted(sums.items())).encode()).hexdigest()[:16]
 
 
 def verify_state(state: Any, saved_sums: Optional[Dict[str, str]]) -> Optional[str]:
@@ -269,6 +277,29 @@ class Checkpointer:
         if data_iterator is not None:
             data_iterator.set_state(initial_data_state)
         return None
+
+    def restore_params(self, abstract_params: Dict, *, model_config: Optional[Dict[str, Any]] = None
+                       ) -> Optional[Tuple[int, Dict]]:
+        """(step, params) of the newest usable checkpoint, or None: every parameter of
+        `abstract_params` (a plain nested dict of ShapeDtypeStructs with shardings, no
+        trainable/frozen split), read from wherever the saving run kept it ("params" or
+        "frozen"), checked and verified as restore_latest does. The optimizer state is not read."""
+        steps = sorted(self.manager.all_steps())
+        if not steps:
+            return None
+        stored = self._stored_shapes(self.directory / str(steps[-1]))
+        target: Dict[str, Dict] = {}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+            keys = [k.key for k in path]
+            node = target.setdefault("frozen" if "frozen/" + "/".join(keys) in stored else "params", {})
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = leaf
+        restored = self.restore_latest(target, None, partial=True, model_config=model_config)
+        if restored is None:
+            return None
+        step, state, _ = restored
+        return step, merge_trees(state.get("params", {}), state.get("frozen", {}))
 
     @staticmethod
     def _stored_shapes(path: epath.Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:

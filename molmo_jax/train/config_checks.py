@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Optional, Tuple
 
 import ml_collections
 
+from molmo_jax.model import lora
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.layers import ACTIVATIONS, REMAT_POLICIES
 
@@ -97,10 +98,39 @@ def validate(config: Mapping) -> None:
     batch, accum = _get(config, "train.global_batch"), _get(config, "train.grad_accum_steps")
     if batch % accum:
         raise ConfigError(f"config.train.global_batch={batch} is not divisible by config.train.grad_accum_steps={accum}")
-    _validate_model(_get(config, "model"))
+    built = _validate_model(_get(config, "model"))
+    _validate_lora(_get(config, "lora"), built)
 
 
-def _validate_model(model: Mapping) -> None:
+def _validate_lora(node: Mapping, model: MolmoConfig) -> None:
+    """config.lora: rank >= 0, alpha > 0, a known base_dtype, targets that each select a layer."""
+    d = node.to_dict() if hasattr(node, "to_dict") else dict(node)
+    try:
+        cfg = lora.LoraConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.lora: {e}") from None
+    if not _is_int(cfg.rank) or cfg.rank < 0:
+        raise ConfigError(f"config.lora.rank={cfg.rank!r}: expected an integer >= 0 (0 = no LoRA)")
+    if not cfg.enabled:
+        if cfg.base_dtype != "float32":  # a quantized base trains only through adapters
+            raise ConfigError(f"config.lora.base_dtype={cfg.base_dtype!r} needs config.lora.rank > 0 (LoRA); full "
+                              "fine-tuning trains float32 weights")
+        return
+    if not _is_number(cfg.alpha) or not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
+        raise ConfigError(f"config.lora.alpha={cfg.alpha!r}: expected a finite number > 0")
+    if cfg.base_dtype not in lora.BASE_DTYPES:
+        raise ConfigError(f"config.lora.base_dtype={cfg.base_dtype!r}: choose one of {', '.join(lora.BASE_DTYPES)}")
+    if not cfg.targets or not all(isinstance(t, str) for t in cfg.targets):
+        raise ConfigError(f"config.lora.targets={cfg.targets!r}: expected preset names "
+                          f"({', '.join(lora.TARGET_PRESETS)}) or regexes over layer paths")
+    try:
+        # The layer paths do not depend on the compute dtype ("auto" resolves only on devices).
+        lora.target_paths(list(lora.dense_shapes(dataclasses.replace(model, dtype="float32"))), cfg.targets)
+    except ValueError as e:
+        raise ConfigError(f"config.lora.targets: {e}") from None
+
+
+def _validate_model(model: Mapping) -> MolmoConfig:
     """The model part: unknown keys, choices, sizes; value types are those of the defaults."""
     data = model.to_dict() if hasattr(model, "to_dict") else dict(model)
     try:
@@ -129,6 +159,7 @@ def _validate_model(model: Mapping) -> None:
     if built.llm.n_heads % built.llm.n_kv_heads:
         raise ConfigError(f"config.model.llm.n_heads={built.llm.n_heads} is not a multiple of "
                           f"config.model.llm.n_kv_heads={built.llm.n_kv_heads}")
+    return built
 
 
 def _leaves(d: Mapping, prefix: str = "") -> Iterator[Tuple[str, Any]]:

@@ -43,6 +43,7 @@ from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_link
 from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.inference.predictor import model_crop_config
+from molmo_jax.model import lora
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer
@@ -87,9 +88,10 @@ class CheckpointParams:
 
     The trainer stores params in state["params"] (trainable) and state["frozen"]; each of our
     parameter paths is found in one of them. `config` comes from the checkpoint's meta item.
+    abstract: the parameters to find (default: every parameter of the plain model).
     """
 
-    def __init__(self, directory: str, step: Optional[int] = None):
+    def __init__(self, directory: str, step: Optional[int] = None, abstract: Optional[Dict] = None):
         if not os.path.isdir(directory):
             raise ExportError(f"--checkpoint {directory}: not a folder")
         if os.path.isdir(os.path.join(directory, "checkpoints")):  # a run's workdir
@@ -107,9 +109,12 @@ class CheckpointParams:
         self.meta = dict(self.manager.restore(self.step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         if "model" not in self.meta:
             raise ExportError(f"{directory}/{self.step}/meta: no 'model' config recorded")
+        if abstract is None and "lora" in self.meta:
+            raise ExportError(f"{directory} step {self.step} holds LoRA adapters only (its meta records 'lora'); "
+                              "export them merged into their base with --merge-lora")
         self.config = MolmoConfig.from_dict(self.meta["model"])
         tree = self.manager.item_metadata(self.step)["state"].tree
-        self.abstract = abstract_params(self.config)
+        self.abstract = abstract_params(self.config) if abstract is None else abstract
         self.location: Dict[Path, Tuple[str, ...]] = {}
         for path, leaf in leaves(self.abstract):
             where = [k for k in ("params", "frozen") if has_path(tree.get(k, {}), path)]
@@ -134,6 +139,69 @@ class CheckpointParams:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class LoraMergedParams:
+    """The plain Molmo parameters a LoRA run's checkpoint stands for, read a few at a time, with
+    CheckpointParams' interface (config, meta, step, abstract, read, close): the base (the
+    checkpoint and step that meta "lora" records) with each Dense kernel as the run used it
+    (stored in base_dtype, dequantized) plus scale * a . b of its adapter (model/lora.py)."""
+
+    def __init__(self, directory: str, step: Optional[int] = None):
+        probe = CheckpointParams(directory, step, abstract={})  # opens and reads the meta only
+        info, config = probe.meta.get("lora"), probe.config
+        probe.close()
+        if info is None:
+            raise ExportError(f"--merge-lora: {directory} step {probe.step} is not a LoRA checkpoint "
+                              "(its meta records no 'lora')")
+        if info.get("base_step") is None:
+            raise ExportError(f"--merge-lora: the adapters of {directory} apply to a {info['base']} that no checkpoint "
+                              "holds; only a base given as config.init.checkpoint can be merged")
+        self.lora = lora.LoraConfig(rank=info["rank"], alpha=info["alpha"], targets=tuple(info["targets"]),
+                                    base_dtype=info["base_dtype"])
+        self.axes = lora.dense_shapes(config)
+        self.adapted = lora.target_paths(list(self.axes), self.lora.targets)
+        adapters, plain = {}, abstract_params(config)
+        for module in self.adapted:
+            path = tuple(module.split("/"))
+            shape, n_in = get_path(plain, path + ("kernel",)).shape, self.axes[module][0]
+            lead = len(shape) - n_in - self.axes[module][1]
+            set_path(adapters, (*path, lora.ADAPTER, "a"),
+                     jax.ShapeDtypeStruct((*shape[:lead + n_in], self.lora.rank), jnp.float32))
+            set_path(adapters, (*path, lora.ADAPTER, "b"),
+                     jax.ShapeDtypeStruct((*shape[:lead], self.lora.rank, *shape[lead + n_in:]), jnp.float32))
+        self.adapters = CheckpointParams(directory, step, abstract=adapters)
+        try:
+            self.base = CheckpointParams(info["base"], info["base_step"])
+        except ExportError as e:
+            self.adapters.close()
+            raise ExportError(f"--merge-lora: the base of {directory} ({info['base']}, step {info['base_step']}): "
+                              f"{e}") from None
+        if self.base.config != config:
+            self.close()
+            raise ExportError(f"--merge-lora: the base {info['base']} step {info['base_step']} is another model "
+                              f"than the adapters' {directory} (config.model differs)")
+        self.config, self.meta, self.step = config, self.adapters.meta, self.adapters.step
+        self.abstract = self.base.abstract
+
+    def read(self, paths: Sequence[Path]) -> Dict[Path, np.ndarray]:
+        values = self.base.read(paths)
+        modules = {"/".join(p[:-1]): p for p in paths if p[-1] == "kernel" and "/".join(p[:-1]) in self.axes}
+        wanted = [(*m.split("/"), lora.ADAPTER, x) for m in modules if m in self.adapted for x in ("a", "b")]
+        ab = self.adapters.read(wanted) if wanted else {}
+        for module, path in modules.items():
+            n_in, n_out = self.axes[module]
+            kernel = lora.dequantized(*lora.quantize_kernel(jnp.asarray(values[path]), n_in, n_out,
+                                                            self.lora.base_dtype))
+            if module in self.adapted:
+                a, b = (ab[(*module.split("/"), lora.ADAPTER, x)] for x in ("a", "b"))
+                kernel = kernel + lora.adapter_delta(a, b, kernel.shape, n_in, self.lora.scale)
+            values[path] = np.asarray(kernel, np.float32)
+        return values
+
+    def close(self) -> None:
+        self.adapters.close()
+        self.base.close()
 
 
 # ----------------------------------------------------------------------------- folders
@@ -170,7 +238,7 @@ def special_ids(tok: Tokenizer, config: MolmoConfig) -> Dict[str, int]:
 def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, fmt: str = "hf",
                       dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9, tokenizer: Optional[str] = None,
                       remote_code: Optional[str] = None, force: bool = False,
-                      verify: Optional[Callable[[Dict], None]] = None,
+                      verify: Optional[Callable[[Dict], None]] = None, merge_lora: bool = False,
                       on_shard_done: Callable[[str], None] = lambda name: None) -> str:
     """Exports one trainer checkpoint (the latest unless `step`) to `out`; returns `out`.
 
@@ -188,6 +256,8 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
       moved into place (train/export_verify.py; format hf); called with the report
       {"project": max |diff|[, "torch": max |diff| or why not]}. A failed check raises
       ExportError and writes nothing.
+    merge_lora: the checkpoint is a LoRA run's (adapters only): export its base with the
+      adapters merged into the kernels (LoraMergedParams), a plain Molmo.
     A write that fails (disk full, read-only target) raises ExportError naming the file; no
     output folder appears and an existing one (force) is left as it was.
     """
@@ -198,7 +268,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
     if verify and fmt != "hf":
         raise ExportError("--verify checks --format hf folders (test_export_torch checks the backbone formats)")
     np_dtype = numpy_dtype(dtype)
-    params = CheckpointParams(checkpoint, step)
+    params = (LoraMergedParams if merge_lora else CheckpointParams)(checkpoint, step)
     try:
         tokenizer = tokenizer or params.meta.get("tokenizer")
         if not tokenizer:

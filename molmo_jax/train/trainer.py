@@ -30,12 +30,13 @@ from data_pipelines.pipeline import crop_fields, crops_per_row, make_pipeline
 from molmo_jax.convert import hf_backbones
 from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.links import CheckpointError
-from molmo_jax.model import sharding
+from molmo_jax.model import lora, sharding
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import loss as loss_lib
 from molmo_jax.train import optimizer as opt_lib
-from molmo_jax.train.checkpointing import Checkpointer, NonFiniteStateError, PreemptionWatcher
+from molmo_jax.train.checkpointing import (Checkpointer, CheckpointMismatchError, NonFiniteStateError,
+                                           PreemptionWatcher, tree_fingerprint)
 from molmo_jax.train.config_checks import ConfigError, validate
 from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops, useful_train_step_flops
 from molmo_jax.train.workdir_lock import WorkdirLock
@@ -57,6 +58,16 @@ def model_config_from(config: ml_collections.ConfigDict) -> MolmoConfig:
     if d.get("dtype", "auto") == "auto":
         d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return MolmoConfig.from_dict(d)
+
+
+def lora_config_from(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+    """The typed LoRA config (rank 0: full fine-tuning)."""
+    return lora.LoraConfig.from_dict(config.lora.to_dict())
+
+
+def frozen_regex_of(config: ml_collections.ConfigDict) -> str:
+    """The parameters that get no gradient: config.optimizer.frozen, or all but the adapters."""
+    return lora.FROZEN_BASE if lora_config_from(config).enabled else config.optimizer.frozen
 
 
 def _opt_state_shardings(abstract_opt_state: Any, param_shardings: Dict, mesh) -> Any:
@@ -169,11 +180,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
     return train_step
 
 
-def init_train_state(model_cfg: MolmoConfig, tx: optax.GradientTransformation, frozen_regex: str,
-                     key: jax.Array) -> Dict[str, Any]:
-    """The step-0 training state: params split into trainable / frozen, optimizer state, RNG."""
+def init_train_state(model_cfg: MolmoConfig, lora_cfg: lora.LoraConfig, tx: optax.GradientTransformation,
+                     frozen_regex: str, key: jax.Array) -> Dict[str, Any]:
+    """The step-0 training state: params split into trainable / frozen, optimizer state, RNG.
+    With LoRA the base draws the same init as without, and the adapters are drawn after it."""
     params_key, rng_key = jax.random.split(key)
-    model = Molmo(model_cfg, rngs=nnx.Rngs(params=params_key))
+    model = lora.build(model_cfg, lora_cfg, rngs=nnx.Rngs(params=params_key))
     trainable, frozen = opt_lib.split_trainable(nnx.to_pure_dict(nnx.state(model)), frozen_regex)
     return {"params": trainable, "frozen": frozen, "opt_state": tx.init(trainable),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
@@ -195,17 +207,18 @@ class TrainSetup(NamedTuple):
 
 def build_train_setup(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, mesh) -> TrainSetup:
     """Shards the model by its logical axis names, builds the optimizer and the jitted step."""
-    abstract_model = nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0)))
+    lora_cfg = lora_config_from(config)
+    abstract_model = nnx.eval_shape(lambda: lora.build(model_cfg, lora_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
     specs = sharding.state_specs(abstract_params, mesh)
     sharding.check_sharded_enough(abstract_params, specs, mesh, config.sharding.max_replicated_fraction)
     param_shardings = nnx.to_pure_dict(sharding.named_shardings(specs, mesh))
-    frozen_regex = config.optimizer.frozen
+    frozen_regex = frozen_regex_of(config)
     trainable_sh, frozen_sh = opt_lib.split_trainable(param_shardings, frozen_regex)
     tx = opt_lib.make_optimizer(config.optimizer, config.train.total_steps,
                                 [tuple(p) for p in config.optimizer.groups])
 
-    init_state = functools.partial(init_train_state, model_cfg, tx, frozen_regex)
+    init_state = functools.partial(init_train_state, model_cfg, lora_cfg, tx, frozen_regex)
     abstract_state = jax.eval_shape(init_state, jax.random.key(0))
     replicated = NamedSharding(mesh, P())
     shardings = {"params": trainable_sh, "frozen": frozen_sh,
@@ -275,14 +288,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     checkpointer = Checkpointer(ckpt_dir, keep=config.checkpoint.keep, keep_every=config.checkpoint.keep_every,
                                 async_save=config.checkpoint.async_save)
+    lora_cfg = lora_config_from(config)
     try:
-        restored = checkpointer.restore_latest(abstract_state, data_iterator, model_config=model_cfg.to_dict())
+        if lora_cfg.enabled:  # the base is rebuilt (never saved), so that resuming can check it
+            fresh, lora_meta = lora_initial_state(config, model_cfg, setup)
+        restored = checkpointer.restore_latest(saved_part(abstract_state, lora_cfg), data_iterator,
+                                               model_config=model_cfg.to_dict())
         if restored is not None:
-            start_step, state, _ = restored
+            start_step, state, meta = restored
+            if lora_cfg.enabled:
+                _check_lora_base(meta.get("lora"), lora_meta, f"{ckpt_dir}/{start_step}")
+                state = dict(state, frozen=fresh["frozen"])
             log.info("resumed from step %d of %s", start_step, ckpt_dir)
         else:
             start_step = 0
-            state = initial_state(config, model_cfg, setup)
+            state = fresh if lora_cfg.enabled else initial_state(config, model_cfg, setup)
     except BaseException:
         checkpointer.close()
         if own_iterator:
@@ -327,9 +347,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
                 pending = None
                 _check_finite(step, history[-1], last_good, ckpt_dir)
                 try:
-                    checkpointer.save(step, state, data_iterator, {"step": step, "model": model_cfg.to_dict(),
-                                                                   "mesh": dict(mesh.shape), "tokenizer": tokenizer,
-                                                                   "crop": crop_fields(config)})
+                    checkpointer.save(step, saved_part(state, lora_cfg), data_iterator,
+                                      {"step": step, "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
+                                       "tokenizer": tokenizer, "crop": crop_fields(config),
+                                       **({"lora": lora_meta} if lora_cfg.enabled else {})})
                 except NonFiniteStateError as e:
                     raise NonFiniteLossError(f"{e}; stopping, {_last_good(last_good, ckpt_dir)}") from None
                 last_good = step
@@ -349,6 +370,46 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
     return history
 
 
+def saved_part(state: Dict, lora_cfg: lora.LoraConfig) -> Dict:
+    """What a checkpoint holds of the training state: all of it, or with LoRA all but the
+    frozen base (rebuilt from config.init.checkpoint / the seed on resume)."""
+    return {k: v for k, v in state.items() if k != "frozen"} if lora_cfg.enabled else state
+
+
+def lora_initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, setup: TrainSetup
+                       ) -> Tuple[Dict, Dict]:
+    """(step-0 state, "lora" meta) of a LoRA run: fresh adapters and optimizer state on the base
+    of config.init.checkpoint (or the random init of config.seed). The meta entry, saved with
+    every checkpoint, records the LoRA config and the base: its path, step and fingerprint
+    (checkpointing.tree_fingerprint of the frozen base as the run holds it)."""
+    init, lora_cfg = config.init, lora_config_from(config)
+    if init.vit or init.llm:
+        raise ValueError("config.lora trains adapters on a whole Molmo: give its base as config.init.checkpoint "
+                         f"(a run's checkpoints, or `python -m molmo_jax.import_hf` output), not config.init.vit "
+                         f"/ .llm (got {init.vit!r}, {init.llm!r})")
+    state = setup.init(jax.random.key(config.seed))
+    base, base_step = f"random init, seed {config.seed}", None
+    if init.checkpoint:
+        base = os.path.abspath(init.checkpoint)
+        base_step, state["frozen"] = _load_lora_base(base, model_cfg, lora_cfg, setup.shardings["frozen"])
+    return state, {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
+                   "base_dtype": lora_cfg.base_dtype, "base": base, "base_step": base_step,
+                   "base_fingerprint": tree_fingerprint(state["frozen"])}
+
+
+def _check_lora_base(saved: Optional[Dict], current: Dict, where: str) -> None:
+    """Adapters resume only on the base (and base_dtype) they were trained on."""
+    keys = ("base_fingerprint", "base_dtype")
+    if saved is None or any(saved.get(k) != current[k] for k in keys):
+        had = ("no LoRA base (a full fine-tuning checkpoint)" if saved is None else
+               f"base {saved.get('base')} ({saved.get('base_dtype')}, fingerprint {saved.get('base_fingerprint')})")
+        raise CheckpointMismatchError(
+            f"checkpoint {where} holds adapters of another base: it records {had}, this run's base is "
+            f"{current['base']} ({current['base_dtype']}, fingerprint {current['base_fingerprint']}). Nothing was "
+            "changed: set config.init.checkpoint / config.seed / config.lora.base_dtype to the adapters' base, "
+            "or use another workdir")
+
+
 def _model_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     missing = [k for k in ("input_ids",) + TARGETS if k not in batch]
     if missing:
@@ -363,6 +424,8 @@ def initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, set
     if init.checkpoint and (init.vit or init.llm):
         raise ValueError(f"config.init.checkpoint={init.checkpoint!r} replaces every parameter; leave "
                          f"config.init.vit / config.init.llm empty (got {init.vit!r}, {init.llm!r})")
+    if lora_config_from(config).enabled:
+        return lora_initial_state(config, model_cfg, setup)[0]
     if init.checkpoint:  # read (and checked against the model) before anything is compiled
         params = _load_initial_params(init.checkpoint, setup.abstract_state, model_cfg)
         return dict(setup.init(jax.random.key(config.seed)), **params)
@@ -409,6 +472,30 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
         log.info("initial %s params from %s", tower, folder)
     params, frozen = opt_lib.split_trainable(full, frozen_regex)
     return dict(state, params=params, frozen=frozen)
+
+
+def _load_lora_base(checkpoint_dir: str, model_cfg: MolmoConfig, lora_cfg: lora.LoraConfig,
+                    frozen_shardings: Dict) -> Tuple[int, Dict]:
+    """(step, frozen base) of a LoRA run: every parameter of another run's latest usable
+    checkpoint (opened read-only), in the base layout (lora.base_params: kernels in base_dtype)
+    on `frozen_shardings`."""
+    mesh = jax.tree.leaves(frozen_shardings)[0].mesh
+    _, plain = nnx.split(nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0))))
+    plain_shardings = nnx.to_pure_dict(sharding.named_shardings(sharding.state_specs(plain, mesh), mesh))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nnx.to_pure_dict(plain), plain_shardings)
+    source = Checkpointer(checkpoint_dir, read_only=True)
+    try:
+        restored = source.restore_params(abstract, model_config=model_cfg.to_dict())
+    finally:
+        source.close()
+    if restored is None:
+        raise FileNotFoundError(f"config.init.checkpoint: no usable checkpoint in {checkpoint_dir}")
+    step, params = restored
+    log.info("LoRA base (%s) from step %d of %s", lora_cfg.base_dtype, step, checkpoint_dir)
+    axes = lora.dense_shapes(model_cfg)
+    return step, jax.jit(lambda p: lora.base_params(p, axes, lora_cfg.base_dtype),
+                         out_shardings=frozen_shardings, donate_argnums=(0,))(params)
 
 
 def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, model_cfg: MolmoConfig) -> Dict:

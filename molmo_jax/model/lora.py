@@ -1,0 +1,235 @@
+"""LoRA adapters and a frozen, optionally quantized base, on the Dense layers of a built model.
+
+    model = lora.build(model_config, LoraConfig(rank=8, alpha=16, targets=("llm_attention",)), rngs)
+    y = dense(x)  # = x . W (+ bias) + (alpha / rank) * (x . a) . b on every targeted Dense
+
+A targeted Dense (layers.Dense) gets `adapter`: a float32[*lead, *in_shape, R] (random normal,
+std 1/sqrt(fan_in)) and b float32[*lead, R, *out_shape] (zeros, so a fresh adapter leaves the
+model's outputs unchanged); *lead is the stacked "layers" axis of scanned blocks, so scan_stack
+slices adapters per layer as it slices the kernels. a and b carry the kernel's logical axis
+names (rank axis unnamed), so sharding.py shards them as their kernel. Parameter paths gain
+".../<dense>/adapter/a" and ".../adapter/b"; every other path stays as in the plain model.
+
+The base (every Dense kernel, lm_head and patch embedding included; norms, biases and
+embeddings stay float32) is stored in `base_dtype`: float32, bfloat16, or int8 weight-only
+with one float32 scale per output channel (absmax / 127 over the input axes, in
+`kernel_scale` [*lead, *1s, *out_shape]). Matmuls dequantize into the compute dtype.
+
+Why our own wrapper and not qwix 0.1.8 (tried first, on a Dense and on the scanned LLM):
+qwix's LoraProvider adds adapters to a layer whose op it intercepts during a first call
+(apply_lora_to_model). On one Dense it works; on our LLM it fails twice over: it sets an
+nnx.Rngs on every module (module.qwix_rngs), whose scalar RngCount becomes the first leaf
+that layers.scan_stack slices on the layer axis (IndexError), and with params-only scanning
+it draws the adapter init inside the lax.scan trace ("TraceContextError: Cannot mutate
+RngCount from a different trace level"); adapters made inside the scan body would also lack
+the layer axis and live on the temporary per-layer module. nnx.LoRA covers 2-D kernels only,
+while ours are [D, N, H] / [N, H, D] with a stacked layer axis. This wrapper is 1 attribute on
+Dense plus this file, and keeps the trainer's pure-dict, frozen-split design unchanged.
+
+Axis legend: R adapter rank; *lead the stacked layer axis (absent outside scanned blocks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.layers import Dense, normal, param, zeros
+from molmo_jax.model.molmo import Molmo
+from molmo_jax.model.sharding import variable_names
+
+BASE_DTYPES = ("float32", "bfloat16", "int8")
+# Named target groups (re.fullmatch over the Dense module paths "llm/blocks/attention/q", ...).
+TARGET_PRESETS = {
+    "llm_attention": r"llm/blocks/attention/(q|k|v|o)",
+    "llm_mlp": r"llm/blocks/ffn/mlp/(gate|up|down)",
+    "connector": r"connector/.*",
+    "vit": r"vision/blocks/.*",
+}
+# The logits matmul reads lm_head's weight directly (float32 accumulation), so it takes no
+# adapter; the patch embedding is the ViT's input layer, outside any target group's purpose.
+NOT_ADAPTABLE = ("llm/lm_head",)
+ADAPTER = "adapter"
+# config.optimizer.frozen of a LoRA run: every parameter but the adapters (split_trainable).
+FROZEN_BASE = rf"(?!.*/{ADAPTER}/[ab]$).*"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """rank R (0 = no LoRA: full fine-tuning), alpha (the adapter output is scaled alpha / R),
+    targets (preset names of TARGET_PRESETS or regexes over Dense paths), base_dtype."""
+    rank: int = 0
+    alpha: float = 16.0
+    targets: Tuple[str, ...] = ("llm_attention", "llm_mlp")
+    base_dtype: str = "float32"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LoraConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)}; the keys are rank, alpha, targets, base_dtype")
+        return cls(**{k: tuple(v) if k == "targets" else v for k, v in d.items()})
+
+
+class Adapter(nnx.Module):
+    """delta(x) = scale * (x . a) . b, in the compute dtype. a: [*in_shape, R]; b: [R, *out_shape]."""
+
+    def __init__(self, a: nnx.Param, b: nnx.Param, scale: float):
+        self.a, self.b, self.scale = a, b, scale
+
+    def __call__(self, x: jax.Array, dtype, n_in: int) -> jax.Array:
+        h = jnp.tensordot(x.astype(dtype), self.a[...].astype(dtype), axes=n_in)
+        return jnp.tensordot(h, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
+
+
+def dense_layers(model: nnx.Module) -> Dict[str, Dense]:
+    """{"llm/blocks/attention/q": Dense, ...}: every Dense of a model, by module path."""
+    return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, Dense)}
+
+
+def dense_shapes(model_config: MolmoConfig) -> Dict[str, Tuple[int, int]]:
+    """{Dense path: (input axes, output axes) of its kernel} of the plain model (abstract, no arrays)."""
+    model = nnx.eval_shape(lambda: Molmo(model_config, rngs=nnx.Rngs(0)))
+    return {path: (dense.n_in, dense.n_out) for path, dense in dense_layers(model).items()}
+
+
+def target_paths(paths: Sequence[str], targets: Sequence[str]) -> List[str]:
+    """The adaptable Dense paths the targets select; a target selecting none raises ValueError
+    naming it and the paths there are."""
+    candidates = [p for p in paths if p not in NOT_ADAPTABLE]
+    chosen = set()
+    for target in targets:
+        regex = TARGET_PRESETS.get(target, target)
+        try:
+            hits = [p for p in candidates if re.fullmatch(regex, p)]
+        except re.error as e:
+            raise ValueError(f"target {target!r} is not a regex ({e})") from None
+        if not hits:
+            raise ValueError(f"target {target!r} matches no layer of this model; use a preset "
+                             f"({', '.join(TARGET_PRESETS)}) or a regex over: {', '.join(candidates)}")
+        chosen.update(hits)
+    return sorted(chosen)
+
+
+def add_adapters(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> List[str]:
+    """Gives every targeted Dense of `model` an Adapter, in place; returns their paths."""
+    layers = dense_layers(model)
+    chosen = target_paths(list(layers), config.targets)
+    for path in chosen:
+        dense = layers[path]
+        shape, names = dense.kernel.shape, variable_names(dense.kernel)
+        lead = len(shape) - dense.n_in - dense.n_out
+        split = lead + dense.n_in
+        fan_in = math.prod(shape[lead:split])
+        a = param(rngs, normal(fan_in ** -0.5), (*shape[:split], config.rank), (*names[:split], None))
+        b = param(rngs, zeros, (*shape[:lead], config.rank, *shape[split:]),
+                  (*names[:lead], None, *names[split:]))
+        dense.adapter = nnx.data(Adapter(a, b, config.scale))  # Dense sets it None (static) at init
+    return chosen
+
+
+def quantize_kernel(kernel: jax.Array, n_in: int, n_out: int, base_dtype: str):
+    """(stored kernel, kernel_scale or None) of a float32 kernel [*lead, *in, *out] in base_dtype.
+
+    int8: symmetric per output channel, scale = max |w| over the input axes / 127 (1 for an
+    all-zero channel), shape [*lead, *1s, *out] so it broadcasts over the input axes.
+    """
+    if base_dtype == "float32":
+        return kernel, None
+    if base_dtype == "bfloat16":
+        return kernel.astype(jnp.bfloat16), None
+    if base_dtype != "int8":
+        raise ValueError(f"base_dtype {base_dtype!r}: choose one of {', '.join(BASE_DTYPES)}")
+    lead = kernel.ndim - n_in - n_out
+    amax = jnp.max(jnp.abs(kernel), axis=tuple(range(lead, lead + n_in)), keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    return jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8), scale
+
+
+def dequantized(kernel: jax.Array, kernel_scale) -> jax.Array:
+    """The float32 kernel a stored (kernel, kernel_scale) stands for."""
+    kernel = kernel.astype(jnp.float32)
+    return kernel if kernel_scale is None else kernel * kernel_scale
+
+
+def quantize_base(model: nnx.Module, base_dtype: str) -> None:
+    """Stores every Dense kernel of `model` in base_dtype, in place (see quantize_kernel)."""
+    if base_dtype == "float32":
+        return
+    for dense in dense_layers(model).values():
+        names = variable_names(dense.kernel)
+        kernel, scale = quantize_kernel(dense.kernel[...], dense.n_in, dense.n_out, base_dtype)
+        dense.kernel = nnx.Param(kernel, sharding_names=names, eager_sharding=False)
+        if scale is not None:
+            lead = len(names) - dense.n_in - dense.n_out
+            scale_names = (*names[:lead], *(None,) * dense.n_in, *names[lead + dense.n_in:])
+            dense.kernel_scale = nnx.data(nnx.Param(scale, sharding_names=scale_names, eager_sharding=False))
+
+
+def build(model_config: MolmoConfig, config: LoraConfig, rngs: nnx.Rngs) -> Molmo:
+    """Molmo with adapters on the targets (none with rank 0) and its base stored in
+    config.base_dtype (rank 0 + int8: weight-only quantized inference). The base init draws the
+    same numbers as Molmo(model_config, rngs) alone. `model.lora_config` records `config`."""
+    model = Molmo(model_config, rngs=rngs)
+    if config.enabled:
+        add_adapters(model, config, rngs)
+    quantize_base(model, config.base_dtype)
+    model.lora_config = config
+    return model
+
+
+def _get(tree: Mapping, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def base_params(plain: Dict, axes: Mapping[str, Tuple[int, int]], base_dtype: str) -> Dict:
+    """A plain model's float32 param dict (pure nested dict) in the layout of a LoRA model's
+    base: each Dense kernel in base_dtype, plus its kernel_scale for int8; no adapters.
+    axes: dense_shapes of the model."""
+    out = jax.tree.map(lambda x: x, plain)  # new dicts, the same leaves
+    for path, (n_in, n_out) in axes.items():
+        node = _get(out, path)
+        node["kernel"], scale = quantize_kernel(node["kernel"], n_in, n_out, base_dtype)
+        if scale is not None:
+            node["kernel_scale"] = scale
+    return out
+
+
+def adapter_delta(a: jax.Array, b: jax.Array, kernel_shape: Sequence[int], n_in: int, scale: float) -> jax.Array:
+    """scale * a . b as a float32 kernel [*lead, *in, *out] (a: [*lead, *in, R], b: [*lead, R, *out])."""
+    lead = len(kernel_shape) - n_in - (b.ndim - a.ndim + n_in)
+    lead_shape, rank = tuple(kernel_shape[:lead]), a.shape[-1]
+    a2 = jnp.reshape(a.astype(jnp.float32), (*lead_shape, -1, rank))
+    b2 = jnp.reshape(b.astype(jnp.float32), (*lead_shape, rank, -1))
+    return scale * jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(kernel_shape)
+
+
+def merged_params(params: Dict, axes: Mapping[str, Tuple[int, int]], scale: float) -> Dict:
+    """The plain model's float32 param dict that a LoRA model's (pure dict, base + adapters)
+    stands for: each kernel dequantized plus scale * a . b of its adapter; adapters and scales
+    dropped. axes: dense_shapes of the model; scale: LoraConfig.scale."""
+    out = jax.tree.map(lambda x: x, params)
+    for path, (n_in, _) in axes.items():
+        node = _get(out, path)
+        kernel = dequantized(node["kernel"], node.pop("kernel_scale", None))
+        adapter = node.pop(ADAPTER, None)
+        if adapter is not None:
+            kernel = kernel + adapter_delta(adapter["a"], adapter["b"], kernel.shape, n_in, scale)
+        node["kernel"] = kernel
+    return out
