@@ -26,7 +26,7 @@ from molmo_jax.evaluation.metrics import score_record
 from molmo_jax.inference.generate import GenerationConfig, Generator, prompt_bucket
 from molmo_jax.inference.predictor import collate
 from molmo_jax.model.molmo import Molmo
-from molmo_jax.train.trainer import init_train_state, model_config_from, token_loss_sums
+from molmo_jax.train.trainer import init_train_state, lora_config_from, model_config_from, token_loss_sums
 
 # task -> metric of molmo_jax.evaluation.metrics
 METRICS = {"pointing": "pointing", "counting": "point_count", "clocks": "clock"}
@@ -61,7 +61,8 @@ class Evaluator:
     def initial_model(self) -> Molmo:
         """The model exactly as the trainer initialises it (same seed and key split)."""
         import optax
-        state = init_train_state(self.model_config, optax.identity(), "", jax.random.key(self.config.seed))
+        state = init_train_state(self.model_config, lora_config_from(self.config), optax.identity(), "",
+                                 jax.random.key(self.config.seed))
         model = nnx.eval_shape(lambda: Molmo(self.model_config, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(model)
         nnx.replace_by_pure_dict(abstract, state["params"])
