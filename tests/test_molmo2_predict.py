@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
@@ -51,12 +52,19 @@ PROCESSOR = {
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    """(transformers' model, the folder it was saved to with a tokenizer and processor config)."""
     folder = tmp_path_factory.mktemp("molmo2_ckpt")
-    random_hf_model(m2.get_preset("tiny-molmo2-qwen3"), seed=2).save_pretrained(folder)
+    hf = random_hf_model(m2.get_preset("tiny-molmo2-qwen3"), seed=2)
+    hf.save_pretrained(folder)
     write_tokenizer(folder)
     (folder / "processor_config.json").write_text(json.dumps(PROCESSOR))
-    return folder
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def folder(checkpoint):
+    return checkpoint[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +93,22 @@ def test_predictor_tokens_equal_the_generator(predictor, media):
     assert len(expected) > 0 and answer.tokens.tolist() == expected.tolist()
     assert answer.text == predictor.tokenizer.decode(expected.tolist()).strip()
     assert predictor.stop_token_ids == (EOS,)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_predictor_tokens_equal_transformers_generate(checkpoint, predictor, media, kind):
+    """End to end: our processor's arrays fed to transformers' greedy generate give our tokens."""
+    hf, _ = checkpoint
+    media_kw = {"images": [str(media / "cat.png")]} if kind == "image" else {"video": str(media / "clip.mp4")}
+    inputs = predictor.prepare("Describe it.", **media_kw)
+    steps = 2 * STEPS
+    ours = predictor.generate(inputs, GenerationConfig(max_new_tokens=steps, stop_token_ids=(-2,)))
+    kw = {k: torch.as_tensor(v) for k, v in inputs.items() if k not in ("frame_indices", "timestamps")}
+    kw["attention_mask"] = torch.ones_like(kw["input_ids"])
+    with torch.no_grad():
+        out = hf.generate(**kw, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+    assert ours.tokens.tolist() == out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(set(ours.tokens.tolist())) > 2  # random weights, yet not one repeated token
 
 
 def test_cli_answers_on_an_image(folder, media, capsys):
