@@ -14,6 +14,7 @@ from molmo_jax import predict
 from molmo_jax.inference import drawing
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
+from molmo_jax.inference import predictor_molmo2
 from molmo_jax.inference.predictor_molmo2 import Molmo2Answer, Molmo2Predictor
 from molmo_jax.model import molmo2_config as m2
 from test_molmo2_model import random_hf_model
@@ -167,3 +168,35 @@ def test_points_drawn_on_the_sampled_frames(media, tmp_path):
     with Image.open(sheet) as image:
         assert image.size == (4 * 64, 48 + 14)
         assert _red(image.convert("RGB").getpixel((3 * 64 + 16, 24)))  # the last frame's point
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}"
+        "{% if c.type == 'image' %}<|image|>{% elif c.type == 'video' %}<|video|>{% else %}{{ c.text }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_renders_the_media_placeholders(predictor):
+    tok = predictor.tokenizer
+    assert predictor_molmo2.chat_prompt("Hi", CHAT, tok, num_images=2) == \
+        "<|im_start|>user\n<|image|><|image|>Hi<|im_end|>\n<|im_start|>assistant\n"
+    assert predictor_molmo2.chat_prompt("Hi", CHAT, tok, video=True).startswith("<|im_start|>user\n<|video|>Hi")
+    assert predictor_molmo2.chat_prompt("Hi", None, tok, num_images=1) == "User: Hi Assistant:"
+    raw = "User: <|image|> Hi Assistant:"  # already the processor's text: used as written
+    assert predictor_molmo2.chat_prompt(raw, CHAT, tok, num_images=1) == raw
+    with pytest.raises(ValueError, match="chat template: TemplateError: no system role"):
+        predictor_molmo2.chat_prompt("Hi", "{{ raise_exception('no system role') }}", tok)
+
+
+def test_chat_template_is_read_from_the_folder(folder, media, tmp_path):
+    for name in os.listdir(folder):
+        if name != "tokenizer_config.json":
+            os.symlink(folder / name, tmp_path / name)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": [{"name": "default", "template": CHAT}]}))
+    assert predictor_molmo2.read_chat_template(str(tmp_path)) == CHAT
+    assert predictor_molmo2.read_chat_template(str(folder)) is None
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0].content[-1].text }}!")  # it comes first
+    predictor = Molmo2Predictor.from_checkpoint(str(tmp_path))
+    inputs = predictor.prepare("Hi", images=[str(media / "cat.png")])
+    text = predictor.tokenizer.decode(inputs["input_ids"][0][inputs["mm_token_type_ids"][0] == 0].tolist())
+    assert text == "Hi!"

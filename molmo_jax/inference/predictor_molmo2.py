@@ -7,9 +7,12 @@
     answer.text, answer.points, answer.frame_indices, answer.timestamps
 
 The prompt is the processor's text (`molmo2_processor.process`): one that already holds
-`<|image|>` / `<|video|>` placeholders is used as written; any other is asked as
-"User: {prompt} Assistant:", the media placeholders put in front by the processor (the released
-chat template also puts the media first; the folder's jinja chat template is not rendered).
+`<|image|>` / `<|video|>` placeholders is used as written; any other becomes one user message
+(its images / video, then the text) rendered with the folder's chat template, as transformers'
+`apply_chat_template(..., add_generation_prompt=True)` renders it (chat_template.jinja, else
+"chat_template" in processor_config.json, else in tokenizer_config.json); a folder without one
+asks "User: {prompt} Assistant:". Media the rendered text leaves out go in front (the processor's
+rule).
 Generation is Molmo2Generator's, greedy by default, stopping at the EOS ids of the folder's
 generation_config.json, else the tokenizer's EOS. Points are parsed with the v1 formats
 (`drawing.find_points`): the installed transformers Molmo2 code does not define a point format.
@@ -21,6 +24,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jinja2.sandbox
 import numpy as np
 
 from data_pipelines import images as images_lib, molmo2_processor, tokenizer as tokenizer_lib
@@ -61,11 +65,50 @@ def stop_ids(folder: str, tok: tokenizer_lib.Tokenizer) -> tuple[int, ...]:
     return (tok.eos_id,)
 
 
-def chat_prompt(prompt: str) -> str:
-    """The processor text for a user prompt (module docstring)."""
+def read_chat_template(folder: str) -> Optional[str]:
+    """The folder's jinja chat template (module docstring for where it is looked for), or None."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: unreadable ({e})") from None
+        if isinstance(template, list):  # transformers' named templates: the "default" one
+            template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _raise(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def chat_prompt(prompt: str, template: Optional[str], tok: tokenizer_lib.Tokenizer, num_images: int = 0,
+                video: bool = False) -> str:
+    """The processor text for a user prompt (module docstring). A template that fails to
+    render is a ValueError naming the cause."""
     if molmo2_processor.IMAGE_PLACEHOLDER in prompt or molmo2_processor.VIDEO_PLACEHOLDER in prompt:
         return prompt
-    return f"User: {prompt} Assistant:"
+    if template is None:
+        return f"User: {prompt} Assistant:"
+    content = [{"type": "image"}] * num_images + [{"type": "video"}] * video + [{"type": "text", "text": prompt}]
+    special = lambda i: tok.decode([i], skip_special_tokens=False)  # noqa: E731
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True,
+            bos_token=special(tok.bos_id), eos_token=special(tok.eos_id))
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
 
 def model_batch(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,7 +136,8 @@ class Molmo2Predictor:
 
     def __init__(self, model, tokenizer: tokenizer_lib.Tokenizer,
                  processor: molmo2_processor.Molmo2ProcessorConfig, stop_token_ids: Sequence[int],
-                 fetch_config: FetchConfig = IMAGE_FETCH):
+                 chat_template: Optional[str] = None, fetch_config: FetchConfig = IMAGE_FETCH):
+        """chat_template: jinja text (None: "User: ... Assistant:")."""
         vision = model.config.vision
         for name, crop in (("image", processor.image), ("video", processor.video)):
             if (crop.crop_size, crop.patch_size) != (vision.image_size[0], vision.patch_size):
@@ -101,7 +145,8 @@ class Molmo2Predictor:
                                  f"the model's vision tower takes {vision.image_size[0]} px of {vision.patch_size}")
         molmo2_processor.token_ids(tokenizer)  # a tokenizer without Molmo2's tokens fails here, not mid-request
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
-        self.stop_token_ids, self.fetch_config = tuple(stop_token_ids), fetch_config
+        self.stop_token_ids, self.chat_template = tuple(stop_token_ids), chat_template
+        self.fetch_config = fetch_config
         self.generator = Molmo2Generator(model)
 
     @classmethod
@@ -112,7 +157,7 @@ class Molmo2Predictor:
         config = hf_molmo.config_from_hf(read_config_json(folder))
         model = hf_molmo.load_hf_model(folder, **({"dtype": dtype} if dtype else {}))
         tok = tokenizer_lib.load_tokenizer(folder, pad_to=config.llm.vocab_size)
-        return cls(model, tok, processor, stop_ids(folder, tok), fetch_config)
+        return cls(model, tok, processor, stop_ids(folder, tok), read_chat_template(folder), fetch_config)
 
     def prepare(self, prompt: str, images: Sequence = (), video: Optional[str] = None) -> dict[str, np.ndarray]:
         """The processor's arrays (`molmo2_processor.process`); RequestError for a bad image,
@@ -123,8 +168,8 @@ class Molmo2Predictor:
                 pixels.append(images_lib.load_image(read_image_source(source, self.fetch_config)))
             except images_lib.ImageDecodeError as e:
                 raise RequestError(f"image {e}") from None
-        return molmo2_processor.process(chat_prompt(prompt), self.tokenizer, self.processor,
-                                        images=pixels, video=video)
+        text = chat_prompt(prompt, self.chat_template, self.tokenizer, len(pixels), video is not None)
+        return molmo2_processor.process(text, self.tokenizer, self.processor, images=pixels, video=video)
 
     def generate(self, inputs: dict[str, np.ndarray], config: GenerationConfig) -> Molmo2Answer:
         """Processor arrays -> the answer (stop ids default to this checkpoint's EOS ids)."""
