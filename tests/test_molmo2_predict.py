@@ -200,3 +200,22 @@ def test_chat_template_is_read_from_the_folder(folder, media, tmp_path):
     inputs = predictor.prepare("Hi", images=[str(media / "cat.png")])
     text = predictor.tokenizer.decode(inputs["input_ids"][0][inputs["mm_token_type_ids"][0] == 0].tolist())
     assert text == "Hi!"
+
+
+def test_processor_for_another_vision_tower_is_one_error_line(folder, media, tmp_path):
+    for name in os.listdir(folder):
+        if name != "processor_config.json":
+            os.symlink(folder / name, tmp_path / name)
+    other = dict(PROCESSOR, image_processor=dict(PROCESSOR["image_processor"], size={"height": 28, "width": 28}))
+    (tmp_path / "processor_config.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(tmp_path), "--image", str(media / "cat.png"), "--prompt", "What?"])
+    assert str(e.value.code) == ("error: processor image crops are 28 px of 4 px patches, the model's vision "
+                                 "tower takes 24 px of 4")
+
+
+def test_batch_requests_are_refused_for_molmo2(folder, tmp_path):
+    (tmp_path / "requests.jsonl").write_text('{"prompt": "Hi"}\n')
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(folder), "--requests", str(tmp_path / "requests.jsonl")])
+    assert "--requests (batch mode) is not supported for Molmo2" in str(e.value.code)
