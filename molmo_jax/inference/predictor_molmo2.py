@@ -121,6 +121,14 @@ def model_batch(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return batch
 
 
+def check_processor(processor: molmo2_processor.Molmo2ProcessorConfig, vision) -> None:
+    """ValueError unless the processor's crops are the vision tower's input (size and patch)."""
+    for name, crop in (("image", processor.image), ("video", processor.video)):
+        if (crop.crop_size, crop.patch_size) != (vision.image_size[0], vision.patch_size):
+            raise ValueError(f"processor {name} crops are {crop.crop_size} px of {crop.patch_size} px patches, "
+                             f"the model's vision tower takes {vision.image_size[0]} px of {vision.patch_size}")
+
+
 @dataclasses.dataclass
 class Molmo2Answer:
     """frame_indices int64[T] / timestamps float64[T] (seconds): the sampled frames of a video."""
@@ -138,11 +146,7 @@ class Molmo2Predictor:
                  processor: molmo2_processor.Molmo2ProcessorConfig, stop_token_ids: Sequence[int],
                  chat_template: Optional[str] = None, fetch_config: FetchConfig = IMAGE_FETCH):
         """chat_template: jinja text (None: "User: ... Assistant:")."""
-        vision = model.config.vision
-        for name, crop in (("image", processor.image), ("video", processor.video)):
-            if (crop.crop_size, crop.patch_size) != (vision.image_size[0], vision.patch_size):
-                raise ValueError(f"processor {name} crops are {crop.crop_size} px of {crop.patch_size} px patches, "
-                                 f"the model's vision tower takes {vision.image_size[0]} px of {vision.patch_size}")
+        check_processor(processor, model.config.vision)
         molmo2_processor.token_ids(tokenizer)  # a tokenizer without Molmo2's tokens fails here, not mid-request
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.stop_token_ids, self.chat_template = tuple(stop_token_ids), chat_template
@@ -155,6 +159,7 @@ class Molmo2Predictor:
         """folder: transformers Molmo2 folder; dtype: compute dtype override ("bfloat16")."""
         processor = molmo2_processor.load_config(folder)  # before the weights: a missing file fails fast
         config = hf_molmo.config_from_hf(read_config_json(folder))
+        check_processor(processor, config.vision)  # before reading the weights
         model = hf_molmo.load_hf_model(folder, **({"dtype": dtype} if dtype else {}))
         tok = tokenizer_lib.load_tokenizer(folder, pad_to=config.llm.vocab_size)
         return cls(model, tok, processor, stop_ids(folder, tok), read_chat_template(folder), fetch_config)
