@@ -20,6 +20,7 @@ CORE = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.9",
+    "jinja2>=3.1",  # Molmo2 chat templates (predict)
 ]
 
 EXTRAS = {

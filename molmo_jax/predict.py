@@ -2,6 +2,7 @@
 
   python -m molmo_jax.predict --checkpoint Molmo-7B-D-0924/ --image cat.jpg --prompt "Point to the cat"
   python -m molmo_jax.predict --checkpoint run/ --tokenizer tok/ --requests requests.jsonl --out answers.jsonl
+  python -m molmo_jax.predict --checkpoint Molmo2-8B/ --video clip.mp4 --prompt "Point to the ball"
 
 One request: prints the answer; if it contains points, writes the image with the points drawn and
 labelled to --draw (default: <image name>.points.png). Batch mode: each JSONL line is
@@ -12,6 +13,12 @@ JSON line, no prompt, a dead or hostile image URL, a file that is no image) gets
 "error" instead, the others are answered, and the exit status is 1. Every error is one line on
 stderr, never a traceback. Image URLs are fetched within --timeout seconds for the whole exchange
 and --max-image-mb of body.
+
+A Molmo2 checkpoint folder (config.json model_type "molmo2", with tokenizer.json and
+processor_config.json) answers one request about --image or --video (inference/predictor_molmo2.py);
+for a video it prints the sampled frames' indices and timestamps, and points in the answer are
+drawn on those frames: an animated GIF (--draw, default <video name>.points.gif) and a contact
+sheet PNG beside it (.png). A video that cannot be decoded is one error line, exit status 1.
 """
 import argparse
 import dataclasses
@@ -19,12 +26,15 @@ import json
 import os
 import sys
 
-from data_pipelines import images as images_lib
+import numpy as np
+
+from data_pipelines import images as images_lib, video as video_lib
 from data_pipelines.jsonl import UnreadableFile, read_lines
 from molmo_jax.convert.links import CheckpointError
-from molmo_jax.inference.drawing import draw_points
+from molmo_jax.inference.drawing import contact_sheet, draw_frames, draw_points, write_gif
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.predictor import IMAGE_FETCH, Predictor, Request, read_image_source
+from molmo_jax.inference.predictor_molmo2 import Molmo2Predictor, is_molmo2_folder
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="HF Molmo folder or molmo-jax checkpoint directory")
     p.add_argument("--tokenizer", help="tokenizer file/folder (default: the checkpoint folder)")
     p.add_argument("--image", help="image path or URL")
+    p.add_argument("--video", help="video file (Molmo2 checkpoints)")
     p.add_argument("--prompt", help="the question / instruction")
     p.add_argument("--style", help="formatting style (default user_qa: no prefix; e.g. vqa2, pointing; "
                                    "long_caption with --captioner)")
@@ -40,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(--prompt '' for a plain caption)")
     p.add_argument("--requests", help="JSONL of requests (batch mode)")
     p.add_argument("--out", help="JSONL of answers (batch mode; default: stdout)")
-    p.add_argument("--draw", help="PNG for the drawn points (single request)")
+    p.add_argument("--draw", help="PNG for the drawn points (single request; a GIF for --video)")
     p.add_argument("--draw-dir", help="folder for drawn points (batch mode)")
     p.add_argument("--max-crops", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -89,6 +100,8 @@ def main(argv=None) -> int:
     if not args.timeout > 0 or not args.max_image_mb > 0:
         raise SystemExit("error: --timeout and --max-image-mb must be positive")
     fetch_config = dataclasses.replace(IMAGE_FETCH, deadline=args.timeout, max_bytes=int(args.max_image_mb * 2**20))
+    if is_molmo2_folder(args.checkpoint) or args.video:
+        return _molmo2_main(args, fetch_config)
     style = args.style or ("long_caption" if args.captioner else "user_qa")
     try:
         requests = read_requests(args.requests, style) if args.requests else None
@@ -137,6 +150,52 @@ def main(argv=None) -> int:
         print(f"{failed} of {len(requests)} requests not answered (error lines above and in the output)",
               file=sys.stderr)
     return 1 if failed else 0
+
+
+def _stem(path: str, default: str) -> str:
+    return os.path.splitext(os.path.basename(path.split("?")[0]))[0] or default
+
+
+def _draw_video(video: str, answer, path: str) -> list[str]:
+    """The sampled frames with the answer's points: an animated GIF at `path` and a contact sheet PNG."""
+    frames = video_lib.iter_frames(video_lib.probe(video), answer.frame_indices)
+    drawn = draw_frames(frames, answer.points)
+    spacing = float(np.median(np.diff(answer.timestamps))) if len(answer.timestamps) > 1 else 0.5
+    gif = write_gif(drawn, path, spacing)
+    sheet = os.path.splitext(path)[0] + ".png"
+    contact_sheet(drawn, [f"{t:.1f} s (frame {i})" for i, t in zip(answer.frame_indices, answer.timestamps)]
+                  ).save(sheet)
+    return [gif, sheet]
+
+
+def _molmo2_main(args, fetch_config) -> int:
+    """One request to a Molmo2 checkpoint folder: an image, a video or text only."""
+    if args.requests is not None:
+        raise SystemExit("error: --requests (batch mode) is not supported for Molmo2 checkpoints; give --prompt")
+    if args.video and not is_molmo2_folder(args.checkpoint):
+        raise SystemExit(f"error: --video needs a Molmo2 checkpoint folder (config.json model_type 'molmo2'); "
+                         f"{args.checkpoint} is not one")
+    if args.video and args.image:
+        raise SystemExit("error: give --image or --video, not both")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
+    try:
+        predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, fetch_config=fetch_config)
+        answer = predictor.predict(args.prompt, images=[args.image] if args.image else [], video=args.video,
+                                   config=config)
+        print(answer.text)
+        if answer.frame_indices is not None:
+            print("frames: " + " ".join(f"{i}@{t:.2f}s" for i, t in zip(answer.frame_indices, answer.timestamps)))
+        if answer.points and args.video:
+            paths = _draw_video(args.video, answer, args.draw or _stem(args.video, "video") + ".points.gif")
+            print(f"points drawn in {' and '.join(paths)}")
+        elif answer.points and args.image:
+            path = _draw(args.image, answer.points, args.draw or _stem(args.image, "image") + ".points.png", fetch_config)
+            print(f"points drawn in {path}")
+    except (UnreadableFile, CheckpointError, FileNotFoundError, ValueError, OSError) as e:
+        # ValueError covers RequestError, video.VideoDecodeError and the processor's input errors.
+        raise SystemExit(f"error: {e}") from None
+    return 0
 
 
 if __name__ == "__main__":

@@ -60,3 +60,32 @@ def draw_points(image: Image.Image | np.ndarray, groups: list[PointGroup], radiu
             draw.text((x / 100 * w + radius + 1, y / 100 * h + radius), group.label, fill=color, font=font,
                       stroke_width=2, stroke_fill="black")
     return canvas
+
+
+def draw_frames(frames, groups: list[PointGroup]) -> list[Image.Image]:
+    """Each of `frames` (uint8[H, W, 3] or PIL) with `groups` drawn on it. The points carry no time
+    (the v1 formats), so every sampled frame shows them all."""
+    return [draw_points(frame, groups) for frame in frames]
+
+
+def write_gif(images: list[Image.Image], path: str, seconds_per_frame: float = 0.5) -> str:
+    """An animated GIF of `images` that loops forever; returns `path`."""
+    first, *rest = [image.convert("RGB") for image in images]
+    first.save(path, save_all=True, append_images=rest, duration=max(20, round(seconds_per_frame * 1000)), loop=0)
+    return path
+
+
+def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
+    """`images` (resized to the first one's size) on a grid of `columns`, each captioned below."""
+    w, h = images[0].size
+    caption_h = 14
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * w, rows * (h + caption_h)), "black")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * w, (k // columns) * (h + caption_h)
+        sheet.paste(image.convert("RGB").resize((w, h)), (x, y))
+        draw.text((x + 2, y + h + 1), caption, fill="white", font=font)
+    return sheet
