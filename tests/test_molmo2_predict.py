@@ -219,3 +219,9 @@ def test_batch_requests_are_refused_for_molmo2(folder, tmp_path):
     with pytest.raises(SystemExit) as e:
         predict.main(["--checkpoint", str(folder), "--requests", str(tmp_path / "requests.jsonl")])
     assert "--requests (batch mode) is not supported for Molmo2" in str(e.value.code)
+
+
+def test_int8_weights_are_refused_for_molmo2(folder):
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(folder), "--prompt", "Hi", "--weights", "int8"])
+    assert "--weights int8 is not supported for Molmo2" in str(e.value.code)
