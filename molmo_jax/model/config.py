@@ -274,8 +274,13 @@ PRESETS = {
 }
 
 
-def get_preset(name: str) -> MolmoConfig:
+def lookup_preset(presets: dict, name: str, kind: str = "model"):
+    """presets[name], or a ValueError naming the known presets."""
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown {kind} preset {name!r}; known presets: {sorted(presets)}") from None
+
+
+def get_preset(name: str) -> MolmoConfig:
+    return lookup_preset(PRESETS, name)

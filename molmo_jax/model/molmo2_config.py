@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS, LLMConfig, RopeScaling, VisionConfig
+from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS, LLMConfig, RopeScaling, VisionConfig, lookup_preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,4 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Molmo2Config:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown Molmo2 preset {name!r}; known presets: {sorted(PRESETS)}") from None
+    return lookup_preset(PRESETS, name, "Molmo2")
