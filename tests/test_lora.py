@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_trainer import (CONFIG_FILE, REPO, STEPS, make_tokenizer, metrics, one_device, run, saved_state, start,
-                          tree_hashes, wait_while_progressing)
+from test_trainer import (CONFIG_FILE, REPO, STEPS, kill_at_checkpoint_4_then_resume, make_tokenizer, metrics,
+                          one_device, run, saved_state, tree_hashes)
 
 import configs
 from configs import common
@@ -201,13 +201,7 @@ def test_checkpoints_hold_the_adapters_and_name_their_base(lora_runs):
 def test_kill9_then_resume_with_adapters_is_bit_exact(lora_runs):
     root, env, reference = lora_runs
     workdir = root / "killed"
-    proc, log_path = start(root / "lora_base.py", env, workdir)
-    wait_while_progressing(proc, log_path, workdir, done=lambda: (workdir / "checkpoints" / "4").is_dir())
-    proc.kill()
-    proc.wait()
-    killed_steps = sorted(metrics(workdir))
-    assert max(killed_steps) < STEPS, "the run finished before it was killed"
-    log = run(root / "lora_base.py", env, workdir)
+    killed_steps, log = kill_at_checkpoint_4_then_resume(root / "lora_base.py", env, workdir)
     resumed_from = int(re.search(r"resumed from step (\d+)", log).group(1))
     assert 4 <= resumed_from <= max(killed_steps)
     ref, got = metrics(reference), metrics(workdir)

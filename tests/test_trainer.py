@@ -236,15 +236,20 @@ def test_reference_run_overfits_keeps_frozen_params_and_follows_each_lr_schedule
 def killed_and_resumed(setup, single):
     """The 1-device run, SIGKILLed once checkpoint 4 is on disk, then resumed."""
     root, env = setup
-    env = one_device(env, root)
     workdir = root / "killed"
-    proc, log_path = start(root / "exp1.py", env, workdir)
+    return (workdir, *kill_at_checkpoint_4_then_resume(root / "exp1.py", one_device(env, root), workdir))
+
+
+def kill_at_checkpoint_4_then_resume(script, env, workdir):
+    """SIGKILL a run of `script` once checkpoint 4 is on disk, then run it again in the same
+    workdir. -> (the steps logged before the kill, the resumed run's log)."""
+    proc, log_path = start(script, env, workdir)
     wait_while_progressing(proc, log_path, workdir, done=lambda: (workdir / "checkpoints" / "4").is_dir())
     proc.kill()
     proc.wait()
     killed_steps = sorted(metrics(workdir))
     assert max(killed_steps) < STEPS, "the run finished before it was killed"
-    return workdir, killed_steps, run(root / "exp1.py", env, workdir)
+    return killed_steps, run(script, env, workdir)
 
 
 def test_one_device_matches_fsdp_tensor_parallel(reference, single):
