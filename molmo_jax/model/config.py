@@ -14,6 +14,12 @@ from typing import Any, Optional, Tuple
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "chunked", "splash", "cudnn")
 
 
+def check_attention(name: str) -> None:
+    """model.attention must name one of ATTENTION_IMPLEMENTATIONS."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown model.attention {name!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+
+
 def _check_keys(cls, data: dict, where: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -175,8 +181,7 @@ class MolmoConfig:
     init_scheme: str = "normal"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"unknown model.attention {self.attention!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+        check_attention(self.attention)
 
     @property
     def projector_hidden(self) -> int:

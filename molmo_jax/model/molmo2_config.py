@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from molmo_jax.model.config import ATTENTION_IMPLEMENTATIONS, LLMConfig, RopeScaling, VisionConfig, lookup_preset
+from molmo_jax.model.config import LLMConfig, RopeScaling, VisionConfig, check_attention, lookup_preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,7 @@ class Molmo2Config:
     attention: str = "auto"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"unknown model.attention {self.attention!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+        check_attention(self.attention)
 
     def replace(self, **changes: Any) -> "Molmo2Config":
         return dataclasses.replace(self, **changes)
