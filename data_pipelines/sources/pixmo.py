@@ -68,13 +68,19 @@ def read_parquet(folder: str, split: str, columns: Sequence[str], optional: Sequ
 
 
 def image_urls(folder: str) -> list[tuple[str, str | None]]:
-    """Unique (image_url, image_sha256 or None) of every split of a URL-based set, in file order."""
+    """Unique (image_url, image_sha256 or None) of every split of a URL-based set, in file order
+    (the URLs of an `image_urls` list column for the Molmo2 multi-image sets)."""
     files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no parquet files under {folder}")
     urls: dict[str, str | None] = {}
     for file in files:
         names = pq.ParquetFile(file).schema_arrow.names
+        if "image_urls" in names and "image_url" not in names:  # Molmo2 multi-image sets: a list per row
+            for row in pq.read_table(file, columns=["image_urls"]).column("image_urls").to_pylist():
+                for url in row or ():
+                    urls.setdefault(url, None)
+            continue
         if "image_url" not in names:
             raise ValueError(f"{file}: no image_url column (found {names})")
         table = pq.read_table(file, columns=["image_url"] + (["image_sha256"] if "image_sha256" in names else []))
@@ -284,7 +290,7 @@ def _base(record, **fields) -> dict:
     return {"image": image, "metadata": {**metadata, **fields.pop("metadata", {})}, **fields}
 
 
-def _no_point_prefix(question: str, rng: np.random.RandomState) -> str:
+def no_point_prefix(question: str, rng: np.random.RandomState) -> str:
     if re.fullmatch("how many.*", question.lower(), flags=re.DOTALL):
         return NO_POINT_PREFIXES[rng.randint(0, len(NO_POINT_PREFIXES))] + question
     return question
@@ -310,7 +316,7 @@ def cap_example(record, rng, mode: str = "captions") -> dict:
 def ask_model_anything_example(record, rng) -> dict:
     """PixMo-AMA: human-written `user_qa` questions and answers."""
     return _base(record, message_list=[
-        {"question": _no_point_prefix(r["question"], rng), "answer": r["answer"], "style": "user_qa"}
+        {"question": no_point_prefix(r["question"], rng), "answer": r["answer"], "style": "user_qa"}
         for r in record[2]])
 
 
@@ -319,7 +325,7 @@ def cap_qa_example(record, rng) -> dict:
     convs = []
     for row in record[2]:
         turns = list(row.get("messages") or [row["question"], row["answer"]])
-        turns[::2] = [_no_point_prefix(q, rng) for q in turns[::2]]
+        turns[::2] = [no_point_prefix(q, rng) for q in turns[::2]]
         convs.append({"messages": turns, "style": "synthetic_qa"})
     return _base(record, message_list=convs)
 
@@ -360,10 +366,10 @@ def points_eval_example(record, rng) -> dict:
 def docs_example(record, rng, style: str) -> dict:
     image, key, (row,) = record
     return {"image": image, "metadata": {"image_id": key},
-            "message_list": [{"question": q, "answer": a, "style": style} for q, a in _qa_pairs(row["questions"])]}
+            "message_list": [{"question": q, "answer": a, "style": style} for q, a in qa_pairs(row["questions"])]}
 
 
-def _qa_pairs(questions) -> list[tuple[str, str]]:
+def qa_pairs(questions) -> list[tuple[str, str]]:
     """HF `Sequence({question, answer})` is stored as {question: [...], answer: [...]}; accept a list too."""
     if isinstance(questions, dict):
         return list(zip(questions["question"], questions["answer"]))
