@@ -321,3 +321,37 @@ def test_cache_sniffs_videos(tmp_path):
     cache.store("http://v/1", BODIES.get("/v/good.mp4") or open(make_video(tmp_path / "x.mp4"), "rb").read())
     cache.store("http://v/2", b"HTTPError 404")  # what the official downloader leaves in a cache file
     assert cache.lookup("http://v/1") and cache.lookup("http://v/2") is None
+
+
+def test_pixmo_as_molmo2_trains_on_it(tmp_path):
+    """pixmo_points_train: expressions over 60 points dropped, the rest cut into examples of at most 60
+    points, each example twice (point_count, then pointing); points-eval images held out."""
+    cache = ImageCache(str(tmp_path / "images"))
+    urls = [f"http://img.test/{i}.png" for i in range(3)]
+    for u in urls:
+        cache.store(u, png(2))
+    pts = lambda n: [{"x": 1.0 + k % 50, "y": 2.0} for k in range(n)]
+    rows = [dict(image_url=urls[0], image_sha256="c" * 64, points=pts(n), count=n, label=f"l{n}",
+                 collection_method="pointing") for n in (30, 25, 10, 61)]
+    rows.append(dict(image_url=urls[1], image_sha256="d" * 64, points=pts(1), count=1, label="held out",
+                     collection_method="pointing"))
+    d = tmp_path / "data"
+    write(str(d / "pixmo-points/data"), "train-00000-of-00001.parquet", rows, pa.schema([
+        ("image_url", pa.string()), ("image_sha256", pa.string()), ("points", XY), ("count", pa.int64()),
+        ("label", pa.string()), ("collection_method", pa.string())]))
+    write(str(d / "pixmo-points-eval/data"), "test-00000-of-00001.parquet", [{"image_url": urls[1]}])
+    write(str(d / "pixmo-count/data"), "train-00000-of-00001.parquet", [
+        dict(image_url=urls[2], image_sha256="e" * 64, count=1, points=[{"x": 3.0, "y": 4.0}], label="cups")],
+        pa.schema([("image_url", pa.string()), ("image_sha256", pa.string()), ("count", pa.int32()),
+                   ("points", XY), ("label", pa.string())]))
+    write(str(d / "pixmo-cap-qa/data"), "train-00000-of-00001.parquet", [
+        {"image_url": urls[2], "question": "Q1", "answer": "A1"}])
+    images = str(tmp_path / "images")
+    points = molmo2.load("pixmo_points_train", str(d), "train", image_dir=images, n_val=0)
+    got = [[(m["label"], m["style"]) for m in points[i]["message_list"]] for i in range(len(points))]
+    assert got == [[("l30", "point_count"), ("l25", "point_count")], [("l30", "pointing"), ("l25", "pointing")],
+                   [("l10", "point_count")], [("l10", "pointing")]]
+    count = molmo2.load("pixmo_count_train", str(d), "train", image_dir=images)
+    assert [count[i]["style"] for i in range(len(count))] == ["point_count", "pointing"]
+    cap_qa = molmo2.load("pixmo_cap_qa_as_user_qa", str(d), "train", image_dir=images, n_val=0)
+    assert cap_qa[0]["message_list"] == [{"messages": ["Q1", "A1"], "style": "user_qa"}]

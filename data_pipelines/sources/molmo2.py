@@ -14,6 +14,10 @@ in `source.stats["skipped"]` (plus `missing_videos` / `missing_images`). A video
 does not decode raises `video.VideoDecodeError` (a ValueError) when the example is processed, which
 the pipeline skips and counts as malformed.
 
+The PixMo sets reused by Molmo2 go through `sources.pixmo` (its records and examples), regrouped as
+Molmo2's loaders do: "pixmo_points_train" / "pixmo_points_high_freq_train" / "pixmo_count_train" train
+both the counting and the pointing style, "pixmo_cap_qa_as_user_qa" is CapQA styled "user_qa".
+
 Records and examples follow the v1 PixMo sources (`sources.pixmo`): records are (media, key, rows),
 examples are made by module-level functions with the per-epoch choices drawn from `rng`, and the
 random-access `pixmo.PixmoSource` serves them to grain. Kept from the official loaders, on purpose:
@@ -27,6 +31,7 @@ a `message_list` (a single pointing message is a list of one); the official `p_m
 belongs to message-tree packing and is not done here.
 """
 import collections
+import dataclasses
 import functools
 import math
 import os
@@ -238,6 +243,45 @@ def multi_image_qa_records(folder: str, split: str, image_dir: str | None, max_i
                      "missing_images": missing, "skipped": dict(skipped)}
 
 
+# ---------------------------------------------------------------------------------------------------
+# PixMo as Molmo2 trains on it: the v1 PixMo records, regrouped (allenai/molmo2 olmo/data/pixmo_datasets.py).
+
+def both_styles(records: list) -> list:
+    """Every record twice, its rows styled "point_count" then "pointing" (`counting="both"`: even
+    indices count, odd ones point)."""
+    return [(image, key, [dict(r, style=style) for r in rows]) for image, key, rows in records
+            for style in ("point_count", "pointing")]
+
+
+def points_train_records(folder: str, split: str, image_dir: str | None, kind: str = "basic",
+                         exclude_urls: Sequence[str] = (), n_val: int = 2048, max_points: int = 60,
+                         max_total_points: int = 60):
+    """PixMo-Points as "pixmo_points_train" / "pixmo_points_high_freq_train" build it (`PixMoPoints(
+    counting="both", max_points=60, max_total_points_per_example=60)`): expressions with more than
+    `max_points` points dropped, an image's expressions cut into examples of at most
+    `max_total_points` points (a new example starts when the next expression would pass it)."""
+    records, stats = pixmo.points_records(folder, split, image_dir, kind, exclude_urls, n_val, max_points)
+    parts = []
+    for image, key, rows in records:
+        batch, total = [], 0
+        for row in rows:
+            if batch and total + len(row["points"]) > max_total_points:
+                parts.append((image, key, batch))
+                batch, total = [], 0
+            batch.append(row)
+            total += len(row["points"])
+        if batch:
+            parts.append((image, key, batch))
+    return both_styles(parts), stats
+
+
+def count_train_records(folder: str, split: str, image_dir: str | None):
+    """PixMo-Count as "pixmo_count_train" (`PixMoCount(counting="both")`)."""
+    records, stats = pixmo.row_records(folder, split, image_dir, ["image_url", "image_sha256", "count", "points",
+                                                                 "label"])
+    return both_styles(records), stats
+
+
 def video_point_eval_records(folder: str, split: str, videos: VideoIndex):
     """Molmo2-VideoPointEval (`Molmo2VideoPointEval`): one record per row, masks decoded at read time."""
     columns = ["video_id", "video_source", "label", "height", "width", "video_duration", "two_fps_timestamps",
@@ -392,6 +436,12 @@ SOURCES = {
                                           video_point_eval_example),
     "molmo2_video_count_eval": pixmo.Spec("Molmo2-VideoCountEval", video_count_eval_records,
                                           video_count_eval_example),
+    "pixmo_cap_qa_as_user_qa": dataclasses.replace(pixmo.SOURCES["pixmo_cap_qa"], example_args=(("style", "user_qa"),),
+                                                   storage="pixmo_cap_qa"),
+    "pixmo_points_train": pixmo.Spec("pixmo-points", points_train_records, pixmo.points_example, (("kind", "basic"),)),
+    "pixmo_points_high_freq_train": pixmo.Spec("pixmo-points", points_train_records, pixmo.points_example,
+                                               (("kind", "high_frequency"),)),
+    "pixmo_count_train": pixmo.Spec("pixmo-count", count_train_records, pixmo.count_example),
     "pixmo_multi_image_qa": pixmo.Spec("Molmo2-MultiImageQA", multi_image_qa_records, multi_image_qa_example),
     "pixmo_multi_image_qa_multi_only_max5": pixmo.Spec("Molmo2-MultiImageQA", multi_image_qa_records,
                                                        multi_image_qa_example, (("max_images", 5),)),
@@ -400,7 +450,8 @@ SOURCES = {
 for _lo, _hi in ((0, 5), (6, 25), (26, 60)):
     SOURCES[f"molmo2_video_point_minmax_{_lo}_{_hi}"] = pixmo.Spec(
         "Molmo2-VideoPoint", video_point_records, video_point_example, (("min_points", _lo), ("max_points", _hi)))
-IMAGE_SETS = ("pixmo_multi_image_qa", "pixmo_multi_image_qa_multi_only_max5")
+IMAGE_SETS = ("pixmo_multi_image_qa", "pixmo_multi_image_qa_multi_only_max5", "pixmo_cap_qa_as_user_qa",
+              "pixmo_points_train", "pixmo_points_high_freq_train", "pixmo_count_train")
 
 
 def spec(name: str) -> pixmo.Spec:
@@ -415,6 +466,8 @@ def load(name: str, data_dir: str, split: str, *, video_dir: str | None = None, 
     download cache `cache_dir` (+ `manifest`), multi-image sets in the image cache `image_dir`."""
     s = spec(name)
     args = {**dict(s.record_args), **record_args}
+    if s.records is points_train_records and "exclude_urls" not in args:  # points-eval images are held out
+        args["exclude_urls"] = pixmo.eval_image_urls(data_dir)
     media = image_dir if name in IMAGE_SETS else VideoIndex(video_dir, cache_dir, manifest)
     records, stats = s.records(os.path.join(data_dir, s.folder), split, media, **args)
     return pixmo.PixmoSource(f"{name}[{split}]", records, example_fn(name), stats)

@@ -320,20 +320,21 @@ def ask_model_anything_example(record, rng) -> dict:
         for r in record[2]])
 
 
-def cap_qa_example(record, rng) -> dict:
-    """PixMo-CapQA: `synthetic_qa` conversations (`messages`, user/assistant alternating)."""
+def cap_qa_example(record, rng, style: str = "synthetic_qa") -> dict:
+    """PixMo-CapQA: `style` conversations (`messages`, user/assistant alternating)."""
     convs = []
     for row in record[2]:
         turns = list(row.get("messages") or [row["question"], row["answer"]])
         turns[::2] = [no_point_prefix(q, rng) for q in turns[::2]]
-        convs.append({"messages": turns, "style": "synthetic_qa"})
+        convs.append({"messages": turns, "style": style})
     return _base(record, message_list=convs)
 
 
-def points_example(record, rng, style: str) -> dict:
-    """PixMo-Points: one message per expression, points float32[N, 2] (pixels, or 0-100 with point_scale)."""
+def points_example(record, rng, style: str | None = None) -> dict:
+    """PixMo-Points: one message per expression, points float32[N, 2] (pixels, or 0-100 with point_scale);
+    style None: each row's own "style" (the Molmo2 variants that train both styles)."""
     return _base(record, message_list=[
-        {"label": r["label"], "points": points_xy(r["points"]), "style": style,
+        {"label": r["label"], "points": points_xy(r["points"]), "style": style or r["style"],
          **({"point_scale": r["point_scale"]} if "point_scale" in r else {})} for r in record[2]])
 
 
@@ -346,10 +347,11 @@ def point_explanation_example(record, rng) -> dict:
         for r in record[2]])
 
 
-def count_example(record, rng, style: str) -> dict:
-    """PixMo-Count: points (pixels) where published (train); validation/test carry the checked count."""
+def count_example(record, rng, style: str | None = None) -> dict:
+    """PixMo-Count: points (pixels) where published (train); validation/test carry the checked count
+    (style None: the row's own "style", as for points_example)."""
     row = record[2][0]
-    out = _base(record, label=row["label"], style=style, metadata={"count": row["count"]})
+    out = _base(record, label=row["label"], style=style or row["style"], metadata={"count": row["count"]})
     if row["points"]:
         out["points"] = points_xy(row["points"])
     return out
