@@ -176,7 +176,8 @@ def data(tmp_path_factory):
         point("b", "bus", 1, [10.0], [[{"x": 1, "y": 2}]], dur=100.0),  # long without a clip
         point("c", "cow", 1, [20.0], [[{"x": 1, "y": 2}]], dur=100.0, clip=(30.0, 60.0)),  # clip misses it
         point("c", "ant", 30, [1.0], [[{"x": 1, "y": 2}]]),  # out of the 0-5 bucket
-        point("c", "bee", 1, [0.3], [[{"x": 1, "y": 2}]])], point_schema)  # off the 2 fps grid
+        point("c", "bee", 1, [0.3], [[{"x": 1, "y": 2}]]),  # off the 2 fps grid
+        point("c", "fly", 1, [1.0], [[{"x": None, "y": 2}]])], point_schema)  # a point without x
     write(str(d / "Molmo2-VideoPoint/animal"), "train-00000-of-00001.parquet", [
         point("dead", "elk", 1, [1.0], [[{"x": 1, "y": 2}]])], point_schema)
     track = lambda i, fps, sfps, clip="clip1": {
@@ -187,7 +188,9 @@ def data(tmp_path_factory):
             {"frame": 0, "time": 0.0, "points": [{"id": 7, "point": [1.0, 2.0], "occluded": False},
                                                  {"id": 99, "point": [0.0, 0.0], "occluded": True}]}]}
     write(str(d / "molmo2-track-instruction/track"), "train-00000-of-00001.parquet",
-          [track("t0", 6, 2), track("t1", 25, 2), track("t2", 6, 1, clip="dead")])
+          [track("t0", 6, 2), track("t1", 25, 2), track("t2", 6, 1, clip="dead"),
+           dict(track("t3", 6, 2), frame_trajectories=[{"frame": 0, "time": 0.0, "points": [
+               {"id": 7, "point": None, "occluded": False}]}])])
     return {"data": str(d), "videos": str(videos), "root": root}
 
 
@@ -230,7 +233,7 @@ def test_human_qa_strips_and_drops_empty_answers(data):
 def test_video_points_clip_sort_and_styles(data):
     source = load(data, "molmo2_video_point_minmax_0_5")
     assert source.stats["skipped"] == {"long_video_without_clip": 1, "invalid_clip": 1, "count_out_of_range": 1,
-                                       "timestamp_off_grid": 1}
+                                       "timestamp_off_grid": 1, "bad_points": 1}
     assert source.stats["missing_videos"] == 1 and len(source) == 2
     short, long = sorted((source[i] for i in range(2)), key=lambda e: e["metadata"]["video_id"])
     assert short["metadata"]["clip_start_time"] == 0.0 and short["metadata"]["clip_end_time"] == 30.0
@@ -249,7 +252,7 @@ def test_video_points_clip_sort_and_styles(data):
 
 def test_tracking_messages(data):
     source = load(data, "molmo2_video_track")
-    assert len(source) == 1 and source.stats["skipped"] == {"fps_not_multiple_of_sampling_fps": 1}
+    assert len(source) == 1 and source.stats["skipped"] == {"fps_not_multiple_of_sampling_fps": 1, "bad_trajectory": 1}
     assert source.stats["missing_videos"] == 1
     example = source[0]
     assert example["video"].endswith("clip1.mp4") and example["sampling_fps"] == 2
@@ -355,3 +358,18 @@ def test_pixmo_as_molmo2_trains_on_it(tmp_path):
     assert [count[i]["style"] for i in range(len(count))] == ["point_count", "pointing"]
     cap_qa = molmo2.load("pixmo_cap_qa_as_user_qa", str(d), "train", image_dir=images, n_val=0)
     assert cap_qa[0]["message_list"] == [{"messages": ["Q1", "A1"], "style": "user_qa"}]
+
+
+def test_every_example_of_every_video_source_comes_out_of_grain(data):
+    import grain
+    names = [n for n in molmo2.SOURCES if n not in molmo2.IMAGE_SETS and "eval" not in n]
+    splits = {"molmo2_syn_captions_qa": "CapQA", "molmo2_syn_captions_subtitle_qa": "SubtitleQA",
+              "molmo2_human_qa": "HumanQA"}
+    empty = []
+    for name in names:
+        source = load(data, name, splits.get(name, "train"))
+        examples = list(grain.MapDataset.source(source).seed(1).shuffle())
+        assert len(examples) == len(source), name
+        assert all(os.path.isfile(e["video"]) and e["message_list"] for e in examples), name
+        empty += [name] if not examples else []
+    assert empty == ["molmo2_video_point_minmax_6_25"]  # the fixture has no 6-25 point row

@@ -68,6 +68,13 @@ def _check_rows(rows: list[dict], needed: Sequence[str], skipped: collections.Co
     return kept
 
 
+def _is_xy(point) -> bool:
+    """A point {x, y} or [x, y] of two numbers (what the examples turn into arrays)."""
+    values = [point.get("x"), point.get("y")] if isinstance(point, dict) else point
+    return isinstance(values, (list, tuple)) and len(values) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def _video_records(groups: dict, videos: VideoIndex, rows_read: int, skipped: collections.Counter,
                    video_of: Callable = lambda key: key) -> tuple[list, dict]:
     """(video path, key, rows) for groups whose video is found; the rest are counted."""
@@ -188,6 +195,9 @@ def video_point_records(folder: str, split: str, videos: VideoIndex, min_points:
         if len(row["points"]) != len(row["two_fps_timestamps"]):
             skipped["points_timestamps_mismatch"] += 1
             continue
+        if not all(frame is not None and all(_is_xy(p) for p in frame) for frame in row["points"]):
+            skipped["bad_points"] += 1
+            continue
         if any(t / POINT_GRID != int(t / POINT_GRID) for t in row["two_fps_timestamps"]):
             skipped["timestamp_off_grid"] += 1  # the official loader asserts here
             continue
@@ -213,7 +223,11 @@ def track_records(folder: str, split: str, videos: VideoIndex, task: str = "trac
     skipped = collections.Counter()
     kept = []
     for row in _check_rows(rows, columns, skipped):
-        if not (row["fps"] > 0 and row["sampling_fps"] > 0 and row["fps"] % row["sampling_fps"] == 0):
+        if not all(f is not None and f.get("frame") is not None and all(
+                p is not None and p.get("id") is not None and _is_xy(p.get("point")) for p in f.get("points") or ())
+                for f in row["frame_trajectories"]):
+            skipped["bad_trajectory"] += 1
+        elif not (row["fps"] > 0 and row["sampling_fps"] > 0 and row["fps"] % row["sampling_fps"] == 0):
             skipped["fps_not_multiple_of_sampling_fps"] += 1
         else:
             kept.append(row)
