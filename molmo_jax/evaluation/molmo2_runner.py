@@ -1,0 +1,111 @@
+"""Molmo2 benchmarks on video: the released eval sets, answered by a `Molmo2Predictor`, scored with the
+Molmo2 metrics (`video_metrics`), with the resumable predictions file of `runner`.
+
+Tasks (allenai/molmo2 `olmo/eval/eval_utils.py` names the evaluator and 2048 new tokens for both):
+  molmo2_video_point_eval  allenai/Molmo2-VideoPointEval, split val   video_point (F1 with masks)
+  molmo2_video_count_eval  allenai/Molmo2-VideoCountEval, split val   video_count (accuracy)
+The parquet files are read by `data_pipelines.sources.molmo2` from `<data_dir>/<HF folder>/`, the videos
+from `video_dir` (the official layouts) or the video download cache. The prompt is the example's
+question as the official loaders give it. A video that does not decode is written with an `error`
+and left out of the mean. Masks stay out of the predictions file (its records hold the small fields).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Callable, Optional
+
+from data_pipelines import video as video_lib
+from data_pipelines.sources import molmo2
+from molmo_jax.evaluation import runner, video_metrics
+from molmo_jax.inference.generate import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+
+def _point_score(prediction: str, example: dict) -> dict:
+    m = example["metadata"]
+    result = video_metrics.video_point_score(prediction, m["gt_abs_triplets"], m["gt_abs_masks"], m["video_duration"],
+                                             m["video_width"], m["video_height"])
+    return {"score": result["f1"], **result}
+
+
+def _count_score(prediction: str, example: dict) -> dict:
+    result = video_metrics.video_count_score(prediction, int(example["metadata"]["count"]))
+    return {"score": result["correct"], **result}
+
+
+def _point_record(example: dict) -> dict:
+    m = example["metadata"]
+    return {"label": example["label"], "gt_triplets": m["gt_abs_triplets"], "video_duration": m["video_duration"],
+            "video_wh": [m["video_width"], m["video_height"]]}
+
+
+def _count_record(example: dict) -> dict:
+    return {"count": example["metadata"]["count"], "subset": example["metadata"]["subset"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Molmo2Task:
+    name: str  # also the name of its source in data_pipelines.sources.molmo2
+    metric: str
+    split: str
+    max_new_tokens: int
+    score: Callable[[str, dict], dict]  # (prediction, example) -> {"score", ...details}
+    record: Callable[[dict], dict]  # example -> the fields written to the predictions file
+    source: str = ""
+
+    def examples(self, data_dir: str, video_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+                 manifest: Optional[str] = None, max_examples: Optional[int] = None):
+        """(id, example) in file order; examples whose video is absent are not there (source stats)."""
+        source = molmo2.load(self.name, data_dir, self.split, video_dir=video_dir, cache_dir=cache_dir,
+                             manifest=manifest)
+        log.info("%s: %s", self.name, source.stats)
+        for index in range(len(source) if max_examples is None else min(max_examples, len(source))):
+            yield str(source.records[index][1]), source[index]
+
+
+TASKS = {t.name: t for t in (
+    Molmo2Task("molmo2_video_point_eval", "video_point", "val", 2048, _point_score, _point_record,
+               "allenai/Molmo2-VideoPointEval"),
+    Molmo2Task("molmo2_video_count_eval", "video_count", "val", 2048, _count_score, _count_record,
+               "allenai/Molmo2-VideoCountEval"),
+)}
+
+
+def get_task(name: str) -> Molmo2Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown Molmo2 task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def evaluate_task(predictor, task: Molmo2Task, data_dir: str, out_dir: str | pathlib.Path, *,
+                  video_dir: Optional[str] = None, cache_dir: Optional[str] = None, manifest: Optional[str] = None,
+                  max_examples: Optional[int] = None, max_new_tokens: Optional[int] = None) -> dict:
+    """Evaluates (or finishes evaluating) one Molmo2 task with a `Molmo2Predictor`; its summary."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{task.name}.predictions.jsonl"
+    done = {row["id"] for row in runner.read_finished(path)}
+    config = GenerationConfig(max_new_tokens=max_new_tokens or task.max_new_tokens)
+    with path.open("a", encoding="utf-8") as out:
+        for example_id, example in task.examples(data_dir, video_dir, cache_dir, manifest, max_examples):
+            if example_id in done:
+                continue
+            try:
+                inputs = predictor.prepare(example["question"], video=example["video"])
+            except video_lib.VideoDecodeError as e:
+                log.warning("task %s, example %s: %s; skipped", task.name, example_id, e)
+                out.write(json.dumps({"id": example_id, "error": str(e)}) + "\n")
+                continue
+            answer = predictor.generate(inputs, config)
+            scored = task.score(answer.text, example)
+            row = {"id": example_id, "prompt": example["question"], "prediction": answer.text,
+                   "record": task.record(example), "score": scored.pop("score"), "details": scored}
+            out.write(json.dumps(row, ensure_ascii=False, default=runner.json_default) + "\n")
+            out.flush()
+    summary = runner.summarize(runner.read_finished(path))
+    runner.update_scores(out_dir, task.name, task.metric, summary)
+    return summary
