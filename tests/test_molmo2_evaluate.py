@@ -50,7 +50,9 @@ def test_evaluate_runs_the_molmo2_video_tasks(folder, molmo2_data, tmp_path, cap
     (point,) = [json.loads(line) for line in (tmp_path / "molmo2_video_point_eval.predictions.jsonl").open()]
     assert point["record"]["gt_triplets"] == [[0.5, 10.0, 10.0]] and point["score"] == 0.0  # empty mask
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert scores["molmo2_video_count_eval"]["n"] == 2 and scores["molmo2_video_count_eval"]["errors"] == 1
+    count = scores["molmo2_video_count_eval"]
+    assert count["n"] == 2 and count["errors"] == 1
+    assert count["acc_object"] == count["score"] and "correct_0_5" in count
     assert scores["molmo2_video_point_eval"]["metric"] == "video_point"
     capsys.readouterr()
     assert evaluate.main(argv) == 0  # resumed: nothing is answered again

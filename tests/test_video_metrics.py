@@ -58,6 +58,16 @@ def test_video_count(answer, gt, correct, close, valid):
     assert (result["score"], result["close"], result["valid"]) == (correct, close, valid)
 
 
+def test_video_count_breakdown_by_count_bin_and_subset():
+    examples = [(0, 1.0, "object"), (3, 0.0, "object"), (7, 1.0, "animal"), (26, 1.0, "action/event"),
+                (27, 0.0, "action/event"), (2, 1.0, "other")]
+    out = video_metrics.video_count_breakdown(examples)
+    assert out["correct_0_5"] == pytest.approx(2 / 3) and out["correct_5_10"] == 1.0
+    assert math.isnan(out["correct_10_15"]) and out["correct_25_28"] == 0.5  # the last bin ends at max + 1
+    assert out["acc_object"] == 0.5 and out["acc_animal"] == 1.0 and out["acc_action/event"] == 0.5
+    assert "acc_other" not in out  # only upstream's three subsets are reported
+
+
 def track_case():
     """10 x 10 frames at 1 fps; object 0 in the top-left square (frames 0 and 1), object 1 in the
     bottom-right one (frame 0 only)."""

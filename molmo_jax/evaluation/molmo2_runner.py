@@ -56,6 +56,7 @@ class Molmo2Task:
     score: Callable[[str, dict], dict]  # (prediction, example) -> {"score", ...details}
     record: Callable[[dict], dict]  # example -> the fields written to the predictions file
     source: str = ""
+    breakdown: Optional[Callable[[list], dict]] = None  # scored rows -> per-set figures added to the summary
 
     def examples(self, data_dir: str, video_dir: Optional[str] = None, cache_dir: Optional[str] = None,
                  manifest: Optional[str] = None, max_examples: Optional[int] = None):
@@ -71,7 +72,8 @@ TASKS = {t.name: t for t in (
     Molmo2Task("molmo2_video_point_eval", "video_point", "val", 2048, _point_score, _point_record,
                "allenai/Molmo2-VideoPointEval"),
     Molmo2Task("molmo2_video_count_eval", "video_count", "val", 2048, _count_score, _count_record,
-               "allenai/Molmo2-VideoCountEval"),
+               "allenai/Molmo2-VideoCountEval", lambda rows: video_metrics.video_count_breakdown(
+                   [(r["record"]["count"], r["score"], r["record"]["subset"]) for r in rows])),
 )}
 
 
@@ -106,6 +108,9 @@ def evaluate_task(predictor, task: Molmo2Task, data_dir: str, out_dir: str | pat
                    "record": task.record(example), "score": scored.pop("score"), "details": scored}
             out.write(json.dumps(row, ensure_ascii=False, default=runner.json_default) + "\n")
             out.flush()
-    summary = runner.summarize(runner.read_finished(path))
+    rows = runner.read_finished(path)
+    summary = runner.summarize(rows)
+    if task.breakdown is not None:
+        summary.update(task.breakdown([r for r in rows if "error" not in r]))
     runner.update_scores(out_dir, task.name, task.metric, summary)
     return summary

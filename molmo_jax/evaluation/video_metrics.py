@@ -93,6 +93,30 @@ def as_mask(mask) -> np.ndarray:
     return decode_rle(mask) if isinstance(mask, Mapping) else np.asarray(mask, bool)
 
 
+COUNT_SUBSETS = ("object", "animal", "action/event")  # VixMoPointCountEval.SUBSETS
+COUNT_BINS = (0, 5, 10, 15, 20, 25)
+
+
+def video_count_breakdown(examples: Sequence[tuple[int, float, str]]) -> dict:
+    """The per-set figures of `VixMoPointCountEval` over (gt count, correct, subset) triples:
+    "correct_{lo}_{hi}" for the ground-truth count bins [0, 5), [5, 10), ... [25, max count + 1) and
+    "acc_{subset}" for its three subsets; NaN for an empty one (upstream's mean of nothing)."""
+    by_count: dict[int, list[float]] = {}
+    by_subset: dict[str, list[float]] = {}
+    for gt, correct, subset in examples:
+        by_count.setdefault(int(gt), []).append(correct)
+        by_subset.setdefault(subset, []).append(correct)
+    top = max(by_count, default=-1) + 1
+    out = {}
+    for lo, hi in zip(COUNT_BINS, COUNT_BINS[1:] + (top,)):
+        hits = [c for n in range(lo, hi) for c in by_count.get(n, ())]
+        out[f"correct_{lo}_{hi}"] = float(np.mean(hits)) if hits else math.nan
+    for subset in COUNT_SUBSETS:
+        hits = by_subset.get(subset, [])
+        out[f"acc_{subset}"] = float(np.mean(hits)) if hits else math.nan
+    return out
+
+
 def masks_at_frame(gt_masks: Mapping[str, Sequence], frame: int, height: int, width: int) -> list[np.ndarray]:
     """One bool[H, W] per object of `gt_masks` at `frame` (`load_masks_at_frame`): an object's list is
     either one mask (or None) per frame, or entries {"frame", "mask"}; empty where none is given."""
