@@ -254,7 +254,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--video-manifest", action="append", default=[],
                         help="Molmo2 videos to fetch: {video_id: url} JSON or JSONL rows (repeatable)")
     parser.add_argument("--video-cache", help="where the videos of --video-manifest go")
-    parser.add_argument("--video-max-mb", type=float, default=2048.0, help="size cap of one video")
+    parser.add_argument("--video-max-mb", type=float, default=512.0,
+                        help="size cap of one video (a body is held in memory until it is checked: "
+                             "workers x this must fit)")
     args = parser.parse_args(argv)
 
     if bool(args.video_manifest) != bool(args.video_cache):

@@ -113,7 +113,8 @@ def test_video_folder_layouts_of_the_official_loaders(tmp_path):
         "yt2": "MammalNet/trimmed_video-2fps/yt2_2fps.mp4",  # 2 fps pointing copies
         "yt3": "LLaVA-Video-178K/x/activitynet/v_yt3.mp4",
         "sora2/clip": "generated_videos/sora2-2fps/clip_2fps.mp4",
-        "clip9": "bdd100k/train/videos/clip9.mp4"}.items()}
+        "clip9": "bdd100k/train/videos/clip9.mp4",
+        "videos": "elsewhere/videos.mp4"}.items()}  # its own name wins over the folder "videos" above
     index = molmo2_media.VideoIndex(video_dir=str(root))
     assert {k: index.lookup(k) for k in paths} == paths
     assert index.lookup("missing") is None

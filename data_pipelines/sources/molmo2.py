@@ -253,8 +253,8 @@ def multi_image_qa_records(folder: str, split: str, image_dir: str | None, max_i
             missing += 1
             continue
         records.append((paths, str(i), [row]))
-    return records, {"rows": len(rows), "kept_rows": len(records), "images": len(rows) - sum(skipped.values()),
-                     "missing_images": missing, "skipped": dict(skipped)}
+    return records, {"rows": len(rows), "kept_rows": len(records), "missing_images": missing,
+                     "skipped": dict(skipped)}
 
 
 # ---------------------------------------------------------------------------------------------------

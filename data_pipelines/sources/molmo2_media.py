@@ -52,20 +52,18 @@ def read_manifest(path: str) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-def _keys(relative: str) -> Iterable[str]:
-    """The video ids a file at `relative` (to the video folder) answers to."""
+def _keys(relative: str) -> tuple[list[str], list[str]]:
+    """The video ids a file at `relative` (to the video folder) answers to: (by its own name, by a
+    prefix or its folder); the first kind wins over the second for any id."""
     folder, name = os.path.split(relative)
     stem = os.path.splitext(name)[0]
     bare = stem[:-len("_2fps")] if stem.endswith("_2fps") else stem
-    yield stem
-    yield bare
-    for prefix in _PREFIXES:
-        if bare.startswith(prefix):
-            yield bare[len(prefix):]
+    derived = [bare[len(p):] for p in _PREFIXES if bare.startswith(p)]
     if folder:
         parent = os.path.basename(folder)
-        yield parent  # youtube-cc layout: {video_id}/{video file}
-        yield f"{parent[:-len('-2fps')] if parent.endswith('-2fps') else parent}/{bare}"
+        derived.append(parent)  # youtube-cc layout: {video_id}/{video file}
+        derived.append(f"{parent[:-len('-2fps')] if parent.endswith('-2fps') else parent}/{bare}")
+    return [stem, bare], derived
 
 
 class VideoIndex:
@@ -82,13 +80,19 @@ class VideoIndex:
         if video_dir is not None:
             if not os.path.isdir(video_dir):
                 raise FileNotFoundError(f"video_dir {video_dir} is not a folder")
+            derived = {}
             for root, dirs, names in os.walk(video_dir):
                 dirs.sort()  # the first file for an id wins: walk in a fixed order
                 for name in sorted(names):
                     if name.lower().endswith(VIDEO_EXTENSIONS):
                         path = os.path.join(root, name)
-                        for key in _keys(os.path.relpath(path, video_dir)):
+                        own, other = _keys(os.path.relpath(path, video_dir))
+                        for key in own:
                             self.files.setdefault(key, path)
+                        for key in other:
+                            derived.setdefault(key, path)
+            for key, path in derived.items():
+                self.files.setdefault(key, path)
         self.urls = read_manifest(manifest) if manifest else {}
         self.cache = ImageCache(cache_dir, sniff=sniff_video) if cache_dir else None
 
