@@ -18,7 +18,6 @@ A video found in neither place is left out of the source and counted (`missing_v
 """
 import json
 import os
-from typing import Iterable
 
 import numpy as np
 
