@@ -10,8 +10,9 @@ Each task reads `<data-dir>/<task>/**/*.parquet` (the HF dataset named by --list
 `<out-dir>/<task>.predictions.jsonl` (a rerun skips finished examples), scores to
 `<out-dir>/scores.json`, and a table is printed. MathVista is scored with the no-judge fallback
 (no OpenAI extraction), so it reads lower than the published, judge-based numbers. A Molmo2 checkpoint
-(a transformers Molmo2 folder) runs the Molmo2 video tasks (`evaluation/molmo2_runner.py`): their
-parquet folders as published under --data-dir, the videos in --video-dir and/or the download cache.
+(a transformers Molmo2 folder) runs the Molmo2 tasks (`evaluation/molmo2_runner.py`: its video eval sets
+and MuirBench): their parquet folders as published under --data-dir, videos in --video-dir and/or the
+download cache.
 """
 import argparse
 import dataclasses
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             print(f"{t.name:<16} {t.metric:<20} split={t.split:<11} crops={t.max_crops:<3} "
                   f"max_new_tokens={t.max_new_tokens:<4} {t.source}")
         for t in molmo2_runner.TASKS.values():
-            print(f"{t.name:<16} {t.metric:<20} split={t.split:<11} (Molmo2, video) "
+            print(f"{t.name:<16} {t.metric:<20} split={t.split:<11} (Molmo2{', video' if t.video else ''}) "
                   f"max_new_tokens={t.max_new_tokens:<4} {t.source}")
         return 0
     missing = [f"--{name.replace('_', '-')}" for name in ("checkpoint", "tasks", "data_dir", "out_dir")
@@ -77,15 +78,16 @@ def _report(task, summary: dict) -> None:
 
 
 def _molmo2(p: argparse.ArgumentParser, args, names: list[str]) -> int:
-    """The Molmo2 video tasks on a transformers Molmo2 folder."""
+    """The Molmo2 tasks (video, multi-image) on a transformers Molmo2 folder."""
     unknown = [n for n in names if n not in molmo2_runner.TASKS]
     if unknown:
         p.error(f"{args.checkpoint} is a Molmo2 checkpoint: tasks {unknown} are not Molmo2 tasks "
                 f"({', '.join(sorted(molmo2_runner.TASKS))})")
     if args.weights:
         p.error("--weights int8 is for Molmo v1 checkpoints; Molmo2 runs its checkpoint's weights")
-    if not (args.video_dir or args.video_cache):
-        p.error("Molmo2 video tasks need --video-dir and/or --video-cache with --video-manifest")
+    videos = [n for n in names if molmo2_runner.TASKS[n].video]
+    if videos and not (args.video_dir or args.video_cache):
+        p.error(f"Molmo2 video tasks {videos} need --video-dir and/or --video-cache with --video-manifest")
     predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype)
     scores = {}
     for task in map(molmo2_runner.get_task, names):

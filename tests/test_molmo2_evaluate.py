@@ -1,11 +1,15 @@
 """`evaluate` on a tiny random Molmo2 folder: the Molmo2 video eval sets (parquet in the published
 schema, videos encoded here) answered, scored with the Molmo2 metrics, resumable; a corrupt video is an
 error row, not a crash."""
+import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from PIL import Image
 
 from molmo_jax import evaluate
 from molmo_jax.evaluation import video_metrics
@@ -33,6 +37,16 @@ def molmo2_data(tmp_path_factory):
                    "masks": [[{"frame_id": 1, "rle": rle}]]}]
     (data / "Molmo2-VideoPointEval").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(point_rows), data / "Molmo2-VideoPointEval" / "val-00000-of-00001.parquet")
+
+    def png(seed):
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), np.uint8)).save(out, format="PNG")
+        return {"bytes": out.getvalue(), "path": None}
+    muir = [{"idx": f"m{i}", "task": "Counting", "question": "Which of <image> and <image> shows more?",
+             "options": ["<image>", "both", "neither"], "answer": "B", "image_list": [png(i), png(i + 1), png(i + 2)]}
+            for i in range(2)]
+    (data / "muir_bench").mkdir()
+    pq.write_table(pa.Table.from_pylist(muir), data / "muir_bench" / "test-00000-of-00001.parquet")
     return data, root / "videos"
 
 
@@ -57,6 +71,19 @@ def test_evaluate_runs_the_molmo2_video_tasks(folder, molmo2_data, tmp_path, cap
     capsys.readouterr()
     assert evaluate.main(argv) == 0  # resumed: nothing is answered again
     assert len((tmp_path / "molmo2_video_count_eval.predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_evaluate_runs_muir_bench(folder, molmo2_data, tmp_path):  # noqa: F811
+    data, _ = molmo2_data
+    assert evaluate.main(["--checkpoint", str(folder), "--tasks", "muir_bench", "--data-dir", str(data),
+                          "--out-dir", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "muir_bench.predictions.jsonl").open()]
+    assert [r["id"] for r in rows] == ["m0", "m1"]
+    # "<image>" numbered across the question and the options, then the official eval template
+    assert rows[0]["prompt"] == ("Which of Image 1 and Image 2 shows more?\nOnly return the correct answer option.\n"
+                                 "A. Image 3\nB. both\nC. neither")
+    for row in rows:
+        assert row["score"] == float(row["details"]["choice"] == "B") and row["details"]["choice"] in "ABC"
 
 
 def test_molmo2_checkpoint_refuses_v1_tasks_and_needs_videos(folder, molmo2_data, tmp_path):  # noqa: F811
