@@ -199,6 +199,15 @@ def load(data, name, split="train", **kw):
     return molmo2.load(name, data["data"], split, video_dir=data["videos"], **kw)
 
 
+def test_corrupt_videos_are_counted_at_load_when_checked(data, tmp_path):
+    videos = tmp_path / "videos"
+    make_video(videos / "a.mp4")
+    (videos / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 cut short" * 10)
+    source = molmo2.load("molmo2_syn_captions_qa", data["data"], "CapQA", video_dir=str(videos), check_videos=True)
+    assert len(source) == 1 and source[0]["video"].endswith("a.mp4")
+    assert source.stats["corrupt_videos"] == 1 and source.stats["skipped"]["video_not_a_video_file"] == 1
+
+
 def test_captions(data):
     source = load(data, "molmo2_cap")
     assert len(source) == 1 and source.stats["missing_videos"] == 1

@@ -77,16 +77,34 @@ def _is_xy(point) -> bool:
 
 def _video_records(groups: dict, videos: VideoIndex, rows_read: int, skipped: collections.Counter,
                    video_of: Callable = lambda key: key) -> tuple[list, dict]:
-    """(video path, key, rows) for groups whose video is found; the rest are counted."""
-    records, missing = [], 0
+    """(video path, key, rows) for groups whose video is found (and, with `videos.check`, decodes);
+    the rest are counted."""
+    records, missing, corrupt, probed = [], 0, 0, {}
     for key, rows in groups.items():
         path = videos.lookup(video_of(key))
         if path is None:
             missing += 1
-        else:
-            records.append((path, key, rows))
-    return records, {"rows": rows_read, "kept_rows": sum(len(r[2]) for r in records),
-                     "videos": len(groups), "missing_videos": missing, "skipped": dict(skipped)}
+            continue
+        if videos.check:
+            if path not in probed:
+                probed[path] = _video_problem(path)
+            if probed[path] is not None:
+                corrupt += 1
+                skipped[f"video_{probed[path]}"] += 1
+                continue
+        records.append((path, key, rows))
+    return records, {"rows": rows_read, "kept_rows": sum(len(r[2]) for r in records), "videos": len(groups),
+                     "missing_videos": missing, "corrupt_videos": corrupt, "skipped": dict(skipped)}
+
+
+def _video_problem(path: str) -> str | None:
+    """The cause of `video.VideoDecodeError` for `path` ("zero_frames", ...), None when it is usable."""
+    from data_pipelines import video  # PyAV only when videos are checked
+    try:
+        video.probe(path)
+    except video.VideoDecodeError as e:
+        return next((c.replace(" ", "_") for c in video.CAUSES if c in str(e)), "undecodable")
+    return None
 
 
 def _by_video(rows: list[dict], key: str = "video_id") -> dict:
@@ -475,14 +493,16 @@ def spec(name: str) -> pixmo.Spec:
 
 
 def load(name: str, data_dir: str, split: str, *, video_dir: str | None = None, cache_dir: str | None = None,
-         manifest: str | None = None, image_dir: str | None = None, **record_args) -> pixmo.PixmoSource:
+         manifest: str | None = None, image_dir: str | None = None, check_videos: bool = False,
+         **record_args) -> pixmo.PixmoSource:
     """Source `name` from `data_dir/<HF folder>`: video sets find their videos in `video_dir` and/or the
-    download cache `cache_dir` (+ `manifest`), multi-image sets in the image cache `image_dir`."""
+    download cache `cache_dir` (+ `manifest`), probed at load with `check_videos`; image sets read the
+    image cache `image_dir`."""
     s = spec(name)
     args = {**dict(s.record_args), **record_args}
     if s.records is points_train_records and "exclude_urls" not in args:  # points-eval images are held out
         args["exclude_urls"] = pixmo.eval_image_urls(data_dir)
-    media = image_dir if name in IMAGE_SETS else VideoIndex(video_dir, cache_dir, manifest)
+    media = image_dir if name in IMAGE_SETS else VideoIndex(video_dir, cache_dir, manifest, check_videos)
     records, stats = s.records(os.path.join(data_dir, s.folder), split, media, **args)
     return pixmo.PixmoSource(f"{name}[{split}]", records, example_fn(name), stats)
 

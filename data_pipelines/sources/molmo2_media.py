@@ -14,7 +14,8 @@ found, in this order:
    `v_{id}` / `ytb_{id}` / `vimeo_{id}` prefixes (LLaVA-Video, CapEval), and `{prefix}-2fps/
    {name}_2fps.mp4` for ids with a slash (`sora2/name`). The folder is walked once per source.
 
-A video found in neither place is left out of the source and counted (`missing_videos`).
+A video found in neither place is left out of the source and counted (`missing_videos`); with
+`check=True` one that PyAV cannot use is too (`corrupt_videos`, its causes in `skipped`).
 """
 import json
 import os
@@ -69,7 +70,9 @@ class VideoIndex:
     """video_id -> local path, from the download cache (through a manifest) and/or a folder."""
 
     def __init__(self, video_dir: str | None = None, cache_dir: str | None = None,
-                 manifest: str | None = None):
+                 manifest: str | None = None, check: bool = False):
+        """check: probe every video found (PyAV demuxes it: slow on a large set) so that a corrupt
+        one is left out at load time and counted, instead of failing when its example is processed."""
         if video_dir is None and cache_dir is None:
             raise ValueError("Molmo2 video sets need videos: pass video_dir (a folder of videos) "
                              "and/or cache_dir + manifest (the download cache)")
@@ -92,6 +95,7 @@ class VideoIndex:
                             derived.setdefault(key, path)
             for key, path in derived.items():
                 self.files.setdefault(key, path)
+        self.check = check
         self.urls = read_manifest(manifest) if manifest else {}
         self.cache = ImageCache(cache_dir, sniff=sniff_video) if cache_dir else None
 
