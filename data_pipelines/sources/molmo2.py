@@ -11,8 +11,9 @@ image cache of `data_pipelines.download`.
 Bad rows never reach a worker: a row with a null field the example needs, a video or image that is
 not there, a clip that does not hold its annotations, are left out at load time and counted by cause
 in `source.stats["skipped"]` (plus `missing_videos` / `missing_images`). A video that is there but
-does not decode raises `video.VideoDecodeError` (a ValueError) when the example is processed, which
-the pipeline skips and counts as malformed.
+does not decode is left out and counted too with `check_videos=True` (`corrupt_videos`); without it,
+it raises `video.VideoDecodeError` (a ValueError) when the example is processed, which the pipeline
+skips and counts as malformed.
 
 The PixMo sets reused by Molmo2 go through `sources.pixmo` (its records and examples), regrouped as
 Molmo2's loaders do: "pixmo_points_train" / "pixmo_points_high_freq_train" / "pixmo_count_train" train
