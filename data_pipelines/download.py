@@ -27,6 +27,12 @@ No URL can stop the run: every URL ends in exactly one outcome:
     cached_failure                     -> an old official cache file that holds an error text
     unexpected_error                   -> anything else (type and message in the failure record)
 
+Molmo2: `--sets Molmo2-MultiImageQA` fetches the images of its `image_urls` lists the same way, and
+`--video-manifest MANIFEST --video-cache VIDEOS` the videos of a manifest (`{video_id: url}` JSON or JSONL
+rows with video_id, url, sha256; see `sources.molmo2_media`): same limits with `--video-max-mb`, a body
+counts only when its first bytes are a video container and PyAV finds frames in it (`not_video`,
+`bad_video` otherwise), stored as `VIDEOS/<sha256 of the URL>`.
+
 Failures are recorded in `IMAGES/failed/<key>.json` and not retried on the next run unless
 `--retry-failed` is given; a cached file that fails the checks is set aside as `failed/<key>.body`. Writes are atomic (temporary file + rename), so a killed run leaves no
 partial image behind, and a resumed run refetches nothing that is already cached.
@@ -40,15 +46,18 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 from data_pipelines import images
 from data_pipelines.fetch import FetchConfig, FetchError, fetch
-from data_pipelines.image_cache import SNIFF_BYTES, ImageCache, atomic_write, refuse_non_image, sniff_image
-from data_pipelines.sources import pixmo
+from data_pipelines.image_cache import (SNIFF_BYTES, ImageCache, atomic_write, refuse_non_image, refuse_non_video,
+                                        sniff_image, sniff_video)
+from data_pipelines.sources import molmo2_media, pixmo
 
 FOUND = ("downloaded", "cached")
+URL_SETS = pixmo.URL_SETS + ("Molmo2-MultiImageQA",)  # image URL lists of Molmo2 (column image_urls)
 # ImageDecodeError names its cause in the message (see its docstring); the rest is "undecodable".
 DECODE_CAUSES = (("decompression bomb", "too_many_pixels"), ("truncated or corrupt data", "corrupt_image"))
 
@@ -70,6 +79,36 @@ def check_image_bytes(body: bytes, expected_sha256: str | None = None) -> str | 
     return None
 
 
+def check_video_bytes(body: bytes, expected_sha256: str | None = None) -> str | None:
+    """None when `body` is a video that `video.probe` accepts (and matches `expected_sha256`), else the
+    cause: "sha_mismatch", "html" / "not_video", or "bad_video" (no stream, zero frames, truncated...)."""
+    if expected_sha256 and hashlib.sha256(body).hexdigest() != expected_sha256.lower():
+        return "sha_mismatch"
+    if (cause := refuse_non_video(body)) is not None:
+        return cause
+    from data_pipelines import video  # PyAV (the "video" extra) only when videos are fetched
+    with tempfile.NamedTemporaryFile(suffix=".video") as f:
+        f.write(body)
+        f.flush()
+        try:
+            video.probe(f.name)
+        except video.VideoDecodeError:
+            return "bad_video"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Media:
+    """What a cache holds: the full check of a body, the check of its first bytes, the file sniffer."""
+    check: Callable[[bytes, str | None], str | None]
+    head_check: Callable[[bytes], str | None]
+    sniff: Callable[[bytes], str | None]
+
+
+IMAGES = Media(check_image_bytes, refuse_non_image, sniff_image)
+VIDEOS = Media(check_video_bytes, refuse_non_video, sniff_video)
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageRequest:
     url: str
@@ -77,8 +116,9 @@ class ImageRequest:
 
 
 def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, retry_failed: bool = False,
-              check_sha: bool = True) -> str:
-    """Makes sure the image of `request` is cached; returns its outcome ("downloaded", "cached" or a cause)."""
+              check_sha: bool = True, media: Media = IMAGES) -> str:
+    """Makes sure the image (or video, with `media=VIDEOS`) of `request` is cached; returns its outcome
+    ("downloaded", "cached" or a cause)."""
     if not isinstance(request.url, str):
         return "bad_url"  # a null image_url in a parquet row: nothing to fetch and no key to record it under
     expected = request.sha256 if check_sha else None
@@ -86,11 +126,11 @@ def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, ret
     if os.path.exists(path):
         with open(path, "rb") as f:
             body = f.read()
-        cause = check_image_bytes(body, expected)
+        cause = media.check(body, expected)
         if cause is None:
             return "cached"
         kept = cache.set_aside(request.url)  # never left where sources would pick it up, never deleted
-        if sniff_image(body[:SNIFF_BYTES]) is None and not body.lstrip().startswith(b"<"):
+        if media.sniff(body[:SNIFF_BYTES]) is None and not body.lstrip().startswith(b"<"):
             cause = "cached_failure"  # official downloader wrote its exception text into the file
         cache.record_failure(request.url, cause, f"set aside as {kept}: {body[:200].decode('utf-8', 'replace')}")
         if not retry_failed:
@@ -98,8 +138,8 @@ def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, ret
     elif not retry_failed and (record := cache.failure(request.url)) is not None:
         return record["cause"]
     try:
-        body = fetch(request.url, config, refuse_non_image)
-        cause = check_image_bytes(body, expected)
+        body = fetch(request.url, config, media.head_check)
+        cause = media.check(body, expected)
         detail = f"{len(body)} bytes starting {body[:40]!r}"
     except FetchError as e:
         cause, detail = e.cause, e.detail
@@ -115,7 +155,7 @@ def get_image(request: ImageRequest, cache: ImageCache, config: FetchConfig, ret
 
 def download(datasets: dict[str, list[ImageRequest]], cache: ImageCache, config: FetchConfig = FetchConfig(),
              workers: int = 16, retry_failed: bool = False, check_sha: bool = True,
-             progress: bool = True) -> dict[str, collections.Counter]:
+             progress: bool = True, media: Media = IMAGES) -> dict[str, collections.Counter]:
     """Fetches every image of every dataset once (URLs shared by datasets are fetched once).
 
     Returns {dataset: Counter(outcome -> number of unique URLs)}; see the module docstring for outcomes.
@@ -133,7 +173,7 @@ def download(datasets: dict[str, list[ImageRequest]], cache: ImageCache, config:
         while True:
             # A bounded window of submitted URLs: 700k futures at once would cost gigabytes.
             for request in itertools.islice(todo, 4 * workers - len(pending)):
-                pending[pool.submit(get_image, request, cache, config, retry_failed, check_sha)] = request.url
+                pending[pool.submit(get_image, request, cache, config, retry_failed, check_sha, media)] = request.url
             if not pending:
                 break
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -211,14 +251,22 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--max-retry-after", type=float, default=FetchConfig.max_retry_after)
     parser.add_argument("--max-mb", type=float, default=FetchConfig.max_bytes / 2**20)
     parser.add_argument("--report", help="also write the availability report as JSON here")
+    parser.add_argument("--video-manifest", action="append", default=[],
+                        help="Molmo2 videos to fetch: {video_id: url} JSON or JSONL rows (repeatable)")
+    parser.add_argument("--video-cache", help="where the videos of --video-manifest go")
+    parser.add_argument("--video-max-mb", type=float, default=512.0,
+                        help="size cap of one video (a body is held in memory until it is checked: "
+                             "workers x this must fit)")
     args = parser.parse_args(argv)
 
+    if bool(args.video_manifest) != bool(args.video_cache):
+        parser.error("--video-manifest and --video-cache go together")
     sets = args.sets.split(",") if args.sets else [
-        s for s in pixmo.URL_SETS if os.path.isdir(os.path.join(args.data_dir, s))]
-    unknown = sorted(set(sets) - set(pixmo.URL_SETS))
-    if unknown or not sets:
+        s for s in URL_SETS if os.path.isdir(os.path.join(args.data_dir, s))]
+    unknown = sorted(set(sets) - set(URL_SETS))
+    if unknown or not (sets or args.video_manifest):
         parser.error(f"unknown --sets {unknown}" if unknown else f"no PixMo parquet folders in {args.data_dir}"
-                     + f"; URL-based sets are {list(pixmo.URL_SETS)}")
+                     + f"; URL-based sets are {list(URL_SETS)}")
     cache = ImageCache(args.cache_dir)
     for mirror in args.mirror:
         print(f"mirror {mirror}: {dict(import_mirror(mirror, cache, not args.no_check_sha))}")
@@ -227,6 +275,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     config = FetchConfig(deadline=args.deadline, max_retry_after=args.max_retry_after,
                          max_bytes=int(args.max_mb * 2**20), verify_tls=not args.insecure)
     report = download(datasets, cache, config, args.workers, args.retry_failed, not args.no_check_sha)
+    if args.video_manifest:
+        videos = {os.path.basename(m): [ImageRequest(url, sha) for url, sha in molmo2_media.read_manifest(m).values()]
+                  for m in args.video_manifest}
+        report.update(download(videos, ImageCache(args.video_cache, sniff=sniff_video),
+                               dataclasses.replace(config, max_bytes=int(args.video_max_mb * 2**20)), args.workers,
+                               args.retry_failed, not args.no_check_sha, media=VIDEOS))
     print(format_report(report))
     if args.report:
         atomic_write(args.report, json.dumps({k: dict(v) for k, v in report.items()}, indent=1).encode())

@@ -3,6 +3,7 @@
 A flat folder of raw image bytes named by sha256(URL), the layout of the official Molmo downloader, so an
 existing Molmo image folder (PIXMO_IMAGE_DIR) is reused as is, plus `failed/<key>.json` records of URLs
 that failed. This module sits below both `download` and `sources.pixmo`, so imports run one way.
+The Molmo2 video cache is the same layout with `sniff_video` (`sources.molmo2_media`).
 """
 import hashlib
 import json
@@ -34,6 +35,25 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
+def sniff_video(head: bytes) -> str | None:
+    """Video container from the first bytes, or None: MP4/MOV (an ISO box type at offset 4), Matroska /
+    WebM (the EBML magic), AVI (RIFF....AVI)."""
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def refuse_non_video(head: bytes) -> str | None:
+    """"html" or "not_video" when the first bytes of a body are no video container, else None."""
+    if sniff_video(head[:SNIFF_BYTES]) is None:
+        return "html" if head[:512].lstrip().startswith(b"<") else "not_video"
+    return None
+
+
 def refuse_non_image(head: bytes) -> str | None:
     """"html" or "not_image" when the first bytes of a body are no image signature, else None
     (a `fetch` head check: the rest of such a body is never read)."""
@@ -43,10 +63,11 @@ def refuse_non_image(head: bytes) -> str | None:
 
 
 class ImageCache:
-    """Flat folder of images keyed by sha256(url), plus `failed/<key>.json` failure records."""
+    """Flat folder of images keyed by sha256(url), plus `failed/<key>.json` failure records.
+    `sniff` tells a cached file from an error text (`sniff_video` for the video cache)."""
 
-    def __init__(self, root: str):
-        self.root = root
+    def __init__(self, root: str, sniff=sniff_image):
+        self.root, self.sniff = root, sniff
         self.failed_dir = os.path.join(root, "failed")  # created on the first failure (readers never write)
 
     def path(self, url: str) -> str:
@@ -57,7 +78,7 @@ class ImageCache:
         path = self.path(url)
         try:
             with open(path, "rb") as f:
-                return path if sniff_image(f.read(SNIFF_BYTES)) else None
+                return path if self.sniff(f.read(SNIFF_BYTES)) else None
         except FileNotFoundError:
             return None
 

@@ -33,6 +33,10 @@ VFR_TOLERANCE = 0.25
 MAX_CANDIDATE_FPS = 8  # the official "fps" mode never samples faster
 
 
+CAUSES = ("unreadable file", "not a video file", "no video stream", "zero frames", "absurd dimensions",
+          "variable frame rate", "truncated or corrupt data")  # what a VideoDecodeError message names
+
+
 class VideoDecodeError(ValueError):
   """A video cannot be used. The message names the file and one cause: 'unreadable file',
   'not a video file', 'no video stream', 'zero frames', 'absurd dimensions', 'variable frame

@@ -64,3 +64,34 @@ def test_every_epoch_is_a_permutation():
         epochs = np.array(draws[d][:full]).reshape(-1, n)
         assert all(sorted(e) == list(range(n)) for e in epochs), f"dataset {d} repeats within an epoch"
         assert len({tuple(e) for e in epochs}) > 1, "each epoch should be reshuffled"
+
+
+def test_molmo2_sft_rates_follow_the_official_weighted_datasets():
+    """launch_scripts/sft.py "molmo2": group rates; a dataset's share is sampling_rate * sqrt(size), with
+    root_size_factor >= 1 replacing the size (so each video pointing bucket counts as size 1)."""
+    groups = get_mixture("molmo2")
+    sizes = {d: 10_000 for d in mixture_datasets(groups)}
+    sizes["pixmo_ask_model_anything"] = 40_000
+    rates = mixture_rates(groups, sizes)
+    assert math.isclose(sum(rates.values()), 1.0)
+    # the official group rates add up to 1.1; _build_mixture divides every rate by the total
+    for group, expected in zip(groups, (0.15, 0.2, 0.25, 0.15, 0.15, 0.1, 0.0995, 0.0005)):
+        assert math.isclose(sum(rates[d] for d in group.datasets), expected / 1.1)
+    # video pointing: 0.4 / 0.3 / 0.1 / 0.2 of the group's 0.15, whatever the sizes
+    for name, share in (("molmo2_video_point_minmax_0_5", 0.4), ("molmo2_video_point_minmax_6_25", 0.3),
+                        ("molmo2_video_point_minmax_26_60", 0.1), ("academic_points_clip_63s_2fps", 0.2)):
+        assert math.isclose(rates[name], 0.15 * share / 1.1)
+    # captions: sampling_rate 1.5 on sqrt(size); PixMo-Cap counts as 100,000
+    assert math.isclose(rates["molmo2_cap"] / rates["pixmo_ask_model_anything"], 1.5 * math.sqrt(10_000 / 40_000))
+    assert math.isclose(rates["pixmo_cap"] / rates["molmo2_human_qa"], math.sqrt(100_000 / 10_000))
+    # tracking: subgroup rate / 1.11 each; ViCaS counts as 30,000
+    assert math.isclose(rates["mevis_track"] / rates["burst_track"], 0.4 / 0.05)
+    assert math.isclose(rates["mevis_track"] / rates["vicas_track"], math.sqrt(10_000 / 30_000))
+    assert math.isclose(rates["mevis_ground"] / rates["tnllt_single_point_track"], 0.2 / 0.1)
+    assert math.isclose(rates["pixmo_multi_points"] / rates["cosyn_point"], math.sqrt(200_000 / 10_000))
+
+
+def test_molmo2_pretrain_rates():
+    rates = mixture_rates(get_mixture("molmo2_pretrain"), {d: 100 for d in mixture_datasets(get_mixture("molmo2_pretrain"))})
+    assert math.isclose(rates["pixmo_cap_with_transcripts"], 0.6) and math.isclose(rates["tulu4_max_2304"], 0.1)
+    assert math.isclose(rates["cosyn_point"], 0.3 / 4)

@@ -68,13 +68,19 @@ def read_parquet(folder: str, split: str, columns: Sequence[str], optional: Sequ
 
 
 def image_urls(folder: str) -> list[tuple[str, str | None]]:
-    """Unique (image_url, image_sha256 or None) of every split of a URL-based set, in file order."""
+    """Unique (image_url, image_sha256 or None) of every split of a URL-based set, in file order
+    (the URLs of an `image_urls` list column for the Molmo2 multi-image sets)."""
     files = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
     if not files:
         raise FileNotFoundError(f"no parquet files under {folder}")
     urls: dict[str, str | None] = {}
     for file in files:
         names = pq.ParquetFile(file).schema_arrow.names
+        if "image_urls" in names and "image_url" not in names:  # Molmo2 multi-image sets: a list per row
+            for row in pq.read_table(file, columns=["image_urls"]).column("image_urls").to_pylist():
+                for url in row or ():
+                    urls.setdefault(url, None)
+            continue
         if "image_url" not in names:
             raise ValueError(f"{file}: no image_url column (found {names})")
         table = pq.read_table(file, columns=["image_url"] + (["image_sha256"] if "image_sha256" in names else []))
@@ -284,7 +290,7 @@ def _base(record, **fields) -> dict:
     return {"image": image, "metadata": {**metadata, **fields.pop("metadata", {})}, **fields}
 
 
-def _no_point_prefix(question: str, rng: np.random.RandomState) -> str:
+def no_point_prefix(question: str, rng: np.random.RandomState) -> str:
     if re.fullmatch("how many.*", question.lower(), flags=re.DOTALL):
         return NO_POINT_PREFIXES[rng.randint(0, len(NO_POINT_PREFIXES))] + question
     return question
@@ -310,24 +316,25 @@ def cap_example(record, rng, mode: str = "captions") -> dict:
 def ask_model_anything_example(record, rng) -> dict:
     """PixMo-AMA: human-written `user_qa` questions and answers."""
     return _base(record, message_list=[
-        {"question": _no_point_prefix(r["question"], rng), "answer": r["answer"], "style": "user_qa"}
+        {"question": no_point_prefix(r["question"], rng), "answer": r["answer"], "style": "user_qa"}
         for r in record[2]])
 
 
-def cap_qa_example(record, rng) -> dict:
-    """PixMo-CapQA: `synthetic_qa` conversations (`messages`, user/assistant alternating)."""
+def cap_qa_example(record, rng, style: str = "synthetic_qa") -> dict:
+    """PixMo-CapQA: `style` conversations (`messages`, user/assistant alternating)."""
     convs = []
     for row in record[2]:
         turns = list(row.get("messages") or [row["question"], row["answer"]])
-        turns[::2] = [_no_point_prefix(q, rng) for q in turns[::2]]
-        convs.append({"messages": turns, "style": "synthetic_qa"})
+        turns[::2] = [no_point_prefix(q, rng) for q in turns[::2]]
+        convs.append({"messages": turns, "style": style})
     return _base(record, message_list=convs)
 
 
-def points_example(record, rng, style: str) -> dict:
-    """PixMo-Points: one message per expression, points float32[N, 2] (pixels, or 0-100 with point_scale)."""
+def points_example(record, rng, style: str | None = None) -> dict:
+    """PixMo-Points: one message per expression, points float32[N, 2] (pixels, or 0-100 with point_scale);
+    style None: each row's own "style" (the Molmo2 variants that train both styles)."""
     return _base(record, message_list=[
-        {"label": r["label"], "points": points_xy(r["points"]), "style": style,
+        {"label": r["label"], "points": points_xy(r["points"]), "style": style or r["style"],
          **({"point_scale": r["point_scale"]} if "point_scale" in r else {})} for r in record[2]])
 
 
@@ -340,10 +347,11 @@ def point_explanation_example(record, rng) -> dict:
         for r in record[2]])
 
 
-def count_example(record, rng, style: str) -> dict:
-    """PixMo-Count: points (pixels) where published (train); validation/test carry the checked count."""
+def count_example(record, rng, style: str | None = None) -> dict:
+    """PixMo-Count: points (pixels) where published (train); validation/test carry the checked count
+    (style None: the row's own "style", as for points_example)."""
     row = record[2][0]
-    out = _base(record, label=row["label"], style=style, metadata={"count": row["count"]})
+    out = _base(record, label=row["label"], style=style or row["style"], metadata={"count": row["count"]})
     if row["points"]:
         out["points"] = points_xy(row["points"])
     return out
@@ -360,10 +368,10 @@ def points_eval_example(record, rng) -> dict:
 def docs_example(record, rng, style: str) -> dict:
     image, key, (row,) = record
     return {"image": image, "metadata": {"image_id": key},
-            "message_list": [{"question": q, "answer": a, "style": style} for q, a in _qa_pairs(row["questions"])]}
+            "message_list": [{"question": q, "answer": a, "style": style} for q, a in qa_pairs(row["questions"])]}
 
 
-def _qa_pairs(questions) -> list[tuple[str, str]]:
+def qa_pairs(questions) -> list[tuple[str, str]]:
     """HF `Sequence({question, answer})` is stored as {question: [...], answer: [...]}; accept a list too."""
     if isinstance(questions, dict):
         return list(zip(questions["question"], questions["answer"]))

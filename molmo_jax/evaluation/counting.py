@@ -11,7 +11,7 @@ _WORD_TO_NUMBER = {word: n for n, word in enumerate(
 _A_TOTAL_OF = re.compile(r".*a total of ([0-9]+).*")
 # Upstream writes ".*\bnone\b.*" as a NON-raw string, so "\b" is a backspace character and
 # "There are none." is not parsed as 0: only text containing "\x08none\x08" ever matches.
-_NONE = re.compile(".*\x08none\x08.*")
+NEVER_MATCHING_NONE = re.compile(".*\x08none\x08.*")
 _NONE_INTENDED = re.compile(r"\bnone\b")
 
 
@@ -20,7 +20,7 @@ def parse_count(prediction: str, read_none: bool = False) -> int | None:
 
     Tried in order on the lower-cased answer without trailing dots: the last word as a Python int
     ("+7", "-2" and Unicode digits are accepted; "3.0" is not), the last word as a number word up to
-    twenty, "a total of N" on the first line, then the (never matching, see `_NONE`) "none" rule.
+    twenty, "a total of N" on the first line, then the (never matching, see `NEVER_MATCHING_NONE`) "none" rule.
     So "There are 3 dogs." is invalid. read_none=True applies the "none" rule as upstream meant it
     (the word "none" -> 0), so the official zero-count answer "There are none." reads as 0.
     """
@@ -35,7 +35,7 @@ def parse_count(prediction: str, read_none: bool = False) -> int | None:
     match = _A_TOTAL_OF.match(pred)
     if match:
         return int(match.group(1))
-    if _NONE.match(pred) or (read_none and _NONE_INTENDED.search(pred)):
+    if NEVER_MATCHING_NONE.match(pred) or (read_none and _NONE_INTENDED.search(pred)):
         return 0
     return None
 

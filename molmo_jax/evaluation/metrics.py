@@ -19,15 +19,26 @@ Metric -> record fields (an alternative name in parentheses):
                                           nested lists) or mask_key into the masks file
   math_vista (no-judge fallback):         prediction, answer, question_type, answer_type,
                                           choices, precision
+Molmo2 (video_metrics.py; masks are bool[H, W] nested lists or COCO RLE {"size", "counts"}):
+  video_point:                            prediction, video_wh, video_duration, gt_triplets [[t, x, y]
+                                          px], gt_masks [per point {time: mask}]
+  video_count:                            prediction, count (gt_count)
+  video_track:                            prediction, video_wh, video_fps, gt_tracks [{frame, points:
+                                          {object: {point: [x, y]}}}], gt_masks {object: [mask per
+                                          frame or None] or [{frame, mask}]}
+  nextqa_mc, muir_bench_mc:               prediction, options, answer (the letter) or answer_idx
+  perception_test_mc:                     prediction, answer_idx
+  mlvu_mc:                                prediction, answer (the letter)
 """
 import numbers
 import random
+import string
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from data_pipelines.jsonl import is_finite_number, show
-from molmo_jax.evaluation import counting, mathvista, mmmu, pointing, vqa_metrics
+from molmo_jax.evaluation import counting, mathvista, mmmu, pointing, video_metrics, vqa_metrics
 
 
 class RecordError(ValueError):
@@ -208,6 +219,97 @@ def _math_vista(record, masks):
         _field(record, "precision", default=None))
 
 
+def _size(record, *names: str) -> list:
+    value = _field(record, *names)
+    value = value.tolist() if isinstance(value, np.ndarray) else value
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_finite_number(v) and v >= 1 for v in value)):
+        raise RecordError(_name(record, names), f"expected [width, height] in pixels, got {show(value)}")
+    return list(value)
+
+
+def _positive(record, *names: str) -> float:
+    value = _field(record, *names)
+    if not (is_finite_number(value) and value > 0):
+        raise RecordError(_name(record, names), f"expected a positive number, got {show(value)}")
+    return float(value)
+
+
+def _timed_masks(record) -> list[dict]:
+    """gt_masks of video_point: per ground-truth point {time: bool[H, W]} (JSON keys are strings)."""
+    value = _field(record, "gt_masks")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, Mapping) for m in value):
+        raise RecordError("gt_masks", f"expected a list of {{time: mask}} objects, got {show(value)}")
+    try:
+        return [{float(t): video_metrics.as_mask(m) for t, m in masks.items()} for masks in value]
+    except (TypeError, ValueError) as e:
+        raise RecordError("gt_masks", f"cannot read a time or a mask ({e})") from e
+
+
+def _video_point(record, masks):
+    triplets = _field(record, "gt_triplets")
+    if not (isinstance(triplets, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 3 and all(is_finite_number(v) for v in p) for p in triplets)):
+        raise RecordError("gt_triplets", f"expected a list of [t, x, y] numbers, got {show(triplets)}")
+    gt_masks = _timed_masks(record)
+    if len(gt_masks) != len(triplets):
+        raise RecordError("gt_masks", f"{len(gt_masks)} mask sets for {len(triplets)} ground-truth points")
+    width, height = _size(record, "video_wh")
+    result = video_metrics.video_point_score(_text(record, "prediction"), triplets, gt_masks,
+                                             _positive(record, "video_duration"), width, height)
+    return {"score": result["f1"], **result}
+
+
+def _video_count(record, masks):
+    result = video_metrics.video_count_score(_text(record, "prediction"), _integer(record, "count", "gt_count"))
+    return {"score": result["correct"], **result}
+
+
+def _video_track(record, masks):
+    tracks, gt_masks = _field(record, "gt_tracks"), _field(record, "gt_masks")
+    if not (isinstance(tracks, (list, tuple)) and all(isinstance(t, Mapping) and "frame" in t and "points" in t
+                                                      for t in tracks)):
+        raise RecordError("gt_tracks", f"expected a list of {{frame, points}} objects, got {show(tracks)}")
+    if not isinstance(gt_masks, Mapping):
+        raise RecordError("gt_masks", f"expected {{object: masks}}, got {show(gt_masks)}")
+    width, height = _size(record, "video_wh")
+    result = video_metrics.track_score(_text(record, "prediction"), tracks, gt_masks, int(width), int(height),
+                                       _positive(record, "video_fps"))
+    return {"score": result["f1"], **result}
+
+
+def _letter_answer(record, options) -> str:
+    if "answer_idx" in record:
+        index = _integer(record, "answer_idx")
+        return string.ascii_uppercase[index] if 0 <= index < len(options) else ""
+    return _text(record, "answer")
+
+
+def _nextqa(record, masks):
+    options = _strings(record, "options")
+    if len(options) < 5:
+        raise RecordError("options", f"NExT-QA answers are read against 5 options, got {len(options)}")
+    choice = video_metrics.nextqa_choice(_text(record, "prediction"), options, random.Random(42))
+    return {"score": float(choice == _letter_answer(record, options)), "choice": choice}
+
+
+def _muir_bench(record, masks):
+    options = _strings(record, "options")
+    if not options:
+        raise RecordError("options", "empty list: there is no option to select")
+    choice = video_metrics.muir_bench_choice(_text(record, "prediction"), options, random.Random(42))
+    return {"score": float(choice == _letter_answer(record, options)), "choice": choice}
+
+
+def _perception_test(record, masks):
+    choice = video_metrics.perception_test_choice(_text(record, "prediction"))
+    return {"score": float(choice == _integer(record, "answer_idx")), "selected_index": choice}
+
+
+def _mlvu(record, masks):
+    choice = video_metrics.mlvu_choice(_text(record, "prediction"))
+    return {"score": float(choice == _text(record, "answer")), "choice": choice}
+
+
 METRICS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray] | None], dict]] = {
     "vqa_score": _vqa,
     "anls": _anls,
@@ -221,6 +323,13 @@ METRICS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray] | None]
     "clock": _clock,
     "pointing": _pointing,
     "math_vista": _math_vista,
+    "video_point": _video_point,
+    "video_count": _video_count,
+    "video_track": _video_track,
+    "nextqa_mc": _nextqa,
+    "muir_bench_mc": _muir_bench,
+    "perception_test_mc": _perception_test,
+    "mlvu_mc": _mlvu,
 }
 
 

@@ -54,7 +54,7 @@ def extract_points(text: str, image_w: float, image_h: float) -> list[np.ndarray
     return points
 
 
-def _inside(point: np.ndarray, mask: np.ndarray) -> bool:
+def point_in_mask(point: np.ndarray, mask: np.ndarray) -> bool:
     """Whether a pixel point lies in a bool[H, W] mask; Python `round` (half-to-even) per axis."""
     height, width = mask.shape
     x, y = int(round(point[0])), int(round(point[1]))
@@ -87,7 +87,7 @@ def pointing_score(prediction: str, gt_points: Sequence[Sequence[float]], masks:
         return {**result, "precision": 0.0, "recall": 0.0, "f1": 0.0}
     points = np.stack(points)
     rows, cols = linear_sum_assignment(cdist(points, np.asarray(gt_points, np.float64)))
-    correct = sum(_inside(points[i], np.asarray(masks[j])) for i, j in zip(rows, cols))
+    correct = sum(point_in_mask(points[i], np.asarray(masks[j])) for i, j in zip(rows, cols))
     precision, recall = correct / len(points), correct / len(masks)
     f1 = 0.0 if precision == 0 or recall == 0 else 2 * precision * recall / (precision + recall + 1e-10)
     return {**result, "precision": precision, "recall": recall, "f1": f1}

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SCORES_FILE = "scores.json"
 
 
-def _json_default(value):
+def json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -110,17 +110,18 @@ def evaluate_task(predictor: Predictor, task: Task, data_dir: str | pathlib.Path
                 prompt = predictor.tokenizer.decode(inputs["input_tokens"])
                 row = {"id": example.id, "prompt": prompt, "prediction": answer.text,
                        "record": example.record, "score": scored.pop("score"), "details": scored}
-                out.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+                out.write(json.dumps(row, ensure_ascii=False, default=json_default) + "\n")
             out.flush()
     summary = summarize(read_finished(path))
-    _update_scores(out_dir, task, summary)
+    update_scores(out_dir, task.name, task.metric, summary)
     return summary
 
 
-def _update_scores(out_dir: pathlib.Path, task: Task, summary: dict) -> None:
+def update_scores(out_dir: pathlib.Path, name: str, metric: str, summary: dict) -> None:
+    """Puts task `name`'s summary into `<out_dir>/scores.json`, keeping the other tasks'."""
     path = out_dir / SCORES_FILE
     scores = json.loads(path.read_text()) if path.exists() else {}
-    scores[task.name] = {"metric": task.metric, **summary}
+    scores[name] = {"metric": metric, **summary}
     path.write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
 
 

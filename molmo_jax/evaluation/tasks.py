@@ -60,13 +60,13 @@ class Task:
                                  f"{e}); the row has columns {sorted(row)}") from e
             if built is None:
                 continue
-            image = built.get("image", _image(row.get(self.image_column)))
+            image = built.get("image", image_value(row.get(self.image_column)))
             example_id = str(row[self.id_column]) if self.id_column and self.id_column in row else str(index)
             yield TaskExample(example_id, built["example"], image, built["record"], built.get("masks"))
             yielded += 1
 
 
-def _image(value: Any) -> Any:
+def image_value(value: Any) -> Any:
     """HF parquet images are structs {"bytes", "path"}; plain bytes / paths pass through."""
     if isinstance(value, dict):
         return value.get("bytes") or value.get("path")
@@ -114,7 +114,7 @@ def _multiple_choice(style: str, options: str, answer: str) -> Callable:
 
 
 def _image_only(build: Callable) -> Callable:
-    return lambda row: build(row) if _image(row.get("image")) is not None else None
+    return lambda row: build(row) if image_value(row.get("image")) is not None else None
 
 
 def _a_okvqa_da(row):
@@ -141,7 +141,7 @@ def _mmmu(row):
         options = ast.literal_eval(row["options"]) if isinstance(row["options"], str) else list(row["options"])
         example["options"] = options
         record["options"] = options
-    return {"example": example, "record": record, "image": _image(row.get("image_1"))}
+    return {"example": example, "record": record, "image": image_value(row.get("image_1"))}
 
 
 def _math_vista(row):
@@ -151,7 +151,7 @@ def _math_vista(row):
     example = {"question": question, "style": "eval_short_answer"}
     if row["question_type"] == "multi_choice":
         example.update(options=choices, style="eval_multiple_choice")
-    return {"example": example, "image": _image(row.get("decoded_image")),
+    return {"example": example, "image": image_value(row.get("decoded_image")),
             "record": {"answer": row["answer"], "question_type": row["question_type"],
                        "answer_type": row["answer_type"], "choices": choices, "precision": row.get("precision")}}
 
@@ -180,7 +180,7 @@ def _pointing(row):
     rows have no points and no masks (their score does not depend on the image size)."""
     points = [[p["x"], p["y"]] for p in row["points"]]
     if not points:
-        w, h = _image_wh(_image(row["image"]))
+        w, h = _image_wh(image_value(row["image"]))
         return {"example": {"label": row["label"], "style": "pointing"}, "masks": np.zeros((0, h, w), bool),
                 "record": {"gt_points_px": [], "image_wh": [w, h]}}
     masks = np.asarray(row["masks"], bool)
