@@ -23,8 +23,8 @@ CONFIG = molmo2_config.TINY_MOLMO2_QWEN3
 BOS, EOS = 1, 2
 VISION_IDS = tuple(range(500, 508))  # the tiny config's image / frame tokens and markers
 PATCHES = CONFIG.vision.num_patches  # 36: 6x6 patches of 4 px
-PACK = mp.Molmo2PackConfig(seq_len=80, max_crops=4, crop_patches=PATCHES, patch_dim=CONFIG.vision.patch_dim,
-                           max_pooled_tokens=32, pool_width=4, vision_token_ids=VISION_IDS)
+PACK = mp.Molmo2PackConfig(seq_len=112, max_crops=6, crop_patches=PATCHES, patch_dim=CONFIG.vision.patch_dim,
+                           max_pooled_tokens=40, pool_width=9, vision_token_ids=VISION_IDS)
 
 
 def image_media(crops: int, seed: int):
@@ -38,21 +38,34 @@ def image_media(crops: int, seed: int):
     return prefix, {"pixel_values": pixels, "image_token_pooling": pooling}
 
 
+def video_media(frames: int, seed: int):
+    """(prefix ids, processor arrays) of a video: 3x3 pooling of each frame's 6x6 patches -> 4
+    tokens per frame, each frame [frame_start][im_patch x 4][frame_end] (timestamps left out)."""
+    rng = np.random.default_rng(seed)
+    windows = np.arange(PATCHES).reshape(2, 3, 2, 3).transpose(0, 2, 1, 3).reshape(4, 9)
+    pooling = np.concatenate([windows + f * PATCHES for f in range(frames)]).astype(np.int32)
+    frame = [CONFIG.frame_start_token_id] + [CONFIG.image_patch_id] * 4 + [CONFIG.frame_end_token_id]
+    pixels = rng.uniform(-1, 1, (frames, PATCHES, CONFIG.vision.patch_dim)).astype(np.float32)
+    return [BOS] + frame * frames, {"pixel_values_videos": pixels, "video_token_pooling": pooling}
+
+
 def text(rng, n):
     return rng.integers(3, 400, n).tolist()
 
 
 @pytest.fixture(scope="module")
 def examples():
-    """Three examples: one image + one conversation, two crops + a message tree of three
-    conversations (one of them two turns), text only; each with its prefix and conversations."""
+    """Four examples: one image + one conversation, two crops + a message tree of three
+    conversations (one of them two turns), text only, a video of two frames; each with its prefix,
+    conversations and processor arrays (image pooling 4 wide, video 9)."""
     rng = np.random.default_rng(0)
     prefix_a, media_a = image_media(1, 1)
     prefix_b, media_b = image_media(2, 2)
+    prefix_d, media_d = video_media(2, 3)
     tree = [[text(rng, 4), text(rng, 3)], [text(rng, 3), text(rng, 2), text(rng, 2), text(rng, 3)],
             [text(rng, 5), text(rng, 2)]]
     return [(prefix_a, [[text(rng, 5), text(rng, 4)]], media_a), (prefix_b, tree, media_b),
-            ([BOS], [[text(rng, 4), text(rng, 3)]], {})]
+            ([BOS], [[text(rng, 4), text(rng, 3)]], {}), (prefix_d, [[text(rng, 4), text(rng, 3)]], media_d)]
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +150,21 @@ def test_pack_layout(packed):
     built, row = packed
     lengths = [b["input_ids"].size for b in built]
     starts = np.cumsum([0] + lengths)
-    assert row["examples"] == 3 and row["input_ids"].shape == (PACK.seq_len,)
+    assert row["examples"] == 4 and row["input_ids"].shape == (PACK.seq_len,)
     for j, (b, s) in enumerate(zip(built, starts)):
         span = slice(s, s + lengths[j])
         np.testing.assert_array_equal(row["position_ids"][span], b["position_ids"])
         np.testing.assert_array_equal(row["subsegment_ids"][span],
                                       j * mp.EXAMPLE_SUBSEGMENT_INCREMENT + b.get("subsegment_ids", 0))
     assert np.all(row["input_ids"][starts[-1]:] == -1) and np.all(row["loss_masks"][starts[-1]:] == -1)
-    # Example 1's pooling points past example 0's crop; padding rows and crops are -1.
-    np.testing.assert_array_equal(row["token_pooling"][9:27], built[1]["image_token_pooling"] + PATCHES)
-    assert np.all(row["token_pooling"][27:] == -1) and np.all(row["pixel_values"][3:] == -1)
+    # Pooling points past the crops / frames of the examples before; image rows are widened to the
+    # video's 9 slots with -1; padding rows and crops are -1.
+    np.testing.assert_array_equal(row["token_pooling"][9:27, :4], built[1]["image_token_pooling"] + PATCHES)
+    np.testing.assert_array_equal(row["token_pooling"][27:35], built[3]["video_token_pooling"] + 3 * PATCHES)
+    assert np.all(row["token_pooling"][:27, 4:] == -1) and np.all(row["token_pooling"][35:] == -1)
     np.testing.assert_array_equal(row["pixel_values"][1:3], built[1]["pixel_values"])
+    np.testing.assert_array_equal(row["pixel_values"][3:5], built[3]["pixel_values_videos"])
+    assert np.all(row["pixel_values"][5:] == -1)
     assert row["mm_token_type_ids"].sum() == sum(np.isin(b["input_ids"], VISION_IDS).sum() for b in built)
 
 
@@ -287,7 +304,8 @@ def run(model, row, subsegments=True):
 def test_packed_logits_equal_each_example_alone(models, examples, packed, impl):
     """Every example of the row, and every conversation of the message tree with the shared
     prefix, gives the logits, targets and 0/1 loss masks it gives alone (alone = its own row,
-    right-padded to the same shapes, without subsegment ids, reference attention)."""
+    right-padded to the row's length and its own pooling width, without subsegment ids, reference
+    attention)."""
     built, row = packed
     logits = run(models[impl], row)
     start = 0
@@ -302,6 +320,8 @@ def test_packed_logits_equal_each_example_alone(models, examples, packed, impl):
             has_loss = alone["loss_masks"] > 0
             np.testing.assert_array_equal(row["target_tokens"][at][has_loss], alone["target_tokens"][has_loss])
             np.testing.assert_array_equal(row["loss_masks"][at], alone["loss_masks"])
-            single = run(models["reference"], mp.pack_examples([alone], PACK), subsegments=False)
+            width = media.get("image_token_pooling", np.zeros((0, PACK.pool_width))).shape[1]  # its own K
+            single = run(models["reference"], mp.pack_examples([alone], dataclasses.replace(PACK, pool_width=width)),
+                         subsegments=False)
             np.testing.assert_allclose(logits[at], single[:at.size], atol=1e-5, rtol=1e-5)
         start += n
