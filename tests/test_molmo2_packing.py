@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 from data_pipelines import molmo2_packing as mp
 from molmo_jax.model import molmo2_config
 from molmo_jax.model.attention_mask import AttentionMask
 from molmo_jax.model.molmo2 import Molmo2, image_block_ids
+from molmo_jax.train import loss as loss_lib
 
 CONFIG = molmo2_config.TINY_MOLMO2_QWEN3
 BOS, EOS = 1, 2
@@ -221,6 +223,36 @@ def test_dynamic_packer():
 
 def _crops(example):
     return example["pixel_values"].shape[0] if "pixel_values" in example else 0
+
+
+def test_packed_loss_weights_and_normalisation(examples):
+    """SFT weights in a packed row (a pointing set's flat 0.2 beside a default-weighted message
+    tree), and the trainer's loss over it equals the official one: CE of every target with
+    loss_masks > 0 (labels -100 elsewhere), dotted with the clamped weights, divided by their sum."""
+    (prefix_a, convs_a, media_a), (prefix_b, convs_b, media_b) = examples[:2]
+    built = [{**mp.build_example(prefix_a, convs_a, eos=EOS, weight=mp.message_weight("cosyn_point")), **media_a},
+             {**mp.build_example(prefix_b, convs_b, eos=EOS, weight=mp.message_weight("pixmo_ask_model_anything")),
+              **media_b}]
+    row = mp.pack_examples(built, PACK)
+    n_a = built[0]["input_ids"].size
+    np.testing.assert_allclose(row["loss_masks"][:n_a][row["loss_masks"][:n_a] > 0], 0.2, rtol=1e-6)
+    sub_b = built[1]["subsegment_ids"]
+    for k, conv in enumerate(convs_b):
+        answers = sum(len(m) + 1 for m in conv[1::2]) - 1  # the last answer's EOS is not counted
+        w = row["loss_masks"][n_a:n_a + sub_b.size][(sub_b == k) & (built[1]["loss_masks"] > 0)]
+        np.testing.assert_allclose(w, 2 / np.sqrt(answers) / np.sqrt(len(convs_b)), rtol=1e-6)
+
+    logits = np.random.default_rng(0).normal(size=(1, PACK.seq_len, 64)).astype(np.float32)
+    targets = np.where(row["target_tokens"] >= 0, row["target_tokens"] % 64, -1)[None]
+    weights = np.maximum(row["loss_masks"], 0)[None]
+    sums = loss_lib.weighted_token_losses(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), 0.0)
+    ours = float(loss_lib.normalised_loss(sums, sums["weight_sum"]))
+    masks = torch.from_numpy(row["loss_masks"])
+    labels = torch.from_numpy(targets[0]).long().masked_fill(~(masks > 0), -100)
+    ce = torch.nn.functional.cross_entropy(torch.from_numpy(logits[0]), labels, ignore_index=-100, reduction="none")
+    clamped = masks * (masks > 0)
+    official = float(torch.dot(ce, clamped) / clamped.sum())
+    np.testing.assert_allclose(ours, official, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the mask
