@@ -11,7 +11,11 @@ pooled features of the tokens with any valid slot, in order, are ADDED to the em
 the `image_patch_id` tokens in row-major order (transformers' masked_scatter of
 embedding + feature). The decoder mask is causal plus padding, with every token whose
 `mm_token_type_ids` is 1 (image / frame tokens and their markers) seeing every other such
-token of its sequence both ways.
+token of its sequence both ways. Packed rows (data_pipelines/molmo2_packing.py) add
+`subsegment_ids`: a query sees only keys whose subsegment id is >= its own (its own example,
+and within a message tree the shared prefix but not the sibling answers), and the image tokens
+see each other both ways only within one example (id // EXAMPLE_SUBSEGMENT_INCREMENT), as the
+official Molmo2 model builds its mask (olmo/models/molmo2/molmo2.py, `forward`).
 
     model = Molmo2(config, rngs=nnx.Rngs(0))
     logits = model(input_ids, pixel_values, token_pooling, attention_mask=..., mm_token_type_ids=...)
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.molmo2_packing import EXAMPLE_SUBSEGMENT_INCREMENT
 from molmo_jax.model.adapter import Adapter
 from molmo_jax.model.llm import LLM
 from molmo_jax.model.molmo import _check_shape
@@ -58,6 +63,16 @@ def check_placeholders(placeholder, token_pooling) -> None:
     if tokens != features:
         raise ValueError(f"image features and image tokens do not match: {tokens} image_patch_id tokens, "
                          f"{features} pooled tokens in token_pooling")
+
+
+def image_block_ids(mm_token_type_ids: jax.Array, subsegment_ids: Optional[jax.Array] = None) -> jax.Array:
+    """int[B, L] -> int32[B, L] bidirectional block ids: the image tokens (type 1) of one example
+    share a block, 1 + its index in a packed row (subsegment_ids // EXAMPLE_SUBSEGMENT_INCREMENT);
+    every other token (padding: subsegment -1) is in none (0)."""
+    is_image = (mm_token_type_ids == 1).astype(jnp.int32)
+    if subsegment_ids is None:
+        return is_image
+    return is_image * jnp.maximum(subsegment_ids // EXAMPLE_SUBSEGMENT_INCREMENT + 1, 0)
 
 
 class Molmo2(nnx.Module):
@@ -101,20 +116,25 @@ class Molmo2(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
                  token_pooling: Optional[jax.Array] = None, *, attention_mask: Optional[jax.Array] = None,
-                 position_ids: Optional[jax.Array] = None, mm_token_type_ids: Optional[jax.Array] = None):
+                 position_ids: Optional[jax.Array] = None, mm_token_type_ids: Optional[jax.Array] = None,
+                 subsegment_ids: Optional[jax.Array] = None):
         """input_ids: int32[B, L]; pixel_values: float32[N, P, D] or None; token_pooling: int[M, K];
         attention_mask: [B, L] (1 = token, 0 = padding; None = all tokens); position_ids: int[B, L]
         (default 0..L-1, as transformers); mm_token_type_ids: int[B, L] (1 = image token; None =
-        plain causal, as transformers without them). Returns logits float32[B, L, V]."""
+        plain causal, as transformers without them); subsegment_ids: int[B, L] of a packed row
+        (None = one example; give its position_ids too). Returns logits float32[B, L, V]."""
         shape = tuple(input_ids.shape)
         for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids),
-                            ("mm_token_type_ids", mm_token_type_ids)):
+                            ("mm_token_type_ids", mm_token_type_ids), ("subsegment_ids", subsegment_ids)):
             if value is not None:
                 _check_shape(name, value, shape)
         token_valid = jnp.ones(shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        if position_ids is None and subsegment_ids is not None:  # the official model refuses it too
+            raise ValueError("subsegment_ids need the packed row's position_ids")
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
-        block_ids = None if mm_token_type_ids is None else (mm_token_type_ids == 1).astype(jnp.int32)
+        block_ids = None if mm_token_type_ids is None else image_block_ids(mm_token_type_ids, subsegment_ids)
         embeds = self.embed(input_ids, pixel_values, token_pooling)
-        logits, _, _ = self.llm(embeds, position_ids, token_valid=token_valid, block_ids=block_ids)
+        logits, _, _ = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
+                                block_ids=block_ids)
         return logits
