@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from molmo_jax.model.config import LLMConfig, RopeScaling, VisionConfig, check_attention, lookup_preset
+from molmo_jax.model.config import (LLMConfig, RopeScaling, VisionConfig, check_attention, config_from_dict,
+                                    lookup_preset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,14 @@ class Molmo2Config:
 
     def replace(self, **changes: Any) -> "Molmo2Config":
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Molmo2Config":
+        """The inverse of to_dict (experiment configs, checkpoint metadata); unknown keys raise."""
+        return config_from_dict(cls, data, {"vision": VisionConfig, "adapter": AdapterConfig, "llm": LLMConfig})
 
 
 # --------------------------------------------------------------------------- presets
