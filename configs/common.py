@@ -32,8 +32,9 @@ def parse_stage(arg: str | None) -> str:
     return stage
 
 
-def model_config(preset: MolmoConfig, **overrides) -> ml_collections.ConfigDict:
-    """The model part of an experiment config: every MolmoConfig field, as a ConfigDict.
+def model_config(preset, **overrides) -> ml_collections.ConfigDict:
+    """The model part of an experiment config: every field of the preset (a MolmoConfig or a
+    Molmo2Config), as a ConfigDict.
 
     `dtype` "auto" becomes bfloat16 on accelerators and float32 on CPU (resolved by the trainer).
     """
@@ -47,6 +48,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 6198  # official global seed
+    # "molmo" (MolmoConfig, data_pipelines.pipeline) or "molmo2" (Molmo2Config, the rows of
+    # data_pipelines.molmo2_batch): molmo_jax/train/families.py.
+    c.model_family = "molmo"
     c.model = ml_collections.ConfigDict()  # filled by each experiment with `model_config`
     # Parameters to start from when the run has no checkpoint yet (the optimizer starts fresh):
     #   checkpoint  the checkpoints directory of another run, e.g. stage 2 starts from stage 1;
@@ -82,6 +86,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         synthetic_options={},      # generator kind -> constructor arguments, e.g. {"shapes": {"max_categories": 1}}
         clock_image_size=336,
         examples_per_row=1,        # >1 packs several examples (image + conversations) per sequence
+        # Molmo2 only (data_pipelines.molmo2_batch.RowBudget): crops or frames, pooled tokens and
+        # pooling slots of every row; the processor folder or preset (molmo2_processor.PRESETS).
+        row_crops=0,
+        row_pooled_tokens=0,
+        row_pool_slots=9,
+        processor="",
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -270,3 +270,46 @@ def test_useful_flops_leave_out_padding_tokens_and_crops():
     assert useful < train_step_flops(TINY_QWEN2, 2, 64, 3)
     assert useful_train_step_flops(TINY_QWEN2, ids[:1], images[:1]) == train_step_flops(TINY_QWEN2, 1, 64, 3)
 
+
+
+def test_molmo2_analytic_forward_flops_match_xla_on_an_unscanned_model():
+    # Molmo2's training layout (a crop and pooled-token budget per row), one block per stack.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from molmo_jax.model import molmo2_config, molmo2_flops
+    from molmo_jax.model.molmo2 import Molmo2
+
+    base = molmo2_config.TINY_MOLMO2_QWEN3
+    c = base.replace(
+        vision=dataclasses.replace(base.vision, num_layers=1, feature_layers=(-1, -1), width=128, num_heads=4,
+                                   head_dim=32, mlp_dim=512),
+        adapter=dataclasses.replace(base.adapter, width=128, num_heads=4, head_dim=32, projector_hidden=512),
+        llm=dataclasses.replace(base.llm, n_layers=1, d_model=256, n_heads=4, head_dim=64, n_kv_heads=2,
+                                mlp_hidden_size=1024))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Molmo2(c, rngs=nnx.Rngs(0))))
+    b, length, crops, pooled, slots, v = 2, 512, 3, 40, 9, c.vision
+    args = (jax.ShapeDtypeStruct((b, length), jnp.int32),
+            jax.ShapeDtypeStruct((b, crops, v.num_patches, v.patch_dim), jnp.float32),
+            jax.ShapeDtypeStruct((b, pooled, slots), jnp.int32))
+    compiled = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a)).lower(state, *args).compile()
+    analytic = molmo2_flops.forward_flops(c, b, length, crops, pooled, slots)
+    assert analytic["vit"] > 0 and analytic["connector"] > 0 and analytic["llm"] > 0
+    assert compiled.cost_analysis()["flops"] == pytest.approx(analytic["total"], rel=0.03)
+
+
+def test_molmo2_train_step_compiles_for_v5p_8(capsys):
+    # The trainer's step on the tiny Molmo2's row budget (configs/molmo2_tiny.py), 4 chips.
+    from molmo_jax.train import families, trainer
+    assert aot.main(["--config", "configs/molmo2_tiny.py:olmo3", "--topology", "v5p-8"]) == 0
+    out = capsys.readouterr().out
+    assert "train step on v5p-8 (4 chips, mesh {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}" in out
+    assert "batch 4 x 128 tokens, 4 crops/frames, 16 pooled tokens x 9 slots per row" in out
+    exp = aot.prepare_config(aot.load_config_file("configs/molmo2_tiny.py:olmo3"))
+    expected = families.step_flops(families.MOLMO2, trainer.model_config_from(exp), exp, 4)
+    assert float(out.split("  analytic ")[1].split()[0]) == pytest.approx(expected, rel=1e-3)
+
+
+def test_molmo2_has_no_decode_plan(capsys):
+    assert aot.main(["--config", "configs/molmo2_tiny.py", "--topology", "v5p-8", "--step", "decode"]) == 2
+    assert "has train and eval plans only" in capsys.readouterr().err

@@ -22,8 +22,11 @@ from molmo_jax.model import molmo2_config as m2
 
 RELEASES = ["molmo2-4b", "molmo2-8b", "molmo2-o-7b"]
 # jax.eval_shape totals of the presets; equal to transformers' own count of the same configs
-# (test below). No released total could be read here (the hub's safetensors index and model
-# cards are not reachable), so these are NOT checked against the released files.
+# (test below). Molmo2-4B's equals the released total: metadata.total_parameters of the hub's
+# allenai/Molmo2-4B model.safetensors.index.json, 4,850,869,200 (read from a public copy of that
+# folder: GitHub albud1978/CV, src/models/Molmo2-4B/, commit 15fc704a, whose config.json also
+# matches the preset). No released total of Molmo2-8B or Molmo2-O-7B was found, so those two are
+# NOT checked against the released files.
 PRESET_TOTALS = {"molmo2-4b": 4_850_869_200, "molmo2-8b": 8_661_703_120, "molmo2-o-7b": 7_760_786_896}
 
 

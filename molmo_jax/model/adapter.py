@@ -33,9 +33,11 @@ class Adapter(nnx.Module):
     def pool(self, features: jax.Array, token_pooling: jax.Array) -> jax.Array:
         """features: [F, E]; token_pooling: int[M, K] indices into F (-1 = empty slot) -> [M, W].
         A token without any valid slot (batch padding) gives an unused row."""
-        valid = token_pooling >= 0
-        patches = jnp.take(features, jnp.maximum(token_pooling, 0), axis=0)
-        patches = patches * valid[..., None].astype(patches.dtype)  # [M, K, E]
+        return self.pool_patches(jnp.take(features, jnp.maximum(token_pooling, 0), axis=0), token_pooling >= 0)
+
+    def pool_patches(self, patches: jax.Array, valid: jax.Array) -> jax.Array:
+        """patches: [M, K, E], each token's gathered slots; valid: bool[M, K] -> [M, W]."""
+        patches = patches * valid[..., None].astype(patches.dtype)
         count = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1).astype(patches.dtype)
         query = jnp.sum(patches, axis=1, keepdims=True) / count[..., None]
         return self.pooling(query, patches, self.dtype, key_valid=valid)[:, 0]
@@ -44,3 +46,7 @@ class Adapter(nnx.Module):
         """features: [F, E]; token_pooling: int[M, K] -> (projected [M, D], pooled [M, W])."""
         pooled = self.pool(features, token_pooling)
         return self.projector(pooled, self.dtype), pooled
+
+    def from_patches(self, patches: jax.Array, valid: jax.Array) -> jax.Array:
+        """patches: [M, K, E] gathered by the caller; valid: bool[M, K] -> projected [M, D]."""
+        return self.projector(self.pool_patches(patches, valid), self.dtype)

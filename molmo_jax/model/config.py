@@ -197,18 +197,24 @@ class MolmoConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MolmoConfig":
-        data = dict(data)
-        _check_keys(cls, data, "MolmoConfig")
-        sub = {}
-        for name, sub_cls in (("vision", VisionConfig), ("connector", ConnectorConfig), ("llm", LLMConfig)):
-            if name in data:
-                d = dict(data.pop(name))
-                _check_keys(sub_cls, d, f"MolmoConfig.{name}")
-                for k, v in d.items():
-                    if isinstance(v, list):
-                        d[k] = tuple(v)
-                sub[name] = sub_cls(**d)
-        return cls(**sub, **data)
+        return config_from_dict(cls, data, {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig})
+
+
+def config_from_dict(cls, data: dict, parts: dict):
+    """`cls` from its `to_dict()` (a checkpoint's or an experiment's model dict): `parts` names
+    the nested dataclass of each sub-dict; lists (JSON) become tuples; unknown keys raise."""
+    data = dict(data)
+    _check_keys(cls, data, cls.__name__)
+    sub = {}
+    for name, sub_cls in parts.items():
+        if name in data:
+            d = dict(data.pop(name))
+            _check_keys(sub_cls, d, f"{cls.__name__}.{name}")
+            for k, v in d.items():
+                if isinstance(v, list):
+                    d[k] = tuple(v)
+            sub[name] = sub_cls(**d)
+    return cls(**sub, **data)
 
 
 # --------------------------------------------------------------------------- presets

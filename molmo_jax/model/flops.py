@@ -29,36 +29,32 @@ def vit_blocks_used(cfg: MolmoConfig) -> int:
     return deepest + 1
 
 
-def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
-                  kv_len: Optional[int] = None) -> Dict[str, float]:
-    """FLOPs of one forward pass over `batch` sequences of `seq_len` tokens, each with
-    `num_crops` image crops (0: text only). kv_len: keys each query attends to (default
-    seq_len; a KV-cache call attends to all cache slots, e.g. a decode step is seq_len=1,
-    num_crops=0, kv_len=cache length). Returns {'vit', 'connector', 'llm', 'total'}."""
-    v, llm = cfg.vision, cfg.llm
-    crops = batch * num_crops
-
+def vit_flops(cfg, crops: int) -> float:
+    """The ViT over `crops` crops, up to the deepest feature layer (cfg: any config with
+    .vision, Molmo or Molmo2)."""
+    v = cfg.vision
     t = v.num_positions
     d = v.width
     vit_per_block = (2 * t * d * 3 * v.num_heads * v.head_dim  # q, k, v
                      + 2 * t * v.num_heads * v.head_dim * d    # out
                      + 2 * 2 * t * d * v.mlp_dim               # fc1, fc2
                      + 2 * 2 * t * t * v.num_heads * v.head_dim)  # q k^T, p v
-    vit = crops * (2 * v.num_patches * v.patch_dim * d + vit_blocks_used(cfg) * vit_per_block)
+    return float(crops * (2 * v.num_patches * v.patch_dim * d + vit_blocks_used(cfg) * vit_per_block))
 
-    feat = d * len(v.feature_layers)  # concatenated ViT layers
-    pool = cfg.connector.pool_h * cfg.connector.pool_w
-    gh, gw = v.grid
-    pooled = (-(-gh // cfg.connector.pool_h)) * (-(-gw // cfg.connector.pool_w))  # 144 for CLIP-336
-    inner = v.num_heads * v.head_dim
-    hidden = cfg.projector_hidden
-    connector = crops * pooled * (2 * feat * inner                 # q from the window mean
-                                  + 2 * 2 * pool * feat * inner    # k, v of the window
-                                  + 2 * 2 * pool * inner           # q k^T, p v
-                                  + 2 * inner * d                  # out
-                                  + 2 * 2 * d * hidden             # w1, w3
-                                  + 2 * hidden * llm.d_model)      # w2
 
+def pooling_flops(feat: int, inner: int, out: int, hidden: int, d_model: int, slots: int) -> int:
+    """One pooled token: mean-query attention over `slots` features of width `feat` (`inner`
+    = heads x head dim, output width `out`), then the SwiGLU projector (`hidden` per half)."""
+    return (2 * feat * inner                 # q from the window mean
+            + 2 * 2 * slots * feat * inner   # k, v of the window
+            + 2 * 2 * slots * inner          # q k^T, p v
+            + 2 * inner * out                # out
+            + 2 * 2 * out * hidden           # w1, w3
+            + 2 * hidden * d_model)          # w2
+
+
+def llm_flops(llm, batch: int, seq_len: int, kv_len: Optional[int] = None) -> float:
+    """The decoder (an LLMConfig) over `batch` sequences of `seq_len` tokens (see forward_flops)."""
     dm, hd = llm.d_model, llm.head_dim
     q_width, kv_width = llm.n_heads * hd, llm.n_kv_heads * hd
     attn_proj = 2 * dm * (q_width + 2 * kv_width) + 2 * q_width * dm
@@ -69,10 +65,25 @@ def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
     per_token = llm.n_layers * (attn_proj + ffn) + 2 * dm * llm.embedding_size
     kv_len = seq_len if kv_len is None else kv_len
     attention = llm.n_layers * 2 * 2 * seq_len * kv_len * q_width  # per sequence
-    llm_flops = batch * (seq_len * per_token + attention)
+    return float(batch * (seq_len * per_token + attention))
 
-    total = vit + connector + llm_flops
-    return {"vit": float(vit), "connector": float(connector), "llm": float(llm_flops), "total": float(total)}
+
+def forward_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
+                  kv_len: Optional[int] = None) -> Dict[str, float]:
+    """FLOPs of one forward pass over `batch` sequences of `seq_len` tokens, each with
+    `num_crops` image crops (0: text only). kv_len: keys each query attends to (default
+    seq_len; a KV-cache call attends to all cache slots, e.g. a decode step is seq_len=1,
+    num_crops=0, kv_len=cache length). Returns {'vit', 'connector', 'llm', 'total'}."""
+    v = cfg.vision
+    crops = batch * num_crops
+    vit = vit_flops(cfg, crops)
+    gh, gw = v.grid
+    pooled = (-(-gh // cfg.connector.pool_h)) * (-(-gw // cfg.connector.pool_w))  # 144 for CLIP-336
+    connector = crops * pooled * pooling_flops(v.width * len(v.feature_layers), v.num_heads * v.head_dim, v.width,
+                                               cfg.projector_hidden, cfg.llm.d_model,
+                                               cfg.connector.pool_h * cfg.connector.pool_w)
+    lm = llm_flops(cfg.llm, batch, seq_len, kv_len)
+    return {"vit": vit, "connector": float(connector), "llm": lm, "total": vit + connector + lm}
 
 
 def params_count(cfg: MolmoConfig) -> Dict[str, int]:

@@ -53,6 +53,15 @@ def _check_shape(name: str, array, expected) -> None:
         raise ValueError(f"{name} has shape {shape}, expected ({want})")
 
 
+def residual_dropout_key(llm_config, deterministic: bool, rngs: Optional[nnx.Rngs]) -> Optional[jax.Array]:
+    """The decoder's dropout key: None when deterministic or the config has no residual dropout."""
+    if deterministic or not (llm_config.residual_dropout or llm_config.response_residual_dropout):
+        return None
+    if rngs is None:
+        raise ValueError("deterministic=False with residual dropout needs rngs=nnx.Rngs(dropout=...)")
+    return rngs.dropout()
+
+
 class Molmo(nnx.Module):
     def __init__(self, config: MolmoConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -125,11 +134,7 @@ class Molmo(nnx.Module):
         if position_ids is None:
             position_ids = (default_positions(input_ids) if subsegment_ids is None
                             else subsegment_positions(token_valid, subsegment_ids))
-        dropout_key = None
-        if not deterministic and (self.config.llm.residual_dropout or self.config.llm.response_residual_dropout):
-            if rngs is None:
-                raise ValueError("deterministic=False with residual dropout needs rngs=nnx.Rngs(dropout=...)")
-            dropout_key = rngs.dropout()
+        dropout_key = residual_dropout_key(self.config.llm, deterministic, rngs)
         embeds = self.embed(input_ids, images, image_masks, image_input_idx)
         logits, _, aux = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
                                   response_mask=response_mask, dropout_key=dropout_key)

@@ -6,7 +6,9 @@ V vocab_size.
 
 The inputs are transformers' `Molmo2ForConditionalGeneration.forward` arguments, laid out
 as its processor makes them: every image crop (or video frame) of the batch in one
-`pixel_values` [N, P, D], and `token_pooling` [M, K] indexing the flat N*P patches. The
+`pixel_values` [N, P, D], and `token_pooling` [M, K] indexing the flat N*P patches. Training
+uses a fixed budget per row instead (`embed_rows`: pixel_values [B, N, P, D], token_pooling
+[B, M, K] into the row's own patches), which keeps every gather inside its row. The
 pooled features of the tokens with any valid slot, in order, are ADDED to the embeddings of
 the `image_patch_id` tokens in row-major order (transformers' masked_scatter of
 embedding + feature). The decoder mask is causal plus padding, with every token whose
@@ -32,7 +34,7 @@ from flax import nnx
 from data_pipelines.molmo2_packing import EXAMPLE_SUBSEGMENT_INCREMENT
 from molmo_jax.model.adapter import Adapter
 from molmo_jax.model.llm import LLM
-from molmo_jax.model.molmo import _check_shape
+from molmo_jax.model.molmo import _check_shape, residual_dropout_key
 from molmo_jax.model.molmo2_config import Molmo2Config
 from molmo_jax.model.sharding import with_logical_constraint
 from molmo_jax.model.vit import VisionTransformer
@@ -55,14 +57,18 @@ def add_at_placeholders(embeds: jax.Array, features: jax.Array, feature_valid: j
 
 
 def check_placeholders(placeholder, token_pooling) -> None:
-    """With concrete inputs: as many image_patch_id tokens as pooled tokens with a valid slot."""
+    """With concrete inputs: as many image_patch_id tokens as pooled tokens with a valid slot
+    (placeholder bool[B, L]; token_pooling [M, K] for the whole batch, or [B, M, K] per row)."""
     if isinstance(placeholder, jax.core.Tracer) or isinstance(token_pooling, jax.core.Tracer):
         return
-    tokens = int(np.sum(np.asarray(placeholder)))
-    features = int(np.sum(np.any(np.asarray(token_pooling) >= 0, axis=-1)))
-    if tokens != features:
-        raise ValueError(f"image features and image tokens do not match: {tokens} image_patch_id tokens, "
-                         f"{features} pooled tokens in token_pooling")
+    pooling = np.asarray(token_pooling)
+    per_row = pooling.ndim == 3
+    tokens = np.sum(np.asarray(placeholder), axis=-1 if per_row else None)
+    features = np.sum(np.any(pooling >= 0, axis=-1), axis=-1)
+    if np.any(tokens != features):
+        where = f" (rows {np.flatnonzero(tokens != features).tolist()})" if per_row else ""
+        raise ValueError(f"image features and image tokens do not match{where}: {tokens.tolist()} image_patch_id "
+                         f"tokens, {features.tolist()} pooled tokens in token_pooling")
 
 
 def image_block_ids(mm_token_type_ids: jax.Array, subsegment_ids: Optional[jax.Array] = None) -> jax.Array:
@@ -114,18 +120,47 @@ class Molmo2(nnx.Module):
         features, valid = self.encode_images(pixel_values, token_pooling)
         return with_logical_constraint(add_at_placeholders(x, features, valid, placeholder), ("act_batch", None, None))
 
+    def embed_rows(self, input_ids: jax.Array, pixel_values: jax.Array, token_pooling: jax.Array) -> jax.Array:
+        """The training layout, a fixed budget per row -> [B, L, E].
+
+        pixel_values: float32[B, N, P, D] (padding crops: any values, no token pools them);
+        token_pooling: int[B, M, K] into the row's own N*P patches (-1 = empty slot, all -1 =
+        padding token). Each row's valid pooled tokens are added at its image_patch_id tokens."""
+        vc = self.config.vision
+        b = input_ids.shape[0]
+        _check_shape("pixel_values", pixel_values, (b, None, vc.num_patches, vc.patch_dim))
+        _check_shape("token_pooling", token_pooling, (b, None, None))
+        n, (m, k) = pixel_values.shape[1], token_pooling.shape[1:]
+        x = with_logical_constraint(self.llm.embed_tokens(input_ids), ("act_batch", None, None))
+        placeholder = input_ids == self.config.image_patch_id
+        check_placeholders(placeholder, token_pooling)
+        layers = self.vision(pixel_values.reshape(b * n, vc.num_patches, vc.patch_dim))
+        flat = jnp.concatenate(layers, axis=-1).reshape(b, n * vc.num_patches, vc.width * len(layers))
+        valid = token_pooling >= 0
+        patches = jax.vmap(lambda f, i: jnp.take(f, i, axis=0))(flat, jnp.maximum(token_pooling, 0))  # [B, M, K, E]
+        features = self.adapter.from_patches(patches.reshape(b * m, k, -1), valid.reshape(b * m, k)).reshape(b, m, -1)
+        x = jax.vmap(lambda e, f, v, p: add_at_placeholders(e[None], f, v, p[None])[0])(
+            x, features, jnp.any(valid, axis=-1), placeholder)
+        return with_logical_constraint(x, ("act_batch", None, None))
+
     def __call__(self, input_ids: jax.Array, pixel_values: Optional[jax.Array] = None,
                  token_pooling: Optional[jax.Array] = None, *, attention_mask: Optional[jax.Array] = None,
                  position_ids: Optional[jax.Array] = None, mm_token_type_ids: Optional[jax.Array] = None,
-                 subsegment_ids: Optional[jax.Array] = None):
-        """input_ids: int32[B, L]; pixel_values: float32[N, P, D] or None; token_pooling: int[M, K];
-        attention_mask: [B, L] (1 = token, 0 = padding; None = all tokens); position_ids: int[B, L]
-        (default 0..L-1, as transformers); mm_token_type_ids: int[B, L] (1 = image token; None =
-        plain causal, as transformers without them); subsegment_ids: int[B, L] of a packed row
-        (None = one example; give its position_ids too). Returns logits float32[B, L, V]."""
+                 subsegment_ids: Optional[jax.Array] = None, response_mask: Optional[jax.Array] = None,
+                 deterministic: bool = True, rngs: Optional[nnx.Rngs] = None, return_aux: bool = False):
+        """input_ids: int32[B, L]; pixel_values: float32[N, P, D] with token_pooling int[M, K]
+        (transformers' layout), or [B, N, P, D] with [B, M, K] (embed_rows' training layout), or
+        None; attention_mask: [B, L] (1 = token, 0 = padding; None = all tokens); position_ids:
+        int[B, L] (default 0..L-1, as transformers); mm_token_type_ids: int[B, L] (1 = image token;
+        None = plain causal, as transformers without them); subsegment_ids: int[B, L] of a packed row
+        (None = one example; give its position_ids too); response_mask: bool[B, L] where the
+        response residual dropout applies. Dropout runs only with deterministic=False, drawing
+        from `rngs.dropout()`. Returns logits float32[B, L, V] (and the FFN aux dict when
+        return_aux)."""
         shape = tuple(input_ids.shape)
         for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids),
-                            ("mm_token_type_ids", mm_token_type_ids), ("subsegment_ids", subsegment_ids)):
+                            ("mm_token_type_ids", mm_token_type_ids), ("subsegment_ids", subsegment_ids),
+                            ("response_mask", response_mask)):
             if value is not None:
                 _check_shape(name, value, shape)
         token_valid = jnp.ones(shape, bool) if attention_mask is None else attention_mask.astype(bool)
@@ -134,7 +169,13 @@ class Molmo2(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
         block_ids = None if mm_token_type_ids is None else image_block_ids(mm_token_type_ids, subsegment_ids)
-        embeds = self.embed(input_ids, pixel_values, token_pooling)
-        logits, _, _ = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
-                                block_ids=block_ids)
-        return logits
+        if pixel_values is not None and pixel_values.ndim == 4:
+            if token_pooling is None:
+                raise ValueError("pixel_values were given without token_pooling")
+            embeds = self.embed_rows(input_ids, pixel_values, token_pooling)
+        else:
+            embeds = self.embed(input_ids, pixel_values, token_pooling)
+        logits, _, aux = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
+                                  block_ids=block_ids, response_mask=response_mask,
+                                  dropout_key=residual_dropout_key(self.config.llm, deterministic, rngs))
+        return (logits, aux) if return_aux else logits

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from molmo_jax.model.config import LLMConfig, RopeScaling, VisionConfig, check_attention, lookup_preset
+from molmo_jax.model.config import (LLMConfig, RopeScaling, VisionConfig, check_attention, config_from_dict,
+                                    lookup_preset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,14 @@ class Molmo2Config:
     def replace(self, **changes: Any) -> "Molmo2Config":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Molmo2Config":
+        """The inverse of to_dict (experiment configs, checkpoint metadata); unknown keys raise."""
+        return config_from_dict(cls, data, {"vision": VisionConfig, "adapter": AdapterConfig, "llm": LLMConfig})
+
 
 # --------------------------------------------------------------------------- presets
 
@@ -63,7 +72,11 @@ SIGLIP2_SO400M_14_378 = VisionConfig(
 # The releases (allenai/molmo2 README: Molmo2-8B uses qwen3_8b, Molmo2-4B qwen3_4b_instruct,
 # Molmo2-O-7B olmo3_7b_instruct; their LlmConfigs in olmo/model_configs.py; the adapter's SwiGLU
 # half = the LLM's, as convert_molmo2_to_hf.py sets it; max_position_embeddings = the
-# --override_max_model_len the README gives for the HF conversion).
+# --override_max_model_len the README gives for the HF conversion). Parameter totals
+# (jax.eval_shape, = transformers' count of the same config): Molmo2-4B 4,850,869,200, the
+# released total (metadata.total_parameters of the hub's model.safetensors.index.json);
+# Molmo2-8B 8,661,703,120 and Molmo2-O-7B 7,760,786,896, not checked against released files
+# (tests/test_convert_hf_molmo2.py says where each figure comes from).
 MOLMO2_8B = Molmo2Config(
     vision=SIGLIP2_SO400M_14_378, adapter=AdapterConfig(projector_hidden=12288),
     llm=LLMConfig(d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, mlp_hidden_size=2 * 12288,

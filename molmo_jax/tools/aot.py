@@ -12,9 +12,12 @@ and report per-chip memory and FLOPs: check a configuration before paying for th
         --lora-base-dtype int8 --batch 8                         # QLoRA (config.lora), docs/scaling.md
     python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-1 --hbm-gib 80 --lora 16
                                                        # one device, judged against 80 GiB (H100-sized)
+    python -m molmo_jax.tools.aot --config configs/molmo2_8b.py:long_sft --topology v5p-128 --grad-accum 2
+                                                       # Molmo2 (config.model_family "molmo2"): its row
+                                                       # budget of tokens, frames and pooled tokens
 
 --step train (default): the trainer's update step. eval: its loss on the same batch without
-dropout, gradient or optimizer state. decode: generation's prefill of --batch prompts of
+dropout, gradient or optimizer state. decode (Molmo only): generation's prefill of --batch prompts of
 --prompt-len tokens (default: the config's global batch and seq_len) into a KV cache of
 prompt + --max-new-tokens slots, and its one-token decode step, each reported (molmo_jax.tools.
 aot_programs lists the programs).
@@ -247,6 +250,9 @@ def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: 
 
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose from {STEPS}")
+    if step == "decode" and exp.model_family != "molmo":
+        raise ValueError(f"--step decode plans Molmo's generation; config.model_family={exp.model_family!r} "
+                         "has train and eval plans only")
     mesh = sharding.make_mesh(dict(exp.mesh), topology.devices())
     cfg = trainer.model_config_from(exp)
     tc = exp.train
@@ -284,9 +290,12 @@ def compile_report(exp, topology: Topology, step: str = "train", *, prompt_len: 
 
 # --------------------------------------------------------------------------- sweep (--table)
 
-RELEASES = (("Molmo-7B-D", "configs/molmo_7b_d.py"), ("Molmo-72B", "configs/molmo_72b.py"),
-            ("Molmo-7B-O", "configs/molmo_7b_o.py"), ("MolmoE-1B", "configs/molmoe_1b.py"))
 STAGES = ("pretrain", "sft")
+MOLMO2_STAGES = ("pretrain", "sft", "long_sft")  # configs/molmo2_common.py
+RELEASES = (("Molmo-7B-D", "configs/molmo_7b_d.py", STAGES), ("Molmo-72B", "configs/molmo_72b.py", STAGES),
+            ("Molmo-7B-O", "configs/molmo_7b_o.py", STAGES), ("MolmoE-1B", "configs/molmoe_1b.py", STAGES),
+            ("Molmo2-4B", "configs/molmo2_4b.py", MOLMO2_STAGES), ("Molmo2-8B", "configs/molmo2_8b.py", MOLMO2_STAGES),
+            ("Molmo2-O-7B", "configs/molmo2_o_7b.py", MOLMO2_STAGES))
 # Slice sizes tried, smallest first: (accelerator type, slices). Past one v5e/v6e pod (256
 # chips) the sweep adds slices joined over the data-center network.
 SWEEP_SLICES = {
@@ -316,9 +325,10 @@ def state_bytes_per_chip(exp, chips: int) -> float:
     gradients, evenly split (the gradients all exist at once because each group is clipped by
     its global norm before any update). A slice below it cannot fit, so the sweep does not
     compile there."""
-    from molmo_jax.model import flops  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    from molmo_jax.convert import hf_molmo  # noqa: PLC0415
     from molmo_jax.train.trainer import model_config_from  # noqa: PLC0415
-    n = flops.params_count(model_config_from(exp))["total"]
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(hf_molmo.abstract_params(model_config_from(exp))))
     return 16.0 * n / chips
 
 
@@ -326,10 +336,10 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
     """Fills `results` (key "model|stage|gen" -> row dict) for every release x stage x
     generation not in it yet: the smallest slice of SWEEP_SLICES where the step fits.
     Yields each key once its row is in, so the caller can save progress."""
-    from data_pipelines.pipeline import crops_per_row  # noqa: PLC0415
+    from molmo_jax.train import families  # noqa: PLC0415
     for gen in generations:
-        for model, path in RELEASES:
-            for stage in STAGES:
+        for model, path, stages in RELEASES:
+            for stage in stages:
                 key = f"{model}|{stage}|{gen}"
                 if key in results:
                     continue
@@ -359,7 +369,8 @@ def sweep(results: dict, generations: Sequence[str], log=print) -> Iterator[str]
                         results[key] = dict(model=model, stage=stage, gen=gen, slice=topology.name,
                                             chips=topology.num_chips, mesh=report.mesh, remat=report.remat_policy,
                                             grad_accum=accum, batch=exp.train.global_batch,
-                                            seq_len=exp.data.seq_len, crops=crops_per_row(exp),
+                                            seq_len=exp.data.seq_len,
+                                            geometry=families.family_of(exp).describe(exp),
                                             total_gib=report.total_bytes / GiB,
                                             hbm_gib=topology.chip.hbm_bytes / GiB,
                                             xla_flops=report.xla_flops_per_chip * topology.num_chips,
@@ -382,8 +393,8 @@ def table_markdown(results: dict, generations: Sequence[str], mfu: float) -> str
             "|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for gen in generations:
-        for model, _ in RELEASES:
-            for stage in STAGES:
+        for model, _, stages in RELEASES:
+            for stage in stages:
                 r = results.get(f"{model}|{stage}|{gen}")
                 if r is None:
                     rows.append(f"| {model} | {stage} | {gen} | not computed | | | | | | |")

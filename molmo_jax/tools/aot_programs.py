@@ -25,8 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from molmo_jax.model import flops, sharding
 from molmo_jax.inference import generate
 from molmo_jax.model.config import MolmoConfig
-from molmo_jax.train import optimizer as opt_lib, trainer
-from molmo_jax.train.metrics_logging import train_step_flops
+from molmo_jax.train import families, optimizer as opt_lib, trainer
 
 PROMPT_KEYS = ("input_ids", "images", "image_masks", "image_input_idx")
 
@@ -49,20 +48,19 @@ class Program:
 
 
 def abstract_batch(cfg: MolmoConfig, mesh, batch: int, seq_len: int, crops: int) -> dict:
-    """ShapeDtypeStructs of one global batch as data_pipelines.pipeline emits it, split over
-    the batch axes (sharding.batch_sharding, what the trainer uses)."""
-    v, c = cfg.vision, cfg.connector
-    tokens = -(-v.grid[0] // c.pool_h) * -(-v.grid[1] // c.pool_w)  # pooled tokens per crop
-    text = (batch, seq_len)
-    shapes = {
-        "input_ids": (text, jnp.int32), "target_tokens": (text, jnp.int32), "loss_masks": (text, jnp.float32),
-        "position_ids": (text, jnp.int32), "subsegment_ids": (text, jnp.int32),
-        "images": ((batch, crops, v.num_patches, v.patch_dim), jnp.float32),
-        "image_masks": ((batch, crops, v.num_patches), jnp.float32),
-        "image_input_idx": ((batch, crops, tokens), jnp.int32),
-    }
+    """ShapeDtypeStructs of one Molmo global batch of `batch` rows of `seq_len` tokens and
+    `crops` crops, split over the batch axes (sharding.batch_sharding, what the trainer uses)."""
+    return _sharded(families.molmo_batch_shapes(cfg, batch, seq_len, crops), mesh)
+
+
+def _sharded(shapes: Dict[str, tuple], mesh) -> dict:
     sh = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
+
+
+def _global_batch(exp, cfg, mesh) -> dict:
+    """The experiment's global batch as its model family's pipeline emits it."""
+    return _sharded(families.family_of(exp).batch_shapes(cfg, exp, exp.train.global_batch), mesh)
 
 
 def _geometry(exp) -> tuple:
@@ -70,22 +68,26 @@ def _geometry(exp) -> tuple:
     return exp.train.global_batch, exp.data.seq_len, crops_per_row(exp)
 
 
+def _shape(exp) -> str:
+    return f"batch {exp.train.global_batch} x {families.family_of(exp).describe(exp)}"
+
+
 def train_program(exp, cfg: MolmoConfig, setup: trainer.TrainSetup, mesh) -> Program:
     """The trainer's jitted step (setup.step_fn, state donated) on setup.abstract_state."""
-    batch, seq_len, crops = _geometry(exp)
-    return Program("train", setup.step_fn, (setup.abstract_state, abstract_batch(cfg, mesh, batch, seq_len, crops)),
-                   {}, train_step_flops(cfg, batch, seq_len, crops), batch * seq_len,
-                   f"batch {batch} x {seq_len} tokens, {crops} crops, grad accum {exp.train.grad_accum_steps}")
+    family, batch = families.family_of(exp), exp.train.global_batch
+    return Program("train", setup.step_fn, (setup.abstract_state, _global_batch(exp, cfg, mesh)),
+                   {}, families.step_flops(family, cfg, exp, batch), batch * exp.data.seq_len,
+                   f"{_shape(exp)}, grad accum {exp.train.grad_accum_steps}")
 
 
 def eval_program(exp, cfg: MolmoConfig, setup: trainer.TrainSetup, mesh) -> Program:
     """trainer.make_eval_step on the trainer's params (trainable and frozen) and global batch."""
-    batch, seq_len, crops = _geometry(exp)
+    family, batch = families.family_of(exp), exp.train.global_batch
     state = setup.abstract_state
     fn = jax.jit(trainer.make_eval_step(setup.graphdef, exp))
-    args = (state["params"], state["frozen"], abstract_batch(cfg, mesh, batch, seq_len, crops))
-    return Program("eval", fn, args, {}, flops.forward_flops(cfg, batch, seq_len, crops)["total"],
-                   batch * seq_len, f"batch {batch} x {seq_len} tokens, {crops} crops")
+    args = (state["params"], state["frozen"], _global_batch(exp, cfg, mesh))
+    return Program("eval", fn, args, {}, family.forward_flops(cfg, exp, batch)["total"],
+                   batch * exp.data.seq_len, _shape(exp))
 
 
 def _sampling_args(mesh) -> tuple:

@@ -17,6 +17,7 @@ import ml_collections
 from molmo_jax.model import lora
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.layers import ACTIVATIONS, REMAT_POLICIES
+from molmo_jax.train import families
 
 
 class ConfigError(ValueError):
@@ -98,7 +99,18 @@ def validate(config: Mapping) -> None:
     batch, accum = _get(config, "train.global_batch"), _get(config, "train.grad_accum_steps")
     if batch % accum:
         raise ConfigError(f"config.train.global_batch={batch} is not divisible by config.train.grad_accum_steps={accum}")
-    built = _validate_model(_get(config, "model"))
+    try:
+        family = families.family_of(config)
+    except KeyError:
+        raise ConfigError("config.model_family is missing (experiment configs build on configs.common.base_config)"
+                          ) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    built = _validate_model(_get(config, "model"), family.config_cls)
+    try:
+        family.check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _validate_lora(_get(config, "lora"), built)
 
 
@@ -130,14 +142,15 @@ def _validate_lora(node: Mapping, model: MolmoConfig) -> None:
         raise ConfigError(f"config.lora.targets: {e}") from None
 
 
-def _validate_model(model: Mapping) -> MolmoConfig:
-    """The model part: unknown keys, choices, sizes; value types are those of the defaults."""
+def _validate_model(model: Mapping, config_cls: type = MolmoConfig) -> MolmoConfig:
+    """The model part (a config_cls: the family's MolmoConfig or Molmo2Config): unknown keys,
+    choices, sizes; value types are those of the defaults."""
     data = model.to_dict() if hasattr(model, "to_dict") else dict(model)
     try:
-        built = MolmoConfig.from_dict(data)
+        built = config_cls.from_dict(data)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
-    types = dict(_leaf_types(MolmoConfig()))
+    types = dict(_leaf_types(config_cls()))
     for key, value in _leaves(data):
         where = f"config.model.{key}={value!r}"
         if key in MODEL_CHOICES:
@@ -171,7 +184,7 @@ def _leaves(d: Mapping, prefix: str = "") -> Iterator[Tuple[str, Any]]:
 
 
 def _leaf_types(cfg: Any, prefix: str = "") -> Iterator[Tuple[str, type]]:
-    """(dotted field, type of its value in the built config) of a MolmoConfig."""
+    """(dotted field, type of its value in the built config) of a model config dataclass."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):

@@ -55,7 +55,12 @@ def train_step_flops(cfg: MolmoConfig, batch: int, seq_len: int, num_crops: int,
     embedding is a lookup (no matmul), so freezing it changes nothing here, while the LM head,
     trained, is counted 3x inside the llm part.
     """
-    fwd = forward_flops(cfg, batch, seq_len, num_crops)
+    return trained_step_flops(forward_flops(cfg, batch, seq_len, num_crops), trained)
+
+
+def trained_step_flops(fwd: Dict[str, float], trained: Iterable[str] = ("vit", "connector", "llm")) -> float:
+    """One optimizer step from a forward pass's {'vit', 'connector', 'llm'} FLOPs (see
+    train_step_flops; any model family)."""
     trained = set(trained)
     total, below_trained = 0.0, False
     for part in ("vit", "connector", "llm"):

@@ -26,25 +26,25 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data_pipelines.pipeline import crop_fields, crops_per_row, make_pipeline
 from molmo_jax.convert import hf_backbones
 from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.links import CheckpointError
 from molmo_jax.model import lora, sharding
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo import Molmo
-from molmo_jax.train import loss as loss_lib
+from molmo_jax.train import families, loss as loss_lib
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import (Checkpointer, CheckpointMismatchError, NonFiniteStateError,
                                            PreemptionWatcher, tree_fingerprint)
 from molmo_jax.train.config_checks import ConfigError, validate
-from molmo_jax.train.metrics_logging import MetricsLogger, train_step_flops, useful_train_step_flops
+from molmo_jax.train.metrics_logging import MetricsLogger
 from molmo_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
-# Batch keys the model consumes (besides the loss targets); any absent key is simply not passed.
-MODEL_INPUTS = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids", "subsegment_ids")
+# Batch keys a model consumes (besides the loss targets), of every family (train/families.py);
+# any absent key is simply not passed.
+MODEL_INPUTS = families.ALL_INPUTS
 TARGETS = ("target_tokens", "loss_masks")
 
 
@@ -52,12 +52,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or a gradient norm became NaN/inf; the run stops without saving that state."""
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> MolmoConfig:
-    """The typed model config, built once from config.model (unknown keys raise)."""
-    d = config.model.to_dict()
-    if d.get("dtype", "auto") == "auto":
-        d["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return MolmoConfig.from_dict(d)
+def model_config_from(config: ml_collections.ConfigDict) -> families.ModelConfig:
+    """The typed model config of config.model_family (MolmoConfig or Molmo2Config), built once
+    from config.model (unknown keys raise)."""
+    return families.model_config_of(families.family_of(config), config.model.to_dict(), jax.default_backend())
 
 
 def lora_config_from(config: ml_collections.ConfigDict) -> lora.LoraConfig:
@@ -101,7 +99,7 @@ def token_loss_sums(model: Molmo, batch: Dict[str, jax.Array], z_loss_weight: fl
                     dropout_key: Optional[jax.Array] = None) -> Tuple[Dict[str, jax.Array], Dict]:
     """The training loss's forward pass: (loss_lib.weighted_token_losses sums, the model's FFN
     aux dict). batch: loss_batch's arrays; dropout_key None = deterministic (evaluation)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = families.family_of_model(model.config).model_kwargs(batch)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     logits, aux = model(**inputs, response_mask=batch["loss_masks"] > 0, deterministic=dropout_key is None,
                         rngs=rngs, return_aux=True)
@@ -180,12 +178,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
     return train_step
 
 
-def init_train_state(model_cfg: MolmoConfig, lora_cfg: lora.LoraConfig, tx: optax.GradientTransformation,
+def init_train_state(model_cfg: families.ModelConfig, lora_cfg: lora.LoraConfig, tx: optax.GradientTransformation,
                      frozen_regex: str, key: jax.Array) -> Dict[str, Any]:
     """The step-0 training state: params split into trainable / frozen, optimizer state, RNG.
     With LoRA the base draws the same init as without, and the adapters are drawn after it."""
     params_key, rng_key = jax.random.split(key)
-    model = lora.build(model_cfg, lora_cfg, rngs=nnx.Rngs(params=params_key))
+    model = families.family_of_model(model_cfg).build(model_cfg, lora_cfg, rngs=nnx.Rngs(params=params_key))
     trainable, frozen = opt_lib.split_trainable(nnx.to_pure_dict(nnx.state(model)), frozen_regex)
     return {"params": trainable, "frozen": frozen, "opt_state": tx.init(trainable),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_key)}
@@ -205,10 +203,11 @@ class TrainSetup(NamedTuple):
     shardings: Dict[str, Any]
 
 
-def build_train_setup(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, mesh) -> TrainSetup:
+def build_train_setup(config: ml_collections.ConfigDict, model_cfg: families.ModelConfig, mesh) -> TrainSetup:
     """Shards the model by its logical axis names, builds the optimizer and the jitted step."""
     lora_cfg = lora_config_from(config)
-    abstract_model = nnx.eval_shape(lambda: lora.build(model_cfg, lora_cfg, rngs=nnx.Rngs(0)))
+    build = families.family_of_model(model_cfg).build
+    abstract_model = nnx.eval_shape(lambda: build(model_cfg, lora_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_params = nnx.split(abstract_model)
     specs = sharding.state_specs(abstract_params, mesh)
     sharding.check_sharded_enough(abstract_params, specs, mesh, config.sharding.max_replicated_fraction)
@@ -271,14 +270,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: MolmoConfig,
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: families.ModelConfig,
            data_iterator: Optional[Iterator]) -> List[Dict[str, float]]:
     tc = config.train
     # ------------------------------------------------------------------ input pipeline
+    family = families.family_of(config)
     own_iterator = data_iterator is None
     if own_iterator:
-        data_iterator = iter(make_pipeline(config, process_index=jax.process_index(),
-                                           process_count=jax.process_count()))
+        data_iterator = iter(family.make_pipeline(config, process_index=jax.process_index(),
+                                                  process_count=jax.process_count()))
 
     # ------------------------------------------------------------------ model, optimizer, shardings
     setup = build_train_setup(config, model_cfg, mesh)
@@ -314,8 +314,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
     batch_tokens = tc.global_batch * config.data.seq_len
     logger = MetricsLogger(workdir, total_steps=tc.total_steps, every=config.log.every,
                            tensorboard=config.log.tensorboard,
-                           flops_per_step=train_step_flops(model_cfg, tc.global_batch, config.data.seq_len,
-                                                           crops_per_row(config)),
+                           flops_per_step=families.step_flops(family, model_cfg, config, tc.global_batch),
                            examples_per_step=tc.global_batch, tokens_per_step=batch_tokens)
     preemption = PreemptionWatcher(checkpointer)
     # Recorded in every checkpoint, so `python -m molmo_jax.export` needs no --tokenizer.
@@ -330,7 +329,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
             # Examples in the global batch (rows may pack several; each starts at position 0).
             examples = int(np.sum(np.asarray(host_batch["position_ids"]) == 0)) * jax.process_count() \
                 if "position_ids" in host_batch else tc.global_batch
-            batch = sharding.make_global_batch(_model_batch(host_batch), mesh)
+            batch = sharding.make_global_batch(_model_batch(host_batch, family), mesh)
             # Under the mesh, the model's activation constraints (sharding.with_logical_constraint:
             # batch-sharded block inputs) take effect when the step is traced; outside they are no-ops.
             with jax.set_mesh(mesh):
@@ -339,7 +338,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
                 history.append(logger.write(*pending))
                 _check_finite(pending[0], history[-1], last_good, ckpt_dir)
             # MFU counts the real tokens and crops of the step, not the padding (all processes alike).
-            flops = useful_train_step_flops(model_cfg, host_batch["input_ids"], host_batch.get("images"))
+            flops = family.useful_step_flops(model_cfg, host_batch)
             pending = (step, metrics, examples, flops * jax.process_count())
             stop = preemption.should_stop(step)
             if stop or step % config.checkpoint.every == 0 or step == tc.total_steps:
@@ -349,7 +348,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: Mol
                 try:
                     checkpointer.save(step, saved_part(state, lora_cfg), data_iterator,
                                       {"step": step, "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
-                                       "tokenizer": tokenizer, "crop": crop_fields(config),
+                                       "tokenizer": tokenizer, **family.data_meta(config),
                                        **({"lora": lora_meta} if lora_cfg.enabled else {})})
                 except NonFiniteStateError as e:
                     raise NonFiniteLossError(f"{e}; stopping, {_last_good(last_good, ckpt_dir)}") from None
@@ -410,14 +409,14 @@ def _check_lora_base(saved: Optional[Dict], current: Dict, where: str) -> None:
             "or use another workdir")
 
 
-def _model_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def _model_batch(batch: Dict[str, np.ndarray], family: families.Family) -> Dict[str, np.ndarray]:
     missing = [k for k in ("input_ids",) + TARGETS if k not in batch]
     if missing:
         raise KeyError(f"training batch lacks {missing}; it has {sorted(batch)}")
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS + TARGETS}
+    return {k: v for k, v in batch.items() if k in family.inputs + TARGETS}
 
 
-def initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, setup: TrainSetup) -> Dict:
+def initial_state(config: ml_collections.ConfigDict, model_cfg: families.ModelConfig, setup: TrainSetup) -> Dict:
     """The step-0 state of a run without checkpoints: random init (config.seed), then the params
     of config.init.checkpoint, or the ViT / LLM of config.init.vit / config.init.llm."""
     init = config.init
@@ -498,7 +497,7 @@ def _load_lora_base(checkpoint_dir: str, model_cfg: MolmoConfig, lora_cfg: lora.
                          out_shardings=frozen_shardings, donate_argnums=(0,))(params)
 
 
-def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, model_cfg: MolmoConfig) -> Dict:
+def _load_initial_params(checkpoint_dir: str, abstract_state: Dict, model_cfg: families.ModelConfig) -> Dict:
     """{"params", "frozen"} of another run's latest usable checkpoint (e.g. stage 1 for stage 2),
     opened read-only: nothing in that run is moved, cleaned up or written. Its optimizer state
     and step are not read; they stay fresh."""
