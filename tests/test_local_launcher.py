@@ -2,8 +2,8 @@
 import json
 import sys
 
-import numpy as np
 import pytest
+from test_trainer import CONFIG_FILE, make_tokenizer
 
 from launch import local
 
@@ -50,36 +50,15 @@ def test_a_failing_host_stops_the_others(tmp_path, capsys):
     assert "process 1 of 2 failed" in err and "host 1 broke" in err
 
 
-CONFIG = '''
-from configs import demo
-
-def get_config(arg=None):
-    c = demo.get_config("pretrain")
-    c.data.tokenizer = {tokenizer!r}
-    c.data.synthetic_examples = 16
-    c.model.llm.response_residual_dropout = 0.0  # dropout masks follow the process layout
-    c.train.total_steps = 3
-    c.mesh = dict(data=1, fsdp=4, tensor=1, expert=1)
-    c.checkpoint.every = 3
-    c.log.every = 1
-    return c
-'''
-
-
 def losses(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
 
 def test_demo_trains_the_same_on_two_hosts_as_on_one(tmp_path):
-    import sentencepiece as spm
-    words = "a the red blue circle square points to at top left how many clock time image shows one two".split()
-    rng = np.random.default_rng(0)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(" ".join(rng.choice(words, 10)) for _ in range(300)),
-        model_prefix=str(tmp_path / "spm"), vocab_size=320, model_type="bpe", byte_fallback=True,
-        bos_id=-1, eos_id=1, unk_id=0, pad_id=-1, minloglevel=2)
-    (tmp_path / "exp.py").write_text(CONFIG.format(tokenizer=str(tmp_path / "spm.model")))
+    # test_trainer's tiny pinned config (the demo recipe on a tiny model): what is checked here is
+    # the launcher's process layout, not the demo's size.
+    (tmp_path / "exp.py").write_text(CONFIG_FILE.format(tokenizer=make_tokenizer(tmp_path), steps=3, tensor=1))
     runs = {}
     for hosts, devices in ((1, 4), (2, 2)):
         workdir = tmp_path / f"{hosts}x{devices}"
