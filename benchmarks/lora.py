@@ -57,8 +57,9 @@ def experiment(args, rank: int, base_dtype: str):
     return cfg
 
 
-def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+def nbytes(tree) -> float:
+    """Device bytes of a tree's arrays: nf4 codes (uint4) count half a byte, as XLA packs them."""
+    return sum(int(np.prod(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) / 8 for x in jax.tree.leaves(tree))
 
 
 def train_row(args, name: str, rank: int, base_dtype: str):
@@ -85,15 +86,15 @@ def train_row(args, name: str, rank: int, base_dtype: str):
             f"| {1000 * float(np.median(times)):.1f} |")
 
 
-def int8_rows(args):
+def weight_rows(args):
     cfg = experiment(args, 0, "float32")
     model_cfg = trainer.model_config_from(cfg)
     model = lora.build(model_cfg, lora.LoraConfig(), nnx.Rngs(0))
-    quantized = with_compute_dtype(model, "float32", "int8")
     batch = random_batch(model_cfg)
     reference = compute_logits(model, batch)
     rows = []
-    for name, m in (("float32", model), ("int8", quantized)):
+    for name in ("float32", "int8", "nf4"):
+        m = model if name == "float32" else with_compute_dtype(model, "float32", name)
         layers = lora.dense_layers(m).values()
         stored = sum(nbytes([d.kernel[...]] + ([d.kernel_scale[...]] if d.kernel_scale is not None else []))
                      for d in layers)
@@ -115,12 +116,12 @@ def main(argv=None) -> int:
     print("| run | trainable params | state MiB | checkpoint MiB | temp MiB | step ms |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, rank, base_dtype in (("full", 0, "float32"), ("lora", args.rank, "float32"),
-                                   ("qlora-int8", args.rank, "int8")):
+                                   ("qlora-int8", args.rank, "int8"), ("qlora-nf4", args.rank, "nf4")):
         print(train_row(args, name, rank, base_dtype), flush=True)
     print()
     print("| weights | bytes / kernel param | max abs logit diff vs float32 | max abs logit |")
     print("|---|---:|---:|---:|")
-    for row in int8_rows(args):
+    for row in weight_rows(args):
         print(row)
     return 0
 

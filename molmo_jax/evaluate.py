@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, help="evaluate only the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("int8",), help="weight-only int8 quantized inference (default: the "
-                   "checkpoint's weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
+    p.add_argument("--weights", choices=("int8", "nf4"),
+                   help="weight-only int8 or nf4 (4-bit NormalFloat) quantized inference (default: the checkpoint's "
+                        "weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
     p.add_argument("--list", action="store_true", help="print the registered tasks and exit")
     args = p.parse_args(argv)
     if args.list:

@@ -420,8 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="decode: new tokens the KV cache holds beyond the prompt (default 256)")
     parser.add_argument("--lora", type=int, default=None, metavar="RANK",
                         help="LoRA of this rank on config.lora.targets (only adapters train)")
-    parser.add_argument("--lora-base-dtype", default=None, choices=("float32", "bfloat16", "int8"),
-                        help="with --lora: the frozen base's weights (int8 = QLoRA)")
+    parser.add_argument("--lora-base-dtype", default=None, choices=("float32", "bfloat16", "int8", "nf4"),
+                        help="with --lora: the frozen base's weights (int8 or nf4 = QLoRA; model/quantization.py)")
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="judge the fit against this memory per device instead of the chip's HBM (e.g. 80 "
                              "for an H100-80GB-sized device, with --topology v5e-1)")
