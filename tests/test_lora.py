@@ -210,15 +210,16 @@ def test_lora_dropout_changes_training_deterministically_and_never_evaluation():
 
 
 # ------------------------------------------------------------------ runs of `python -m molmo_jax.train`
-# The tiny trainer config of test_trainer.py with LoRA on, starting from a base checkpoint written
-# here; one device, one persistent compilation cache for every run.
+# The tiny trainer config of test_trainer.py with LoRA on (dropout 0.1, so that the kill -9 test
+# covers its masks too), starting from a base checkpoint written here; one device, one persistent
+# compilation cache for every run.
 
 LORA_FILE = '''
 import configs
 
 def get_config(arg=None):
     c = configs.load({plain!r})
-    c.lora.update(dict(rank={rank}, alpha=8.0, targets=("llm_attention", "llm_mlp", "connector")))
+    c.lora.update(dict(rank={rank}, alpha=8.0, dropout=0.1, targets=("llm_attention", "llm_mlp", "connector")))
     c.init.checkpoint = {base!r}
     return c
 '''
@@ -261,7 +262,7 @@ def test_checkpoints_hold_the_adapters_and_name_their_base(lora_runs):
     assert paths and all(p.split("/")[-2] == "adapter" for p in paths)
     meta = json.loads((workdir / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())["lora"]
     assert meta["base"] == str(root / "base" / "checkpoints") and meta["base_step"] == 3
-    assert meta["rank"] == RANK and re.fullmatch(r"[0-9a-f]{16}", meta["base_fingerprint"])
+    assert meta["rank"] == RANK and meta["dropout"] == 0.1 and re.fullmatch(r"[0-9a-f]{16}", meta["base_fingerprint"])
     losses = [m["loss"] for _, m in sorted(metrics(workdir).items())]
     assert losses[-1] < losses[0], losses
 
