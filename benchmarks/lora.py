@@ -1,30 +1,38 @@
-"""LoRA vs full fine-tuning on one tiny model: training-state memory, step time, and int8 weights.
+"""LoRA vs full fine-tuning on one tiny model: training-state memory, step time, int8 / nf4 weights.
 
   python benchmarks/lora.py                       # LLM 256 x 4 blocks, rank 8, batch 4 x 128 tokens
   python benchmarks/lora.py --d-model 512 --layers 6 --rank 16
 
 Rows: full fine-tuning (trainer defaults: base embedding frozen), LoRA on the LLM attention + MLP
-(float32 base) and QLoRA (int8 base), on one CPU device, text-only batches. "state MiB" is the
-training state the trainer holds (params, frozen base, Adam moments) and "checkpoint MiB" what a
-checkpoint of it stores (a LoRA checkpoint omits the base); "temp MiB" is XLA's compiled temp
-memory of the step; step ms the median of --steps steps after one warm-up. The second table:
-bytes per Dense-kernel parameter and the max |logit difference| of int8 weight-only inference
-vs float32 on a random batch (max |logit| for scale). Measured on the 2-core CPU machine, defaults,
-while other test runs shared the cores (times are noisy; the memory columns are exact):
+(float32 base) and QLoRA (int8 and nf4 bases), on one CPU device, text-only batches. "state MiB"
+is the training state the trainer holds (params, frozen base, Adam moments) and "checkpoint MiB"
+what a checkpoint of it stores (a LoRA checkpoint omits the base); "temp MiB" is XLA's compiled
+temp memory of the step; step ms the median of --steps steps after one warm-up. Bytes count
+device memory: nf4 codes (uint4) as half a byte, as XLA packs them. The second table: bytes per
+Dense-kernel parameter (codes plus scales) and the max |logit difference| of weight-only int8 /
+nf4 inference vs float32 on a random batch of the random-init model (max |logit| for scale).
+Measured on the 2-core CPU machine, defaults, while other runs loaded it to 6x its cores (times
+are noise; the memory columns are exact):
 
 | run | trainable params | state MiB | checkpoint MiB | temp MiB | step ms |
 |---|---:|---:|---:|---:|---:|
-| full | 4,558,272 | 52.7 | 52.7 | 121.8 | 838.4 |
-| lora | 180,224 | 20.0 | 2.1 | 109.1 | 699.1 |
-| qlora-int8 | 180,224 | 7.1 | 2.1 | 124.1 | 743.1 |
+| full | 4,558,272 | 52.7 | 52.7 | 122.6 | 3628.0 |
+| lora | 180,224 | 20.0 | 2.1 | 109.8 | 4540.2 |
+| qlora-int8 | 180,224 | 7.1 | 2.1 | 124.8 | 3270.2 |
+| qlora-nf4 | 180,224 | 5.2 | 2.1 | 124.8 | 2843.8 |
 
 | weights | bytes / kernel param | max abs logit diff vs float32 | max abs logit |
 |---|---:|---:|---:|
 | float32 | 4.000 | 0 | 1.23 |
 | int8 | 1.016 | 0.0289 | 1.23 |
+| nf4 | 0.568 | 0.406 | 1.23 |
 
-At this size the step's temp memory (activations, the 512-column logits) dominates and the
-base embedding / ViT / connector stay float32; the state columns are what grows with the model.
+nf4 is 0.5 bytes of code plus one float32 scale per block of 64 (0.5625), a little more where the
+tiny ViT's 32-wide axes make blocks of 32. Its logit error is about 14x int8's, in line with a
+grid 16x coarser; on this random model it is a third of the largest logit (nf4 is meant for
+trained weights, whose values are near normal). At this size the step's temp memory (activations,
+the 512-column logits) dominates, and the embeddings, norms and biases stay float32; the
+state columns are what grows with the model.
 """
 from __future__ import annotations
 
@@ -57,8 +65,9 @@ def experiment(args, rank: int, base_dtype: str):
     return cfg
 
 
-def nbytes(tree) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+def nbytes(tree) -> float:
+    """Device bytes of a tree's arrays: nf4 codes (uint4) count half a byte, as XLA packs them."""
+    return sum(int(np.prod(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) / 8 for x in jax.tree.leaves(tree))
 
 
 def train_row(args, name: str, rank: int, base_dtype: str):
@@ -85,15 +94,15 @@ def train_row(args, name: str, rank: int, base_dtype: str):
             f"| {1000 * float(np.median(times)):.1f} |")
 
 
-def int8_rows(args):
+def weight_rows(args):
     cfg = experiment(args, 0, "float32")
     model_cfg = trainer.model_config_from(cfg)
     model = lora.build(model_cfg, lora.LoraConfig(), nnx.Rngs(0))
-    quantized = with_compute_dtype(model, "float32", "int8")
     batch = random_batch(model_cfg)
     reference = compute_logits(model, batch)
     rows = []
-    for name, m in (("float32", model), ("int8", quantized)):
+    for name in ("float32", "int8", "nf4"):
+        m = model if name == "float32" else with_compute_dtype(model, "float32", name)
         layers = lora.dense_layers(m).values()
         stored = sum(nbytes([d.kernel[...]] + ([d.kernel_scale[...]] if d.kernel_scale is not None else []))
                      for d in layers)
@@ -115,12 +124,12 @@ def main(argv=None) -> int:
     print("| run | trainable params | state MiB | checkpoint MiB | temp MiB | step ms |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, rank, base_dtype in (("full", 0, "float32"), ("lora", args.rank, "float32"),
-                                   ("qlora-int8", args.rank, "int8")):
+                                   ("qlora-int8", args.rank, "int8"), ("qlora-nf4", args.rank, "nf4")):
         print(train_row(args, name, rank, base_dtype), flush=True)
     print()
     print("| weights | bytes / kernel param | max abs logit diff vs float32 | max abs logit |")
     print("|---|---:|---:|---:|")
-    for row in int8_rows(args):
+    for row in weight_rows(args):
         print(row)
     return 0
 

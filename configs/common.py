@@ -116,8 +116,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # base, which is config.init.checkpoint (or the random init of config.seed).
     #   targets    preset names (llm_attention, llm_mlp, connector, vit) or regexes over Dense
     #              module paths, e.g. r"llm/blocks/attention/(q|v)"
-    #   base_dtype float32 | bfloat16 | int8 (QLoRA: weight-only, one scale per output channel)
-    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("llm_attention", "llm_mlp"),
+    #   dropout    rate on each adapter's input (x -> dropout -> A -> B), training steps only
+    #   base_dtype float32 | bfloat16 | int8 (weight-only, one scale per output channel) | nf4
+    #              (QLoRA's 4-bit NormalFloat, one scale per block of 64; model/quantization.py)
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm_attention", "llm_mlp"),
                                             base_dtype="float32"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))

@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-examples", type=int, help="evaluate only the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("int8",), help="weight-only int8 quantized inference (default: the "
-                   "checkpoint's weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
+    p.add_argument("--weights", choices=("int8", "nf4"),
+                   help="weight-only int8 or nf4 (4-bit NormalFloat) quantized inference (default: the checkpoint's "
+                        "weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
     p.add_argument("--video-dir", help="Molmo2 tasks: a folder of videos in the official layouts")
     p.add_argument("--video-cache", help="Molmo2 tasks: the video download cache (with --video-manifest)")
     p.add_argument("--video-manifest", help="Molmo2 tasks: the {video_id: url} manifest of --video-cache")
@@ -84,7 +85,7 @@ def _molmo2(p: argparse.ArgumentParser, args, names: list[str]) -> int:
         p.error(f"{args.checkpoint} is a Molmo2 checkpoint: tasks {unknown} are not Molmo2 tasks "
                 f"({', '.join(sorted(molmo2_runner.TASKS))})")
     if args.weights:
-        p.error("--weights int8 is for Molmo v1 checkpoints; Molmo2 runs its checkpoint's weights")
+        p.error(f"--weights {args.weights} is for Molmo v1 checkpoints; Molmo2 runs its checkpoint's weights")
     videos = [n for n in names if molmo2_runner.TASKS[n].video]
     if videos and not (args.video_dir or args.video_cache):
         p.error(f"Molmo2 video tasks {videos} need --video-dir and/or --video-cache with --video-manifest")

@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("int8",), help="weight-only int8 quantized inference (default: the "
-                   "checkpoint's weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
+    p.add_argument("--weights", choices=("int8", "nf4"),
+                   help="weight-only int8 or nf4 (4-bit NormalFloat) quantized inference (default: the checkpoint's "
+                        "weights; a LoRA checkpoint runs its base + adapters unmerged either way)")
     p.add_argument("--timeout", type=float, default=IMAGE_FETCH.deadline,
                    help="seconds for the whole download of one image URL (connect, headers, body, retry)")
     p.add_argument("--max-image-mb", type=float, default=IMAGE_FETCH.max_bytes / 2**20,

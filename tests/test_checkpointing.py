@@ -229,6 +229,14 @@ def test_checksums_do_not_depend_on_the_mesh_and_see_one_changed_bit(small_state
     assert state_checksums({"w": jnp.asarray(flipped)})[0] != state_checksums({"w": jnp.asarray(host)})[0]
 
 
+def test_checksums_of_sub_byte_nf4_codes_agree_on_host_and_device_and_see_one_changed_code():
+    codes = (np.arange(64) % 16).astype(jnp.uint4).reshape(8, 8)  # an nf4 base's kernel (model/quantization.py)
+    assert state_checksums({"w": codes})[0] == state_checksums({"w": jnp.asarray(codes)})[0]
+    changed = codes.copy()
+    changed[3, 5] = 2
+    assert state_checksums({"w": jnp.asarray(changed)})[0] != state_checksums({"w": jnp.asarray(codes)})[0]
+
+
 def test_non_finite_state_is_neither_saved_nor_restored(tmp_path, small_state, caplog):
     ck = Checkpointer(str(tmp_path), keep=3)
     ck.save(1, small_state, None, {"step": 1})

@@ -3,14 +3,17 @@
 In-process (one compiled step per base dtype, on one CPU device, text-only batches):
   count      the trainable parameters and optimizer moments are exactly the adapters';
   overfit    a LoRA run learns a small set while every base parameter stays bit-identical;
-  QLoRA      the same with an int8 base: the loss falls.
+  QLoRA      the same with an int8 or nf4 base: the loss falls; nf4 round trip within the grid's bound;
+  dropout    LoRA dropout changes training steps (deterministically), never evaluation.
 Subprocess runs (test_trainer.py's tiny config and helpers, on a base checkpoint written here):
   checkpoints  hold the adapters, optimizer state and step only, and name their base;
   killed       SIGKILLed after checkpoint 4 and resumed: bit-identical to the uninterrupted run;
   other base   resuming on another base stops with one error naming both, changing nothing;
   merged       export --merge-lora: logits of the plain folder == base + adapters unmerged;
-  predictor    loads a LoRA checkpoint as base + adapters, unmerged; int8 weight-only inference.
+  predictor    loads a LoRA checkpoint as base + adapters, unmerged; int8 / nf4 weight-only inference.
 """
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -25,7 +28,7 @@ from test_trainer import (CONFIG_FILE, REPO, STEPS, kill_at_checkpoint_4_then_re
 import configs
 from configs import common
 from data_pipelines.pipeline import crop_fields
-from molmo_jax.model import lora, sharding
+from molmo_jax.model import lora, quantization, sharding
 from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.inference.predictor import load_orbax_model, with_compute_dtype
@@ -110,6 +113,8 @@ def test_trainable_parameters_and_optimizer_moments_are_exactly_the_adapters():
     ("rank", -1, "config.lora.rank=-1: expected an integer >= 0"),
     ("base_dtype", "fp8", "config.lora.base_dtype='fp8': choose one of float32, bfloat16, int8"),
     ("alpha", 0.0, "config.lora.alpha=0.0: expected a finite number > 0"),
+    ("dropout", -0.1, "config.lora.dropout=-0.1: expected a number in [0, 1)"),
+    ("dropout", 1.0, "config.lora.dropout=1.0: expected a number in [0, 1)"),
 ])
 def test_each_bad_lora_value_is_one_line_naming_it(key, value, message):
     cfg = lora_config()
@@ -126,9 +131,15 @@ def test_a_quantized_base_without_adapters_is_refused():
         config_checks.validate(cfg)
 
 
-@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+@functools.lru_cache(maxsize=None)
+def trained(base_dtype):
+    """run_steps of 20 steps of lora_config(base_dtype), computed once per module."""
+    return run_steps(lora_config(base_dtype), 20)
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "int8", "nf4"])
 def test_lora_learns_a_small_set_and_leaves_the_base_bit_identical(base_dtype):
-    initial, final, losses = run_steps(lora_config(base_dtype), 20)
+    initial, final, losses = trained(base_dtype)
     assert losses[-1] < 0.3 * losses[0], losses
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(initial["frozen"])[0],
                             jax.tree.leaves(final["frozen"])):
@@ -139,18 +150,76 @@ def test_lora_learns_a_small_set_and_leaves_the_base_bit_identical(base_dtype):
     if base_dtype == "int8":
         q = final["frozen"]["llm"]["blocks"]["attention"]["q"]
         assert q["kernel"].dtype == np.int8 and q["kernel_scale"].dtype == np.float32
+    if base_dtype == "nf4":  # codes in the kernel's shape, one scale per 64 inputs (d_model 64)
+        q = final["frozen"]["llm"]["blocks"]["attention"]["q"]
+        assert q["kernel"].dtype == jax.numpy.uint4 and q["kernel_scale"].shape == (2, 1, 4, 16)
+
+
+# The 16 NF4 code values, QLoRA paper (arXiv 2305.14314) appendix E.
+NF4_PAPER = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+@pytest.mark.parametrize("shape, n_in, n_out, block", [
+    ((2, 128, 4, 16), 1, 2, 64),  # stacked q [layers, D, N, H]: blocks of 64 along D
+    ((4, 16, 96), 2, 1, 16),  # o [N, H, D]: blocks along H, which is 16
+    ((588, 32), 1, 1, 49)])  # the patch embedding: 49 is the largest divisor of 588 up to 64
+def test_nf4_round_trip_is_within_the_grid_bound(shape, n_in, n_out, block):
+    """Every value dequantizes to scale * one of the paper's 16 codes, scale = its block's absmax,
+    and the error is at most half the widest gap between neighbouring codes times that absmax."""
+    w = jax.random.normal(jax.random.key(0), shape) * 0.02
+    codes, scale = quantization.quantize_kernel(w, n_in, n_out, "nf4")
+    assert codes.dtype == jax.numpy.uint4 and codes.shape == w.shape
+    axis = len(shape) - n_out - 1
+    assert scale.shape == shape[:axis] + (shape[axis] // block,) + shape[axis + 1:]
+    w, scale = np.asarray(w), np.asarray(scale)
+    absmax = np.repeat(scale, block, axis=axis)
+    blocks = np.abs(w).reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
+    np.testing.assert_allclose(scale, blocks.max(axis=axis + 1), rtol=1e-6)
+    got = np.asarray(quantization.dequantize(codes, jax.numpy.asarray(scale), jax.numpy.float32))
+    np.testing.assert_allclose(got, absmax * np.asarray(NF4_PAPER, np.float32)[np.asarray(codes, np.int32)],
+                               rtol=1e-6)
+    half_gap = np.max(np.diff(NF4_PAPER)) / 2
+    assert np.all(np.abs(got - w) <= half_gap * absmax * (1 + 1e-6))
+
+
+def test_lora_dropout_changes_training_deterministically_and_never_evaluation():
+    """dropout 0.5: the first step equals the dropout-0 run's (b starts at zero, so the adapter path
+    adds nothing yet), later steps differ from it, a rerun from the same seed repeats them bit for
+    bit, and the model without a training step's keys (evaluation, predict) computes no dropout."""
+    cfg = lora_config()
+    cfg.lora.dropout = 0.5
+    _, final, losses = run_steps(cfg, 4)
+    _, _, again = run_steps(cfg, 4)
+    assert losses == again
+    no_dropout = trained("float32")[2][:4]
+    assert losses[0] == no_dropout[0] and all(a != b for a, b in zip(losses[1:], no_dropout[1:])), (losses, no_dropout)
+
+    model_cfg = trainer.model_config_from(cfg)
+    params = opt_lib.merge_trees(final["params"], final["frozen"])
+    batch = trainer.loss_batch(pattern_batch(sharding.make_mesh(cfg.mesh.to_dict(), jax.devices()[:1])))
+    with_dropout = lora_model(model_cfg, trainer.lora_config_from(cfg), params)
+    without = lora_model(model_cfg, dataclasses.replace(trainer.lora_config_from(cfg), dropout=0.0), params)
+    evaluated = [trainer.token_loss_sums(m, batch, 0.0)[0]["ce_sum"] for m in (with_dropout, without)]
+    assert evaluated[0] == evaluated[1]
+    key = jax.random.key(1)
+    training = [trainer.token_loss_sums(m, batch, 0.0, dropout_key=key)[0]["ce_sum"] for m in (with_dropout, without)]
+    assert training[1] == evaluated[1] and training[0] != evaluated[0]
 
 
 # ------------------------------------------------------------------ runs of `python -m molmo_jax.train`
-# The tiny trainer config of test_trainer.py with LoRA on, starting from a base checkpoint written
-# here; one device, one persistent compilation cache for every run.
+# The tiny trainer config of test_trainer.py with LoRA on (dropout 0.1, so that the kill -9 test
+# covers its masks too), starting from a base checkpoint written here; one device, one persistent
+# compilation cache for every run.
 
 LORA_FILE = '''
 import configs
 
 def get_config(arg=None):
     c = configs.load({plain!r})
-    c.lora.update(dict(rank={rank}, alpha=8.0, targets=("llm_attention", "llm_mlp", "connector")))
+    c.lora.update(dict(rank={rank}, alpha=8.0, dropout=0.1, targets=("llm_attention", "llm_mlp", "connector")))
     c.init.checkpoint = {base!r}
     return c
 '''
@@ -193,7 +262,7 @@ def test_checkpoints_hold_the_adapters_and_name_their_base(lora_runs):
     assert paths and all(p.split("/")[-2] == "adapter" for p in paths)
     meta = json.loads((workdir / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())["lora"]
     assert meta["base"] == str(root / "base" / "checkpoints") and meta["base_step"] == 3
-    assert meta["rank"] == RANK and re.fullmatch(r"[0-9a-f]{16}", meta["base_fingerprint"])
+    assert meta["rank"] == RANK and meta["dropout"] == 0.1 and re.fullmatch(r"[0-9a-f]{16}", meta["base_fingerprint"])
     losses = [m["loss"] for _, m in sorted(metrics(workdir).items())]
     assert losses[-1] < losses[0], losses
 
@@ -264,7 +333,8 @@ def test_merged_export_has_the_logits_of_base_plus_adapters_and_reads_back(lora_
 
 def test_predictor_runs_base_plus_adapters_unmerged_and_int8_weights(lora_runs):
     """predict / evaluate (Predictor.from_checkpoint) on a LoRA run's checkpoint: its base with the
-    adapters, unmerged, exactly; weights="int8": every Dense kernel int8, logits close to float32."""
+    adapters, unmerged, exactly; weights="int8" / "nf4": every Dense kernel int8 / 4-bit codes, logits
+    close to float32's."""
     root, _, workdir = lora_runs
     model = load_orbax_model(str(workdir))
     attention_q = nnx.to_pure_dict(nnx.state(model))["llm"]["blocks"]["attention"]["q"]
@@ -277,22 +347,25 @@ def test_predictor_runs_base_plus_adapters_unmerged_and_int8_weights(lora_runs):
     unmerged = compute_logits(lora_model(model_cfg, lora_cfg, params), batch)
     np.testing.assert_array_equal(compute_logits(model, batch), unmerged)
 
-    quantized = with_compute_dtype(model, "float32", "int8")
-    kernels = [d.kernel[...] for d in lora.dense_layers(quantized).values()]
-    assert kernels and all(k.dtype == np.int8 for k in kernels)
-    difference = np.max(np.abs(compute_logits(quantized, batch) - unmerged))
-    assert 0 < difference < 0.05 * np.max(np.abs(unmerged)), difference
+    for weights, dtype, bound in (("int8", np.int8, 0.05), ("nf4", jax.numpy.uint4, 0.5)):
+        quantized = with_compute_dtype(model, "float32", weights)
+        kernels = [d.kernel[...] for d in lora.dense_layers(quantized).values()]
+        assert kernels and all(k.dtype == dtype for k in kernels)
+        difference = np.max(np.abs(compute_logits(quantized, batch) - unmerged))
+        assert 0 < difference < bound * np.max(np.abs(unmerged)), (weights, difference)
 
 
 def test_aot_plans_lora_and_qlora_steps_with_less_memory_than_full_fine_tuning():
     """tools/aot --lora / --lora-base-dtype on the demo config for a v5e-8: the adapters-only
-    step's arguments (params, frozen base, optimizer state) shrink, most with an int8 base."""
+    step's arguments (params, frozen base, optimizer state) shrink, more with an int8 base, most
+    with nf4."""
 
     topology = aot.parse_topology("v5e-8")
     exp = configs.load("configs/demo.py:pretrain")
     arguments = {}
-    for name, rank, base_dtype in (("full", None, None), ("lora", 8, None), ("qlora", 8, "int8")):
+    for name, rank, base_dtype in (("full", None, None), ("lora", 8, None), ("qlora", 8, "int8"),
+                                   ("qlora_nf4", 8, "nf4")):
         report, = aot.compile_report(aot.prepare_config(exp, lora_rank=rank, lora_base_dtype=base_dtype), topology)
         assert report.fits
         arguments[name] = report.argument_bytes
-    assert arguments["qlora"] < arguments["lora"] < arguments["full"], arguments
+    assert arguments["qlora_nf4"] < arguments["qlora"] < arguments["lora"] < arguments["full"], arguments

@@ -206,8 +206,8 @@ class Predictor:
                         fetch_config: FetchConfig = IMAGE_FETCH, weights: Optional[str] = None) -> "Predictor":
         """path: HF folder or orbax checkpoint (a LoRA run's: base + adapters, unmerged);
         tokenizer: file/folder (default: the checkpoint's); dtype: compute dtype override
-        ("bfloat16" for speed); captioner: a stage-1 checkpoint; weights "int8": weight-only
-        int8 quantized inference."""
+        ("bfloat16" for speed); captioner: a stage-1 checkpoint; weights "int8" / "nf4":
+        weight-only quantized inference (model/quantization.py)."""
         changes = {"dtype": dtype} if dtype else {}
         if is_hf_folder(path):
             model = hf_molmo.load_hf_model(path, **changes)
@@ -268,7 +268,7 @@ class Predictor:
 
 def with_compute_dtype(model: Molmo, dtype: str, weights: Optional[str] = None) -> Molmo:
     """The same parameters (adapters included) in a model that computes in `dtype`; weights
-    "int8" stores its float32 Dense kernels int8, weight-only (model/lora.py)."""
+    "int8" / "nf4" stores its float32 Dense kernels so, weight-only (model/quantization.py)."""
     lora_cfg = getattr(model, "lora_config", lora.LoraConfig())
     params = nnx.to_pure_dict(nnx.state(model))
     if weights and weights != lora_cfg.base_dtype:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from molmo_jax.model.quantization import dequantize
+
 Names = Tuple[Optional[str], ...]
 Initializer = Callable[[jax.Array, Sequence[int]], jax.Array]
 
@@ -100,8 +102,9 @@ class Dense(nnx.Module):
     """y = x . kernel (+ bias) (+ adapter(x)), contracting the trailing `len(in_shape)` axes of x.
 
     kernel: float32[*in_shape, *out_shape]; bias: float32[*out_shape]. model/lora.py may give a
-    built model's Dense layers a LoRA `adapter` and store a frozen kernel as int8 with a float32
-    `kernel_scale` [*1s, *out_shape] (weight-only quantization); both are None otherwise.
+    built model's Dense layers a LoRA `adapter` and store a frozen kernel int8 or nf4 with a
+    float32 `kernel_scale` (weight-only quantization, model/quantization.py); both are None
+    otherwise.
     """
 
     def __init__(self, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...], names: Names, *,
@@ -115,11 +118,8 @@ class Dense(nnx.Module):
         self.kernel_scale = None
 
     def weight(self, dtype) -> jax.Array:
-        """The kernel in the compute dtype (dequantized when stored as int8)."""
-        kernel = self.kernel[...].astype(dtype)
-        if self.kernel_scale is not None:
-            kernel = kernel * self.kernel_scale[...].astype(dtype)
-        return kernel
+        """The kernel in the compute dtype (dequantized when stored int8 or nf4)."""
+        return dequantize(self.kernel[...], None if self.kernel_scale is None else self.kernel_scale[...], dtype)
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         y = jnp.tensordot(x.astype(dtype), self.weight(dtype), axes=self.n_in)

@@ -11,9 +11,15 @@ names (rank axis unnamed), so sharding.py shards them as their kernel. Parameter
 ".../<dense>/adapter/a" and ".../adapter/b"; every other path stays as in the plain model.
 
 The base (every Dense kernel, lm_head and patch embedding included; norms, biases and
-embeddings stay float32) is stored in `base_dtype`: float32, bfloat16, or int8 weight-only
-with one float32 scale per output channel (absmax / 127 over the input axes, in
-`kernel_scale` [*lead, *1s, *out_shape]). Matmuls dequantize into the compute dtype.
+embeddings stay float32) is stored in `base_dtype`: float32, bfloat16, or weight-only int8
+(one float32 scale per output channel) or nf4 (QLoRA's 4-bit NormalFloat, one float32 scale
+per block of 64 inputs), with the scales in `kernel_scale` (model/quantization.py). Matmuls
+dequantize into the compute dtype.
+
+LoRA dropout (config.lora.dropout, the `dropout` of LoraConfig): x -> dropout -> a -> b on the
+adapter path only, in training steps only. The trainer hands each forward pass a key
+(set_dropout_keys, from its dropout stream, so resumed runs draw the same masks); a model
+without keys, as in evaluation and inference, applies none, and dropout 0 sets none.
 
 Why our own wrapper and not qwix 0.1.8 (tried first, on a Dense and on the scanned LLM):
 qwix's LoraProvider adds adapters to a layer whose op it intercepts during a first call
@@ -42,9 +48,9 @@ from flax import nnx
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.layers import Dense, normal, param, zeros
 from molmo_jax.model.molmo import Molmo
+from molmo_jax.model.quantization import BASE_DTYPES, dequantize, quantize_kernel
 from molmo_jax.model.sharding import variable_names
 
-BASE_DTYPES = ("float32", "bfloat16", "int8")
 # Named target groups (re.fullmatch over the Dense module paths "llm/blocks/attention/q", ...).
 TARGET_PRESETS = {
     "llm_attention": r"llm/blocks/attention/(q|k|v|o)",
@@ -63,9 +69,11 @@ FROZEN_BASE = rf"(?!.*/{ADAPTER}/[ab]$).*"
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """rank R (0 = no LoRA: full fine-tuning), alpha (the adapter output is scaled alpha / R),
-    targets (preset names of TARGET_PRESETS or regexes over Dense paths), base_dtype."""
+    dropout (the rate on the adapter's input in training, in [0, 1)), targets (preset names of
+    TARGET_PRESETS or regexes over Dense paths), base_dtype (quantization.BASE_DTYPES)."""
     rank: int = 0
     alpha: float = 16.0
+    dropout: float = 0.0
     targets: Tuple[str, ...] = ("llm_attention", "llm_mlp")
     base_dtype: str = "float32"
 
@@ -81,18 +89,27 @@ class LoraConfig:
     def from_dict(cls, d: Mapping) -> "LoraConfig":
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)}; the keys are rank, alpha, targets, base_dtype")
+            raise ValueError(f"unknown key(s) {sorted(unknown)}; the keys are "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
         return cls(**{k: tuple(v) if k == "targets" else v for k, v in d.items()})
 
 
 class Adapter(nnx.Module):
-    """delta(x) = scale * (x . a) . b, in the compute dtype. a: [*in_shape, R]; b: [R, *out_shape]."""
+    """delta(x) = scale * (dropout(x) . a) . b, in the compute dtype. a: [*in_shape, R];
+    b: [R, *out_shape]. dropout applies only while `dropout_key` (uint32[2] key data, set by
+    set_dropout_keys for one training forward) is set."""
 
-    def __init__(self, a: nnx.Param, b: nnx.Param, scale: float):
-        self.a, self.b, self.scale = a, b, scale
+    def __init__(self, a: nnx.Param, b: nnx.Param, scale: float, dropout: float = 0.0):
+        self.a, self.b, self.scale, self.dropout = a, b, scale, dropout
+        self.dropout_key = None
 
     def __call__(self, x: jax.Array, dtype, n_in: int) -> jax.Array:
-        h = jnp.tensordot(x.astype(dtype), self.a[...].astype(dtype), axes=n_in)
+        x = x.astype(dtype)
+        if self.dropout_key is not None:
+            keep = 1.0 - self.dropout
+            draw = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), keep, x.shape)
+            x = jnp.where(draw, x / jnp.asarray(keep, dtype), jnp.zeros_like(x))
+        h = jnp.tensordot(x, self.a[...].astype(dtype), axes=n_in)
         return jnp.tensordot(h, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
 
 
@@ -138,32 +155,22 @@ def add_adapters(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> List[
         a = param(rngs, normal(fan_in ** -0.5), (*shape[:split], config.rank), (*names[:split], None))
         b = param(rngs, zeros, (*shape[:lead], config.rank, *shape[split:]),
                   (*names[:lead], None, *names[split:]))
-        dense.adapter = nnx.data(Adapter(a, b, config.scale))  # Dense sets it None (static) at init
+        dense.adapter = nnx.data(Adapter(a, b, config.scale, config.dropout))  # Dense sets it None (static)
     return chosen
 
 
-def quantize_kernel(kernel: jax.Array, n_in: int, n_out: int, base_dtype: str):
-    """(stored kernel, kernel_scale or None) of a float32 kernel [*lead, *in, *out] in base_dtype.
-
-    int8: symmetric per output channel, scale = max |w| over the input axes / 127 (1 for an
-    all-zero channel), shape [*lead, *1s, *out] so it broadcasts over the input axes.
-    """
-    if base_dtype == "float32":
-        return kernel, None
-    if base_dtype == "bfloat16":
-        return kernel.astype(jnp.bfloat16), None
-    if base_dtype != "int8":
-        raise ValueError(f"base_dtype {base_dtype!r}: choose one of {', '.join(BASE_DTYPES)}")
-    lead = kernel.ndim - n_in - n_out
-    amax = jnp.max(jnp.abs(kernel), axis=tuple(range(lead, lead + n_in)), keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
-    return jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8), scale
-
-
-def dequantized(kernel: jax.Array, kernel_scale) -> jax.Array:
-    """The float32 kernel a stored (kernel, kernel_scale) stands for."""
-    kernel = kernel.astype(jnp.float32)
-    return kernel if kernel_scale is None else kernel * kernel_scale
+def set_dropout_keys(model: nnx.Module, key: jax.Array) -> None:
+    """Arms the dropout of every adapter of `model` (a model merged inside a training step) with
+    its own key derived from `key`: one per adapter, split along the stacked layer axis so that
+    scan_stack hands each layer its own. No-op without adapters or with dropout 0, so that such a
+    step computes exactly what it did before dropout existed."""
+    adapted = [d for d in dense_layers(model).values() if d.adapter is not None and d.adapter.dropout > 0]
+    for i, dense in enumerate(adapted):
+        adapter = dense.adapter
+        lead = adapter.a.ndim - dense.n_in - 1
+        k = jax.random.fold_in(key, i)
+        keys = jax.random.split(k, adapter.a.shape[:lead]) if lead else k
+        adapter.dropout_key = nnx.data(nnx.Variable(jax.random.key_data(keys)))
 
 
 def quantize_base(model: nnx.Module, base_dtype: str) -> None:
@@ -227,7 +234,7 @@ def merged_params(params: Dict, axes: Mapping[str, Tuple[int, int]], scale: floa
     out = jax.tree.map(lambda x: x, params)
     for path, (n_in, _) in axes.items():
         node = _get(out, path)
-        kernel = dequantized(node["kernel"], node.pop("kernel_scale", None))
+        kernel = dequantize(node["kernel"], node.pop("kernel_scale", None), jnp.float32)
         adapter = node.pop(ADAPTER, None)
         if adapter is not None:
             kernel = kernel + adapter_delta(adapter["a"], adapter["b"], kernel.shape, n_in, scale)

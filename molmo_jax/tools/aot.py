@@ -10,8 +10,8 @@ and report per-chip memory and FLOPs: check a configuration before paying for th
     python -m molmo_jax.tools.aot --table docs/scaling.json    # the sweep of docs/scaling.md
     python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-8 --lora 16 \
         --lora-base-dtype int8 --batch 8                         # QLoRA (config.lora), docs/scaling.md
-    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v5e-1 --hbm-gib 80 --lora 16
-                                                       # one device, judged against 80 GiB (H100-sized)
+    python -m molmo_jax.tools.aot --config configs/molmo_7b_d.py:sft --topology v6e-1 --hbm-gib 80 --lora 16
+                                                       # one v6e chip, judged against 80 GiB (H100-sized)
     python -m molmo_jax.tools.aot --config configs/molmo2_8b.py:long_sft --topology v5p-128 --grad-accum 2
                                                        # Molmo2 (config.model_family "molmo2"): its row
                                                        # budget of tokens, frames and pooled tokens
@@ -431,11 +431,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="decode: new tokens the KV cache holds beyond the prompt (default 256)")
     parser.add_argument("--lora", type=int, default=None, metavar="RANK",
                         help="LoRA of this rank on config.lora.targets (only adapters train)")
-    parser.add_argument("--lora-base-dtype", default=None, choices=("float32", "bfloat16", "int8"),
-                        help="with --lora: the frozen base's weights (int8 = QLoRA)")
+    parser.add_argument("--lora-base-dtype", default=None, choices=("float32", "bfloat16", "int8", "nf4"),
+                        help="with --lora: the frozen base's weights (int8 or nf4 = QLoRA; model/quantization.py)")
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="judge the fit against this memory per device instead of the chip's HBM (e.g. 80 "
-                             "for an H100-80GB-sized device, with --topology v5e-1)")
+                             "for an H100-80GB-sized device, with --topology v6e-1; XLA:TPU still refuses a "
+                             "program larger than the real chip's HBM, 32 GiB for v6e)")
     parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step-time estimate")
     parser.add_argument("--table", default=None, metavar="RESULTS_JSON",
                         help="sweep every release (results cached in this JSON) and print the table")

@@ -82,7 +82,7 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     One jit for the whole state: many small programs with collectives can starve one another
     on fake CPU devices.
     """
-    if x.dtype == jnp.bool_:
+    if x.dtype == jnp.bool_ or jax.dtypes.itemsize_bits(x.dtype) < 8:  # sub-byte: nf4 codes (uint4)
         bits = x.astype(jnp.uint32)
     elif x.dtype.itemsize >= 4:
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types gain a trailing dim of 2
@@ -98,7 +98,7 @@ def _host_summary(x: np.ndarray) -> Tuple[int, bool]:
     """_leaf_checksum and _leaf_finite of a host array, in numpy (bit-identical: same formula,
     same wrap-around), so that a state of host arrays is not copied to a device whole."""
     x = np.ascontiguousarray(x)
-    if x.dtype == np.bool_:
+    if x.dtype == np.bool_ or jax.dtypes.itemsize_bits(x.dtype) < 8:
         bits = x.astype(np.uint32)
     elif x.dtype.itemsize >= 4:
         bits = x.view(np.uint32).reshape(x.shape + ((x.dtype.itemsize // 4,) if x.dtype.itemsize > 4 else ()))

@@ -115,7 +115,8 @@ def validate(config: Mapping) -> None:
 
 
 def _validate_lora(node: Mapping, model: MolmoConfig) -> None:
-    """config.lora: rank >= 0, alpha > 0, a known base_dtype, targets that each select a layer."""
+    """config.lora: rank >= 0, alpha > 0, dropout in [0, 1), a known base_dtype, targets that each
+    select a layer."""
     d = node.to_dict() if hasattr(node, "to_dict") else dict(node)
     try:
         cfg = lora.LoraConfig.from_dict(d)
@@ -130,6 +131,8 @@ def _validate_lora(node: Mapping, model: MolmoConfig) -> None:
         return
     if not _is_number(cfg.alpha) or not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
         raise ConfigError(f"config.lora.alpha={cfg.alpha!r}: expected a finite number > 0")
+    if not _is_number(cfg.dropout) or not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"config.lora.dropout={cfg.dropout!r}: expected a number in [0, 1) (0 = no dropout)")
     if cfg.base_dtype not in lora.BASE_DTYPES:
         raise ConfigError(f"config.lora.base_dtype={cfg.base_dtype!r}: choose one of {', '.join(lora.BASE_DTYPES)}")
     if not cfg.targets or not all(isinstance(t, str) for t in cfg.targets):

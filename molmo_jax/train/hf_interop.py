@@ -43,7 +43,7 @@ from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_link
 from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.inference.predictor import model_crop_config
-from molmo_jax.model import lora
+from molmo_jax.model import lora, quantization
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.train import optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer
@@ -191,8 +191,8 @@ class LoraMergedParams:
         ab = self.adapters.read(wanted) if wanted else {}
         for module, path in modules.items():
             n_in, n_out = self.axes[module]
-            kernel = lora.dequantized(*lora.quantize_kernel(jnp.asarray(values[path]), n_in, n_out,
-                                                            self.lora.base_dtype))
+            kernel = quantization.dequantize(*quantization.quantize_kernel(
+                jnp.asarray(values[path]), n_in, n_out, self.lora.base_dtype), jnp.float32)
             if module in self.adapted:
                 a, b = (ab[(*module.split("/"), lora.ADAPTER, x)] for x in ("a", "b"))
                 kernel = kernel + lora.adapter_delta(a, b, kernel.shape, n_in, self.lora.scale)

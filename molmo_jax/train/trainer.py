@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # any absent key is simply not passed.
 MODEL_INPUTS = families.ALL_INPUTS
 TARGETS = ("target_tokens", "loss_masks")
+LORA_DROPOUT_STREAM = 1  # fold_in of a step's dropout key that LoRA dropout draws from
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,6 +102,8 @@ def token_loss_sums(model: Molmo, batch: Dict[str, jax.Array], z_loss_weight: fl
     aux dict). batch: loss_batch's arrays; dropout_key None = deterministic (evaluation)."""
     inputs = families.family_of_model(model.config).model_kwargs(batch)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    if dropout_key is not None:  # its own stream: the residual dropout's draws stay as they were
+        lora.set_dropout_keys(model, jax.random.fold_in(dropout_key, LORA_DROPOUT_STREAM))
     logits, aux = model(**inputs, response_mask=batch["loss_masks"] > 0, deterministic=dropout_key is None,
                         rngs=rngs, return_aux=True)
     return loss_lib.weighted_token_losses(logits, batch["target_tokens"], batch["loss_masks"], z_loss_weight), aux
@@ -391,7 +394,8 @@ def lora_initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig
     if init.checkpoint:
         base = os.path.abspath(init.checkpoint)
         base_step, state["frozen"] = _load_lora_base(base, model_cfg, lora_cfg, setup.shardings["frozen"])
-    return state, {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
+    return state, {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "dropout": lora_cfg.dropout,
+                   "targets": list(lora_cfg.targets),
                    "base_dtype": lora_cfg.base_dtype, "base": base, "base_step": base_step,
                    "base_fingerprint": tree_fingerprint(state["frozen"])}
 
