@@ -8,6 +8,10 @@ PIP    := $(VENV)/bin/pip
 ARGS   ?=
 # Extra arguments for pytest, e.g.  make test PYTEST_ARGS="-k multicrop"
 PYTEST_ARGS ?=
+# Test files run in this many processes (pytest-xdist; one file stays in one process, so its
+# compile-once module fixtures compile once). Compilation is single-threaded: two workers keep
+# both cores of a 2-core machine busy. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean
 
@@ -28,7 +32,7 @@ demo: $(VENV)/.core
 	$(PY) -m molmo_jax.demo $(ARGS)
 
 test: $(VENV)/.test
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
 	for b in benchmarks/*.py; do JAX_PLATFORMS=cpu $(PY) $$b || exit 1; done
