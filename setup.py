@@ -25,7 +25,8 @@ CORE = [
 
 EXTRAS = {
     # what the test suite needs on top of the core stack
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.24", "httpx>=0.27"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.24",
+             "httpx>=0.27"],
     # PyTorch parity and export checks; 2.13.0 is the CPU wheel (a bare "torch" pulls CUDA builds)
     "torch": ["torch==2.13.0", "transformers>=5.0"],
     # TFDS builders writing ArrayRecord (TensorFlow itself is not needed for the grain path)
