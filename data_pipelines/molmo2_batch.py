@@ -34,91 +34,91 @@ TEXT_KEYS = ("input_ids", "target_tokens", "position_ids", "loss_masks", "mm_tok
 
 
 class ExampleTooLong(ValueError):
-  """An example needs more tokens, crops or pooled tokens than the row budget."""
+    """An example needs more tokens, crops or pooled tokens than the row budget."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RowBudget:
-  """The fixed shape of a row (module docstring)."""
-  seq_len: int
-  max_crops: int
-  max_pooled_tokens: int
-  pool_slots: int = 9
+    """The fixed shape of a row (module docstring)."""
+    seq_len: int
+    max_crops: int
+    max_pooled_tokens: int
+    pool_slots: int = 9
 
 
 def _padded(values: np.ndarray, length: int, dtype, fill) -> np.ndarray:
-  out = np.full((length, *values.shape[1:]), fill, dtype)
-  out[:len(values)] = values
-  return out
+    out = np.full((length, *values.shape[1:]), fill, dtype)
+    out[:len(values)] = values
+    return out
 
 
 def training_row(inputs: Dict[str, np.ndarray], answer_ids, eos_id: int, budget: RowBudget,
                  patch_shape: tuple) -> Dict[str, np.ndarray]:
-  """One row from processor outputs (`inputs`: input_ids [1, T], mm_token_type_ids [1, T] and
-  the image or video arrays) and the answer's token ids; patch_shape: (P, D) of a crop."""
-  prompt = np.asarray(inputs["input_ids"][0], np.int64)
-  answer = np.concatenate([np.asarray(answer_ids, np.int64), [eos_id]])
-  ids = np.concatenate([prompt, answer])
-  kind = "video" if "pixel_values_videos" in inputs else "image"
-  pixels = inputs.get("pixel_values_videos", inputs.get("pixel_values"))
-  pooling = inputs.get("video_token_pooling", inputs.get("image_token_pooling"))
-  if pixels is None:
-    pixels, pooling = np.zeros((0, *patch_shape), np.float32), np.zeros((0, budget.pool_slots), np.int32)
-  problems = []
-  if len(ids) > budget.seq_len:
-    problems.append(f"{len(ids)} tokens > seq_len {budget.seq_len}")
-  if len(pixels) > budget.max_crops:
-    problems.append(f"{len(pixels)} {kind} crops/frames > max_crops {budget.max_crops}")
-  if len(pooling) > budget.max_pooled_tokens:
-    problems.append(f"{len(pooling)} pooled tokens > max_pooled_tokens {budget.max_pooled_tokens}")
-  if pooling.shape[1] > budget.pool_slots:
-    problems.append(f"pooling windows of {pooling.shape[1]} slots > pool_slots {budget.pool_slots}")
-  if tuple(pixels.shape[1:]) != tuple(patch_shape):
-    problems.append(f"crops of shape {tuple(pixels.shape[1:])}, the model takes {tuple(patch_shape)}")
-  if problems:
-    raise ExampleTooLong("example does not fit the row budget: " + "; ".join(problems))
-  n = len(ids)
-  loss = np.zeros(n, np.float32)
-  loss[len(prompt) - 1:n - 1] = 1.0  # targets of positions len(prompt)-1 .. n-2 are the answer + EOS
-  slots = np.full((len(pooling), budget.pool_slots), -1, np.int32)
-  slots[:, :pooling.shape[1]] = pooling
-  mm = np.concatenate([np.asarray(inputs["mm_token_type_ids"][0]), np.zeros(len(answer), np.int64)])
-  return {
-      "input_ids": _padded(ids, budget.seq_len, np.int32, -1),
-      "target_tokens": _padded(np.concatenate([ids[1:], [-1]]), budget.seq_len, np.int32, -1),
-      "position_ids": _padded(np.arange(n), budget.seq_len, np.int32, -1),
-      "loss_masks": _padded(loss, budget.seq_len, np.float32, -1),
-      "mm_token_type_ids": _padded(mm, budget.seq_len, np.int32, 0),
-      "pixel_values": _padded(np.asarray(pixels, np.float32), budget.max_crops, np.float32, -1),
-      "token_pooling": _padded(slots, budget.max_pooled_tokens, np.int32, -1),
-  }
+    """One row from processor outputs (`inputs`: input_ids [1, T], mm_token_type_ids [1, T] and
+    the image or video arrays) and the answer's token ids; patch_shape: (P, D) of a crop."""
+    prompt = np.asarray(inputs["input_ids"][0], np.int64)
+    answer = np.concatenate([np.asarray(answer_ids, np.int64), [eos_id]])
+    ids = np.concatenate([prompt, answer])
+    kind = "video" if "pixel_values_videos" in inputs else "image"
+    pixels = inputs.get("pixel_values_videos", inputs.get("pixel_values"))
+    pooling = inputs.get("video_token_pooling", inputs.get("image_token_pooling"))
+    if pixels is None:
+        pixels, pooling = np.zeros((0, *patch_shape), np.float32), np.zeros((0, budget.pool_slots), np.int32)
+    problems = []
+    if len(ids) > budget.seq_len:
+        problems.append(f"{len(ids)} tokens > seq_len {budget.seq_len}")
+    if len(pixels) > budget.max_crops:
+        problems.append(f"{len(pixels)} {kind} crops/frames > max_crops {budget.max_crops}")
+    if len(pooling) > budget.max_pooled_tokens:
+        problems.append(f"{len(pooling)} pooled tokens > max_pooled_tokens {budget.max_pooled_tokens}")
+    if pooling.shape[1] > budget.pool_slots:
+        problems.append(f"pooling windows of {pooling.shape[1]} slots > pool_slots {budget.pool_slots}")
+    if tuple(pixels.shape[1:]) != tuple(patch_shape):
+        problems.append(f"crops of shape {tuple(pixels.shape[1:])}, the model takes {tuple(patch_shape)}")
+    if problems:
+        raise ExampleTooLong("example does not fit the row budget: " + "; ".join(problems))
+    n = len(ids)
+    loss = np.zeros(n, np.float32)
+    loss[len(prompt) - 1:n - 1] = 1.0  # targets of positions len(prompt)-1 .. n-2 are the answer + EOS
+    slots = np.full((len(pooling), budget.pool_slots), -1, np.int32)
+    slots[:, :pooling.shape[1]] = pooling
+    mm = np.concatenate([np.asarray(inputs["mm_token_type_ids"][0]), np.zeros(len(answer), np.int64)])
+    return {
+        "input_ids": _padded(ids, budget.seq_len, np.int32, -1),
+        "target_tokens": _padded(np.concatenate([ids[1:], [-1]]), budget.seq_len, np.int32, -1),
+        "position_ids": _padded(np.arange(n), budget.seq_len, np.int32, -1),
+        "loss_masks": _padded(loss, budget.seq_len, np.float32, -1),
+        "mm_token_type_ids": _padded(mm, budget.seq_len, np.int32, 0),
+        "pixel_values": _padded(np.asarray(pixels, np.float32), budget.max_crops, np.float32, -1),
+        "token_pooling": _padded(slots, budget.max_pooled_tokens, np.int32, -1),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Molmo2Rows:
-  """Picklable grain map: global example index -> training row of `source`'s example
-  (`source[i % len(source)]`: a {"question", "answer", and "video" path or "images" list}
-  dict, e.g. VideoShapesSource)."""
-  source: Any
-  tokenizer: Any
-  processor: molmo2_processor.Molmo2ProcessorConfig
-  budget: RowBudget
+    """Picklable grain map: global example index -> training row of `source`'s example
+    (`source[i % len(source)]`: a {"question", "answer", and "video" path or "images" list}
+    dict, e.g. VideoShapesSource)."""
+    source: Any
+    tokenizer: Any
+    processor: molmo2_processor.Molmo2ProcessorConfig
+    budget: RowBudget
 
-  def __call__(self, index: int) -> Dict[str, np.ndarray]:
-    example = self.source[int(index) % len(self.source)]
-    inputs = molmo2_processor.process(example["question"], self.tokenizer, self.processor,
-                                      images=example.get("images", ()), video=example.get("video"))
-    crop = self.processor.video if "video" in example else self.processor.image
-    return training_row(inputs, self.tokenizer.encode(" " + example["answer"]), self.tokenizer.eos_id,
-                        self.budget, (crop.crop_patches ** 2, crop.patch_dim))
+    def __call__(self, index: int) -> Dict[str, np.ndarray]:
+        example = self.source[int(index) % len(self.source)]
+        inputs = molmo2_processor.process(example["question"], self.tokenizer, self.processor,
+                                          images=example.get("images", ()), video=example.get("video"))
+        crop = self.processor.video if "video" in example else self.processor.image
+        return training_row(inputs, self.tokenizer.encode(" " + example["answer"]), self.tokenizer.eos_id,
+                            self.budget, (crop.crop_patches ** 2, crop.patch_dim))
 
 
 def make_rows_pipeline(rows: Callable[[int], Dict[str, np.ndarray]], *, batch_size: int,
                        num_examples: int = 2 ** 40, process_index: int = 0,
                        process_count: int = 1) -> grain.IterDataset:
-  """This host's batches of `rows` (its examples are every process_count-th index): a grain
-  dataset whose iterator checkpoints its position (get_state / set_state), for exact resume."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  ds = grain.MapDataset.range(num_examples).slice(slice(process_index, None, process_count)).map(rows)
-  return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
+    """This host's batches of `rows` (its examples are every process_count-th index): a grain
+    dataset whose iterator checkpoints its position (get_state / set_state), for exact resume."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    ds = grain.MapDataset.range(num_examples).slice(slice(process_index, None, process_count)).map(rows)
+    return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
