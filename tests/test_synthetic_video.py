@@ -68,3 +68,16 @@ def test_bad_arguments_name_the_problem(tmp_path):
     VideoShapesSource(1, image_size=(95, 128), out_dir=tmp_path)
   with pytest.raises(ValueError, match="out_dir is required"):
     VideoShapesSource(1)
+
+
+def test_the_same_example_made_by_many_threads_at_once(tmp_path):
+  """Loader threads may make one example together (a small source read at several indices): each
+  writer renames only its own temporary file, and no temporary file is left behind."""
+  import concurrent.futures
+  source = VideoShapesSource(1, image_size=(48, 64), seed=2, task="count", num_frames=6, fps=3,
+                             out_dir=tmp_path)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    examples = list(pool.map(lambda _: source[0], range(16)))
+  assert all(e == examples[0] for e in examples)
+  assert [p.name for p in tmp_path.iterdir()] == [examples[0]["video"].split("/")[-1]]
+  assert video.probe(examples[0]["video"]).num_frames == 6

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 from typing import Any, Dict, List
 
 import av
@@ -64,20 +65,25 @@ def render_frame(background: np.ndarray, shapes: List[Shape], centres: np.ndarra
 def encode_video(path: str | os.PathLike, frames, fps: int) -> None:
     """Writes uint8[H, W, 3] frames (H, W even) as H.264 (crf 12) to `path`, atomically."""
     path = pathlib.Path(path)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    with av.open(str(tmp), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
-        first = True
-        for frame in frames:
-            if first:
-                stream.height, stream.width = frame.shape[:2]
-                stream.pix_fmt = "yuv420p"
-                first = False
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+    # One temporary name per writer: two loader threads or processes may make the same example
+    # at once, and each must rename only the file it wrote (the results are identical).
+    tmp = path.with_name(f"{path.stem}.partial-{os.getpid()}-{threading.get_ident()}{path.suffix}")
+    try:
+        with av.open(str(tmp), "w") as container:
+            stream = container.add_stream("libx264", rate=fps, options={"crf": "12"})
+            first = True
+            for frame in frames:
+                if first:
+                    stream.height, stream.width = frame.shape[:2]
+                    stream.pix_fmt = "yuv420p"
+                    first = False
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _percent(xy, height: int, width: int):
