@@ -2,6 +2,7 @@
 
   python benchmarks/attention.py                        # the 36M config's decoder shapes, 1024 tokens
   python benchmarks/attention.py --seq-len 1024 4096 --heads 8 --kv-heads 4 --head-dim 64
+  python benchmarks/attention.py --no-mask --batch 10 --seq-len 577 --heads 4 --kv-heads 4   # the 36M ViT
 
 Inputs: batch x seq_len right-padded sequences (the last 10% padding) with two conversations per
 image (subsegment ids), causal, float32, q/k/v of the given heads. Each row gives the median of
@@ -62,14 +63,18 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--no-mask", action="store_true",
+                   help="every query sees every key (the ViT's crops and the pooling windows)")
     args = p.parse_args(argv)
 
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; batch {args.batch}, "
-          f"{args.heads} heads / {args.kv_heads} kv heads of {args.head_dim}, float32")
+          f"{args.heads} heads / {args.kv_heads} kv heads of {args.head_dim}, float32, "
+          + ("no mask" if args.no_mask else "causal, padding, two conversations"))
     print("| tokens | backend | forward ms | forward + grad ms | temp MiB (fwd + grad) |")
     print("|---:|---|---:|---:|---:|")
     for t in args.seq_len:
         q, k, v, mask = inputs(args.batch, t, args.heads, args.kv_heads, args.head_dim)
+        mask = None if args.no_mask else mask
         for name in BACKENDS:
             def forward(q, k, v, mask, name=name):
                 return dot_product_attention(q, k, v, mask, implementation=name)

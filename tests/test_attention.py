@@ -98,9 +98,10 @@ def test_chunked_equals_reference_forward_and_gradient(case):
 
 def test_unmasked_single_tile_equals_reference_and_keeps_no_probabilities():
     """The ViT's case: no mask, T = S = 577 (336 px / 14 + CLS), one tile without mask arrays.
-    Forward and gradients equal the einsum, and the saved residuals hold no [T, S] array."""
-    t, n, h = 577, 2, 8
-    q, k, v, cotangent = _inputs(t, t, n, n, h=h)
+    Forward and gradients equal the einsum, and the saved residuals hold no [T, S] array. Two
+    query heads per kv head: the tiles run per (example, kv head) and must put every head back."""
+    t, n, h = 577, 4, 8
+    q, k, v, cotangent = _inputs(t, t, n, 2, h=h)
     single = lambda q, k, v: chunked_attention(q, k, v, None)  # noqa: E731
     _compare_with_reference(single, None, (q, k, v), cotangent, np.ones((2, t), bool))
     loss = lambda q, k, v: jnp.sum(single(q, k, v) * cotangent)  # noqa: E731
