@@ -28,6 +28,7 @@ import configs
 from configs import common
 from molmo_jax.model import sharding
 from molmo_jax.model.flops import params_count
+from molmo_jax.model.layers import REMAT_POLICIES
 from molmo_jax.model.config import LLMConfig, MOLMO_7B_D, MOLMO_7B_O, MOLMO_72B, MOLMOE_1B, VisionConfig
 from data_pipelines import multicrop
 from molmo_jax.inference.generate import GenerationConfig, Generator
@@ -149,21 +150,26 @@ def timed(fn, *args, repeats: int) -> float:
 def generation_36m(model, model_cfg, repeats: int) -> tuple[float, float]:
     """Seconds of the prefill of one 613-token prompt (BOS + 580 image tokens + 32 text tokens, 5
     crops) and per decoded token, as users call the Generator (default GenerationConfig: 12 new
-    tokens): prefill = a 1-token generation, decode = (12-token generation - prefill) / 11."""
+    tokens): prefill = a 1-token generation; decode = (23-token generation - 12-token generation)
+    / 11, two runs that both decode, so the difference is decode steps only (a 1-token run has
+    none, and its prefill alone is within timing noise of a 12-token run on a busy machine)."""
     host = batch_36m(model_cfg, np.random.default_rng(1), batch=1, seq_len=613)
     prompt = {k: host[k] for k in ("input_ids", "images", "image_masks", "image_input_idx")}
     generator = Generator(model)
     defaults = GenerationConfig()
     prefill_s = timed(lambda: generator(prompt, GenerationConfig(max_new_tokens=1)).tokens, repeats=repeats)
-    total_s = timed(lambda: generator(prompt, defaults).tokens, repeats=repeats)
-    return prefill_s, (total_s - prefill_s) / (defaults.max_new_tokens - 1)
+    extra = defaults.max_new_tokens - 1
+    longer = dataclasses.replace(defaults, max_new_tokens=defaults.max_new_tokens + extra)
+    short_s = timed(lambda: generator(prompt, defaults).tokens, repeats=repeats)
+    long_s = timed(lambda: generator(prompt, longer).tokens, repeats=repeats)
+    return prefill_s, (long_s - short_s) / extra
 
 
-def measure_36m(steps: int) -> list:
+def measure_36m(steps: int, remat: str = "none") -> list:
     """Rows of the 36M comparison: forward (loss), the ViT alone on the 10 crops, the train step
     (forward, CE, backward, AdamW: b 0.9 / 0.95, eps 1e-6, no weight decay, no clipping,
     nothing frozen), float32, and the process's peak resident memory."""
-    c = experiment("36m", "float32", 2, 1024, 4, "none")
+    c = experiment("36m", "float32", 2, 1024, 4, remat)
     c.model.llm.response_residual_dropout = 0.0
     c.optimizer.update(dict(b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0, clip_norm=0.0, frozen=""))
     model_cfg = trainer.model_config_from(c)
@@ -180,6 +186,7 @@ def measure_36m(steps: int) -> list:
     prefill_s, decode_s = generation_36m(nnx.merge(setup.graphdef, opt_lib.merge_trees(state["params"], state["frozen"])),
                                          model_cfg, repeats=steps)
     step = setup.step_fn.lower(state, batch).compile()
+    temp_gb = step.memory_analysis().temp_size_in_bytes / 2**30
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -193,6 +200,7 @@ def measure_36m(steps: int) -> list:
             ["generation prefill, 613-token prompt (Generator defaults)", f"{prefill_s:.3f} s"],
             ["generation decode per token (Generator defaults)", f"{decode_s * 1e3:.1f} ms"],
             ["peak host memory of the process", f"{peak_gb:.2f} GB"],
+            ["train step temporaries (XLA memory analysis)", f"{temp_gb:.2f} GiB"],
             ["parameters", f"{params_count(model_cfg)['total']:,}"],
             ["loss at step 1", f"{float(metrics['loss']):.6f}"]]
 
@@ -204,15 +212,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 8 demo, 4 for 100m)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--max-crops", type=int, default=2)
-    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
+    p.add_argument("--remat", choices=tuple(REMAT_POLICIES), default="none",
                    help="activation rematerialisation of the scanned blocks (the releases use full)")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     args = p.parse_args(argv)
 
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     if args.size == "36m":
-        rows = measure_36m(max(args.steps, 3))
-        print(f"36M config, float32, on {device} (compare with the official PyTorch code run on the same machine)")
+        rows = measure_36m(max(args.steps, 3), args.remat)
+        print(f"36M config, float32, remat {args.remat}, on {device} (compare with the official PyTorch code "
+              "run on the same machine)")
         width = max(len(r[0]) for r in rows)
         for name, value in [["measurement", "molmo-jax"], ["-" * width, "-" * 9]] + rows:
             print(f"{name.ljust(width)}  {value}")
