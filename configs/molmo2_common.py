@@ -89,6 +89,14 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-5
     c.data.mixture = "video_shapes"
     c.data.row_pool_slots = 9
+    # Where the released Molmo2 sets are (data_pipelines.sources.molmo2.load): the HF folders, the
+    # videos (a folder and / or the download cache with its manifest); images: c.data.image_dir.
+    c.data.molmo2_dir, c.data.video_dir, c.data.video_cache_dir, c.data.video_manifest = "", "", "", ""
+    # Packing (data_pipelines.molmo2_pipeline): the official SFT packs with a buffer of 48 examples
+    # and image weight 30; pretraining does not pack (0 = one example per row).
+    c.data.pack_buffer = 0 if stage == "pretrain" else 48
+    c.data.pack_image_weight = 30.0
+    c.data.loss_token_weighting = "" if stage == "pretrain" else "root_subsegments_root_tokens"
     return c
 
 

@@ -208,7 +208,7 @@ class Molmo2PackConfig:
     vision_token_ids: Sequence[int]
 
 
-def _media(example: Dict[str, np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def example_media(example: Dict[str, np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(crops or frames [c, P, D], pooling [m, k]) of an example, or (None, None) for text only."""
     found = [(example[p], example[t]) for p, t in MEDIA_KEYS if example.get(p) is not None]
     if len(found) > 1:
@@ -228,7 +228,7 @@ def pack_examples(examples: Sequence[Dict[str, np.ndarray]], cfg: Molmo2PackConf
     L, N, M, K = cfg.seq_len, cfg.max_crops, cfg.max_pooled_tokens, cfg.pool_width
     if not examples:
         raise ValueError("pack_examples needs at least one example")
-    media = [_media(e) for e in examples]
+    media = [example_media(e) for e in examples]
     crops = [0 if px is None else px.shape[0] for px, _ in media]
     pooled = [0 if tp is None else tp.shape[0] for _, tp in media]
     for name, used, budget in (("crops/frames", sum(crops), N), ("pooled tokens", sum(pooled), M)):
@@ -301,7 +301,7 @@ class Constraint:
 
 def _counts(example: Dict[str, np.ndarray]) -> tuple[int, int]:
     """(tokens, crops / frames) of an example."""
-    pixels, _ = _media(example)
+    pixels, _ = example_media(example)
     return int(example["input_ids"].shape[0]), 0 if pixels is None else int(pixels.shape[0])
 
 
