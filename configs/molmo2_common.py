@@ -97,6 +97,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.data.pack_buffer = 0 if stage == "pretrain" else 48
     c.data.pack_image_weight = 30.0
     c.data.loss_token_weighting = "" if stage == "pretrain" else "root_subsegments_root_tokens"
+    # Message-tree options of the official text preprocessor, at its defaults (sft.py sets neither):
+    # a text cap on a tree (0 = none), and the loss only on each conversation's last answer.
+    c.data.max_text_tokens, c.data.last_message_loss_only = 0, False
     return c
 
 

@@ -104,12 +104,15 @@ class Molmo2Preprocess:
     """Picklable: (example dict, rng, dataset name) -> built example (molmo2_packing.build_example
     keys plus the processor's media arrays). formats: dataset -> FormatConfig (default
     MOLMO2_SFT_FORMAT); loss_token_weighting: the run's default MessageWeight
-    (molmo2_packing.LOSS_TOKEN_WEIGHTINGS), overridden per dataset (message_weight)."""
+    (molmo2_packing.LOSS_TOKEN_WEIGHTINGS), overridden per dataset (message_weight);
+    max_text_tokens, last_message_loss_only: build_example's (official defaults None, False)."""
     tokenizer: Any
     processor: molmo2_processor.Molmo2ProcessorConfig
     pack: molmo2_packing.Molmo2PackConfig
     formats: Mapping[str, formatting.FormatConfig] = dataclasses.field(default_factory=dict)
     loss_token_weighting: Optional[str] = molmo2_packing.SFT_LOSS_TOKEN_WEIGHTING
+    max_text_tokens: Optional[int] = None
+    last_message_loss_only: bool = False
 
     def __call__(self, example: Dict[str, Any], rng: np.random.RandomState, dataset: str) -> Dict[str, np.ndarray]:
         fmt = self.formats.get(dataset, MOLMO2_SFT_FORMAT)
@@ -123,7 +126,8 @@ class Molmo2Preprocess:
         built = molmo2_packing.build_example(
             media["input_ids"][0], tree, eos=self.tokenizer.eos_id,
             weight=molmo2_packing.message_weight(dataset, self.loss_token_weighting),
-            max_sequence_length=self.pack.seq_len)
+            max_sequence_length=self.pack.seq_len, max_text_tokens=self.max_text_tokens,
+            last_message_loss_only=self.last_message_loss_only)
         for pixels_key, pooling_key in molmo2_packing.MEDIA_KEYS:
             if pixels_key in media:
                 built[pixels_key], built[pooling_key] = media[pixels_key], media[pooling_key]

@@ -119,6 +119,18 @@ def test_rows_are_build_example_and_pack_examples_of_the_same_examples(parts, ru
     assert run[1].examples == len(used)
 
 
+def test_tree_options_reach_build_example(parts):
+    """max_text_tokens cuts video b's tree of two to its first conversation (still a tree, as the
+    official tokenize_message_list makes it)."""
+    sources, _, preprocess = parts
+    source = sources["molmo2_human_qa"]
+    b = next(i for i in range(len(source)) if len(source[i]["message_list"]) == 2)
+    rng = np.random.RandomState(0)
+    assert set(preprocess(source[b], rng, "molmo2_human_qa")["subsegment_ids"].tolist()) == {10000, 0, 1}
+    capped = dataclasses.replace(preprocess, max_text_tokens=2)
+    assert set(capped(source[b], rng, "molmo2_human_qa")["subsegment_ids"].tolist()) == {10000, 0}
+
+
 def test_bad_examples_are_skipped_with_their_cause_counted(parts, caplog):
     with caplog.at_level(logging.WARNING):
         it = iter(pipeline_of(parts))

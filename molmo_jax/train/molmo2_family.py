@@ -13,7 +13,7 @@ config.data.synthetic_options["video_shapes"]: VideoShapesSource's task, num_fra
 image_size, out_dir) or a released Molmo2 set (data_pipelines.sources.molmo2, under
 config.data.molmo2_dir), and packs its examples as the official trainer does
 (config.data.pack_buffer examples in the packer's buffer, 0 = one example per row;
-pack_image_weight; loss_token_weighting).
+pack_image_weight; loss_token_weighting; max_text_tokens, 0 = none; last_message_loss_only).
 """
 from __future__ import annotations
 
@@ -179,7 +179,8 @@ def make_pipeline(config, *, process_index: int = 0, process_count: int = 1):
     processor = dataclasses.replace(processor, sampling=sampling)
     preprocess = molmo2_pipeline.Molmo2Preprocess(
         tok, processor, molmo2_pipeline.pack_config(tok, processor, b),
-        formats={"video_shapes": molmo2_pipeline.PLAIN_FORMAT}, loss_token_weighting=d.loss_token_weighting or None)
+        formats={"video_shapes": molmo2_pipeline.PLAIN_FORMAT}, loss_token_weighting=d.loss_token_weighting or None,
+        max_text_tokens=int(d.max_text_tokens) or None, last_message_loss_only=bool(d.last_message_loss_only))
     groups = get_mixture(d.mixture, tuple(srcs))
     rates = mixture_rates(groups, {name: len(src) for name, src in srcs.items()})
     return molmo2_pipeline.make_pipeline_from_parts(
