@@ -157,6 +157,27 @@ def test_the_iterator_resumes_exactly_from_its_saved_state(parts, run):
     assert resumed.stats == it.stats
 
 
+def test_hosts_share_the_stream(parts):
+    """Host i of 2 builds the examples at global indices i, i + 2, ... of the one-host stream."""
+    sources, rates, preprocess = parts
+    one = molmo2_pipeline.example_dataset(sources, rates, preprocess, seed=3, num_examples=8)
+    for host in range(2):
+        mine = molmo2_pipeline.example_dataset(sources, rates, preprocess, seed=3, num_examples=8,
+                                               process_index=host, process_count=2)
+        assert len(mine) == 4
+        for k in range(4):
+            a, b = mine[k], one[2 * k + host]
+            assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
+
+
+def test_a_group_over_the_pooled_budget_is_split_in_order():
+    """The packer bounds tokens and crops; pooled tokens are the row's third budget."""
+    group = [{"pixel_values": np.zeros((1, 2, 3)), "image_token_pooling": np.zeros((n, 4), np.int32), "id": i}
+             for i, n in enumerate((30, 30, 10, 40, 0))]
+    rows = molmo2_pipeline.split_by_pooled_tokens(group, 64)
+    assert [[e["id"] for e in row] for row in rows] == [[0, 1], [2, 3, 4]]
+
+
 def test_video_shapes_rows_keep_the_one_example_layout(files, tmp_path):
     """buffer 0 packs one synthetic video example per row: the rows molmo2_batch.training_row makes,
     less its last input (the EOS, which predicts nothing)."""
@@ -204,7 +225,6 @@ def test_a_few_trainer_steps_on_the_packed_mixture(files, tmp_path):
     config = molmo2_tiny.get_config("qwen3")
     config.data.tokenizer = config.data.processor = str(files)
     config.data.mixture = "molmo2_human_qa"
-    config.data.split = "HumanQA"
     config.data.molmo2_dir, config.data.video_dir = str(files / "data"), str(files / "videos")
     config.data.video_cache_dir, config.data.video_manifest = str(files / "cache"), str(files / "manifest.jsonl")
     config.data.seq_len, config.data.row_crops, config.data.row_pooled_tokens = BUDGET["seq_len"], 5, 64
@@ -243,4 +263,7 @@ def test_mixtures_without_a_source_or_a_formatter_are_refused(files, tmp_path):
         molmo2_family.make_pipeline(config)
     config.data.mixture = "molmo2_human_qa"
     with pytest.raises(ValueError, match="config.data.molmo2_dir is empty"):
+        molmo2_family.make_pipeline(config)
+    config.data.num_workers = 2
+    with pytest.raises(ValueError, match="config.data.num_workers=2: the Molmo2 pipeline runs in the training"):
         molmo2_family.make_pipeline(config)

@@ -134,7 +134,8 @@ def sources(config) -> Dict[str, Any]:
     """Dataset name -> source of the datasets config.data.mixture names: "video_shapes" (the synthetic
     videos, config.data.synthetic_options["video_shapes"]) or a Molmo2 set of data_pipelines.sources.molmo2
     read from config.data.molmo2_dir (videos from video_dir and / or the download cache video_cache_dir
-    with video_manifest; images from image_dir)."""
+    with video_manifest; images from image_dir). config.data.split "train" reads each set's training
+    split (its own HF split for the sets of molmo2.TRAIN_SPLITS, as the official loaders do)."""
     d = config.data
     served = ("video_shapes", *sorted(molmo2_sources.SOURCES))
     names = mixture_datasets(get_mixture(d.mixture, served))
@@ -155,7 +156,8 @@ def sources(config) -> Dict[str, Any]:
             out[name] = VideoShapesSource(int(d.synthetic_examples), seed=int(d.seed),
                                           **dict(dict(options).get("video_shapes", {})))
         else:
-            out[name] = molmo2_sources.load(name, d.molmo2_dir, d.split, video_dir=d.video_dir or None,
+            split = molmo2_sources.TRAIN_SPLITS.get(name, d.split) if d.split == "train" else d.split
+            out[name] = molmo2_sources.load(name, d.molmo2_dir, split, video_dir=d.video_dir or None,
                                             cache_dir=d.video_cache_dir or None, manifest=d.video_manifest or None,
                                             image_dir=d.image_dir or None)
     return out
@@ -170,6 +172,9 @@ def make_pipeline(config, *, process_index: int = 0, process_count: int = 1):
     global_batch = int(config.train.global_batch)
     if global_batch % process_count:
         raise ValueError(f"config.train.global_batch={global_batch} is not divisible by {process_count} processes")
+    if int(d.num_workers):
+        raise ValueError(f"config.data.num_workers={d.num_workers}: the Molmo2 pipeline runs in the training "
+                         "process with a prefetch thread (config.data.prefetch); set num_workers=0")
     srcs = sources(config)
     tok = load_tokenizer(d.tokenizer, pad_to=int(config.model.llm.vocab_size))
     b = budget(config)
