@@ -40,7 +40,8 @@ class FormatConfig:
   prompt_templates: "uber_model" (fine-tuning: templates for captions / pointing) or "none".
   message_format: "role" ("User: ... Assistant:"), "qwen3" (Molmo2's "<|im_start|>user\n..."
     turns) or "none" (captioning).
-  system_prompt: "demo_or_style", "style_and_length", "style" or None.
+  system_prompt: "demo_or_style", "demo_or_style_v2" (Molmo2: no prefix for the styles of
+    `plain_styles`, "style:" for every other), "style_and_length", "style" or None.
   always_start_with_space: a space before every message (the released models).
   default_inference_len: length hint at inference with "style_and_length".
   select_answer: "best" (a most frequent answer) or "first" (smallest string).
@@ -53,6 +54,7 @@ class FormatConfig:
   default_inference_len: int | None = 65
   select_answer: str = "best"
   debug: bool = False
+  plain_styles: tuple[str, ...] = ()
 
 
 FINETUNED = FormatConfig()
@@ -254,6 +256,10 @@ def style_prefix(style: str | None, cfg: FormatConfig, *, for_inference: bool, a
     if style is None:
       raise ValueError("demo_or_style needs the example's 'style'")
     return f"{style}:"
+  if cfg.system_prompt == "demo_or_style_v2":
+    if style is None:
+      raise ValueError("demo_or_style_v2 needs the example's 'style'")
+    return "" if style in cfg.plain_styles else f"{style}:"
   if cfg.system_prompt == "style_and_length":
     if for_inference:
       n = cfg.default_inference_len

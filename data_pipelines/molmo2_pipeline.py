@@ -29,11 +29,11 @@ skipped as too_long; a dead file as missing_file, a corrupt image as corrupt_ima
 does not decode (video.VideoDecodeError) or a malformed row as malformed (pipeline.skip_cause).
 
 Text: each conversation of an example is formatted by `formatting.format_example` with the
-dataset's FormatConfig (`MOLMO2_SFT_FORMAT`: the official "qwen3" chat turns and the "style"
-prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they come, which gives the
+dataset's FormatConfig (`MOLMO2_SFT_FORMAT`: the official "qwen3" chat turns and the
+"demo_or_style_v2" prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they come, which gives the
 rows of `molmo2_batch.training_row`). Not here yet: the official prompt templates
-(`uber_model_v2`), the `demo_or_style_v2` prefix rule, and the answer text of video pointing and
-tracking (official point_formatter); `make_pipeline` refuses mixtures with those sets.
+(`uber_model_v2`), the style renames of the official get_system_prompt, and the answer text of
+video pointing and tracking (official point_formatter); `make_pipeline` refuses mixtures with those sets.
 """
 from __future__ import annotations
 
@@ -48,10 +48,26 @@ from data_pipelines.images import load_image
 from data_pipelines.mixtures import MixtureIndex
 from data_pipelines.sources import molmo2 as molmo2_sources
 
-# The official SFT text (launch_scripts/sft.py: message_format "qwen3"); the style prefix as the
-# official "style" system prompt. Prompt templates are not applied (see the module docstring).
-MOLMO2_SFT_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="qwen3", system_prompt="style",
-                                            always_start_with_space=False)
+# Styles the official "demo_or_style_v2" system prompt leaves without a prefix (data_formatter.py
+# DEMO_STYLES + VIDEO_MC_STYLES + IMAGE_MC_STYLES).
+PLAIN_STYLES = (
+    "point_count", "pointing", "cosyn_point", "user_qa", "long_caption", "short_caption", "video_long_caption",
+    "video_short_caption", "video_point_track_per_frame", "video_point_track_start_end",
+    "video_single_point_track_start_end", "video_transcript", "video_clip_caption_start_end",
+    "video_clip_caption_start_end_in_seconds", "video_clip_transcript_start_end",
+    "video_clip_transcript_start_end_in_seconds", "video_frame_caption_timestamp",
+    "video_frame_caption_timestamp_in_seconds", "correction_qa", "text_sft", "video_point", "video_point_count",
+    "video_count", "video_count_point", "multi_image_pointing", "multi_image_counting", "multi_image_point_then_count",
+    "multi_image_count_then_point",
+    "video_multiple_choice", "video_multiple_choice_count_without_pointing", "video_multiple_choice_multiple_correct",
+    "video_multiple_choice_w_subtitle",
+    "a_okvqa_mc", "ai2_diagram_no_letter", "ai2_diagram", "science_qa", "eval_multiple_choice", "multi_image_mc",
+    "multi_image_mc_exp", "mantis_instruct_mc", "eval_multi_image_mc")
+# The official SFT text (launch_scripts/sft.py: message_format "qwen3", system_prompt
+# "demo_or_style_v2"). Prompt templates are not applied (see the module docstring).
+MOLMO2_SFT_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="qwen3",
+                                            system_prompt="demo_or_style_v2", always_start_with_space=False,
+                                            plain_styles=PLAIN_STYLES)
 # Prompt and answer as the example has them, one space before the answer (molmo2_batch rows).
 PLAIN_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="none", system_prompt=None,
                                        always_start_with_space=False)

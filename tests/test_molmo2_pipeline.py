@@ -242,13 +242,14 @@ def test_a_few_trainer_steps_on_the_packed_mixture(files, tmp_path):
 
 
 def test_text_is_the_official_qwen3_turns_with_the_style_prefix():
-    """official DataFormatter: system_prompt "style" puts "<style>: " first, format_messages
-    ("qwen3") wraps user turns, closing the previous answer's turn before the next one."""
+    """official DataFormatter: system_prompt "demo_or_style_v2" puts "<style>: " first except for
+    demo and multiple-choice styles; format_messages ("qwen3") wraps user turns, closing the
+    previous answer's turn before the next one."""
     example = {"message_list": [{"question": "Why?", "answer": "Because.", "style": "user_qa"},
-                                {"messages": ["Q2", "A2", "Q3", "A3"], "style": "user_qa"}]}
+                                {"messages": ["Q2", "A2", "Q3", "A3"], "style": "video_short_answer"}]}
     (one, two), _ = formatting.format_example(example, molmo2_pipeline.MOLMO2_SFT_FORMAT)
-    assert one == ["<|im_start|>user\nuser_qa: Why?<|im_end|>\n<|im_start|>assistant\n", "Because."]
-    assert two == ["<|im_start|>user\nuser_qa: Q2<|im_end|>\n<|im_start|>assistant\n", "A2",
+    assert one == ["<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n", "Because."]
+    assert two == ["<|im_start|>user\nvideo_short_answer: Q2<|im_end|>\n<|im_start|>assistant\n", "A2",
                    "<|im_end|>\n<|im_start|>user\nQ3<|im_end|>\n<|im_start|>assistant\n", "A3"]
 
 
