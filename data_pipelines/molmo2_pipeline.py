@@ -30,10 +30,12 @@ does not decode (video.VideoDecodeError) or a malformed row as malformed (pipeli
 
 Text: each conversation of an example is formatted by `formatting.format_example` with the
 dataset's FormatConfig (`MOLMO2_SFT_FORMAT`: the official "qwen3" chat turns and the
-"demo_or_style_v2" prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they come, which gives the
-rows of `molmo2_batch.training_row`). Not here yet: the official prompt templates
-(`uber_model_v2`), the style renames of the official get_system_prompt, and the answer text of
-video pointing and tracking (official point_formatter); `make_pipeline` refuses mixtures with those sets.
+"demo_or_style_v2" prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they
+come, which gives the rows of `molmo2_batch.training_row`). Conversations of a tree are shuffled,
+as the official MultimodalPreprocessor does. Not here yet: the official prompt templates
+(`uber_model_v2`), the style renames of the official get_system_prompt, points in answers as
+Molmo2 writes them (official point_formatter, "html-v2": video pointing, tracking, image
+pointing), video clips and subtitles; mixtures with those sets are refused (`NOT_SUPPORTED`).
 """
 from __future__ import annotations
 
@@ -71,9 +73,16 @@ MOLMO2_SFT_FORMAT = formatting.FormatConfig(prompt_templates="none", message_for
 # Prompt and answer as the example has them, one space before the answer (molmo2_batch rows).
 PLAIN_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="none", system_prompt=None,
                                        always_start_with_space=False)
-# Molmo2 sets whose answers (points / tracks over time) formatting.format_example does not write.
-UNFORMATTED = frozenset(name for name, spec in molmo2_sources.SOURCES.items() if spec.example in (
-    molmo2_sources.video_point_example, molmo2_sources.track_example, molmo2_sources.video_point_eval_example))
+# Molmo2 sets this pipeline cannot train on yet, and why: points in the answers (official
+# point_formatter), video clips / frame-sampling overrides, subtitles in the video text.
+NOT_SUPPORTED = {
+    **{name: "its answers (points or tracks over time) are not formatted yet"
+       for name, spec in molmo2_sources.SOURCES.items() if spec.example in (
+           molmo2_sources.video_point_example, molmo2_sources.track_example, molmo2_sources.video_point_eval_example)},
+    "molmo2_syn_captions_subtitle_qa": "its subtitles are not put in the video text yet",
+    **{name: "its points would be written in Molmo's text, not Molmo2's (official pointing_format 'html-v2')"
+       for name in ("pixmo_points_train", "pixmo_points_high_freq_train", "pixmo_count_train")},
+}
 
 
 def pack_config(tokenizer, processor: molmo2_processor.Molmo2ProcessorConfig, budget: Mapping[str, int]
@@ -131,12 +140,17 @@ class Molmo2Preprocess:
     last_message_loss_only: bool = False
 
     def __call__(self, example: Dict[str, Any], rng: np.random.RandomState, dataset: str) -> Dict[str, np.ndarray]:
-        fmt = self.formats.get(dataset, MOLMO2_SFT_FORMAT)
-        conversations, _ = formatting.format_example(example, fmt, rng=rng)
+        if (example.get("metadata") or {}).get("clip_start_time") is not None:
+            raise ValueError("a video clip (metadata clip_start_time): clips are not decoded yet")
         images = example.get("images", example.get("image"))
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
         images = [image if isinstance(image, np.ndarray) else load_image(image) for image in images or ()]
+        fmt = self.formats.get(dataset, MOLMO2_SFT_FORMAT)
+        conversations, _ = formatting.format_example(example, fmt, rng=rng,
+                                                     image_hw=images[0].shape[:2] if images else None)
+        if len(conversations) > 1:  # official MultimodalPreprocessor: matters when the tree is cut
+            rng.shuffle(conversations)
         media = molmo2_processor.process("", self.tokenizer, self.processor, images=images, video=example.get("video"))
         tree = [[self.tokenizer.encode(message) for message in conversation] for conversation in conversations]
         built = molmo2_packing.build_example(

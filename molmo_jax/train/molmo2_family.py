@@ -143,10 +143,11 @@ def sources(config) -> Dict[str, Any]:
     if unserved:
         raise ValueError(f"config.data.mixture={d.mixture!r} needs datasets no Molmo2 source serves yet: {unserved}; "
                          f"the Molmo2 pipeline serves {list(served)}")
-    unformatted = [n for n in names if n in molmo2_pipeline.UNFORMATTED]
-    if unformatted:
-        raise ValueError(f"config.data.mixture={d.mixture!r}: the answers of {unformatted} (video pointing and "
-                         "tracking) are not formatted yet; use a mixture or dataset without them")
+    unsupported = {n: molmo2_pipeline.NOT_SUPPORTED[n] for n in names if n in molmo2_pipeline.NOT_SUPPORTED}
+    if unsupported:
+        why = "; ".join(f"{n}: {reason}" for n, reason in unsupported.items())
+        raise ValueError(f"config.data.mixture={d.mixture!r} has sets the Molmo2 pipeline cannot train on yet ({why}); "
+                         "use a mixture or dataset without them")
     if any(n != "video_shapes" for n in names) and not d.molmo2_dir:
         raise ValueError("config.data.molmo2_dir is empty: give the folder of the Molmo2 HF data sets")
     out = {}
