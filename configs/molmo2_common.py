@@ -92,6 +92,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # Where the released Molmo2 sets are (data_pipelines.sources.molmo2.load): the HF folders, the
     # videos (a folder and / or the download cache with its manifest); images: c.data.image_dir.
     c.data.molmo2_dir, c.data.video_dir, c.data.video_cache_dir, c.data.video_manifest = "", "", "", ""
+    # Only these sets of c.data.mixture, each group at its official rate (empty: all of them).
+    c.data.mixture_datasets = []
     # Packing (data_pipelines.molmo2_pipeline): the official SFT packs with a buffer of 48 examples
     # and image weight 30; pretraining does not pack (0 = one example per row).
     c.data.pack_buffer = 0 if stage == "pretrain" else 48

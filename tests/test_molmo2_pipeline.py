@@ -253,6 +253,23 @@ def test_text_is_the_official_qwen3_turns_with_the_style_prefix():
                    "<|im_end|>\n<|im_start|>user\nQ3<|im_end|>\n<|im_start|>assistant\n", "A3"]
 
 
+def test_a_mixture_restricted_to_the_sets_here_keeps_its_group_rates(files):
+    """The "molmo2" SFT mixture on two of its sets from one group (0.15): they share it by root
+    size (3 records each here), and a set outside the mixture is one error."""
+    config = molmo2_tiny.get_config("qwen3")
+    config.data.tokenizer = config.data.processor = str(files)
+    config.data.mixture = "molmo2"
+    config.data.mixture_datasets = ["molmo2_human_qa", "pixmo_multi_image_qa_multi_only_max5"]
+    config.data.molmo2_dir, config.data.video_dir = str(files / "data"), str(files / "videos")
+    config.data.video_cache_dir, config.data.video_manifest = str(files / "cache"), str(files / "manifest.jsonl")
+    config.data.image_dir = str(files / "images")
+    assert molmo2_family.make_pipeline(config).datasets == {"molmo2_human_qa": 0.5,
+                                                            "pixmo_multi_image_qa_multi_only_max5": 0.5}
+    config.data.mixture_datasets = ["molmo2_human_qa", "video_shapes"]
+    with pytest.raises(ValueError, match=r"mixture_datasets: datasets \['video_shapes'\] are not in the mixture"):
+        molmo2_family.make_pipeline(config)
+
+
 def test_mixtures_without_a_source_or_a_formatter_are_refused(files, tmp_path):
     config = molmo2_tiny.get_config("qwen3")
     config.data.tokenizer = config.data.processor = str(files)

@@ -8,7 +8,7 @@ pooled tokens of row_pool_slots slots (9: a video frame's 3x3 window). The input
 (`make_pipeline`) runs the real Molmo2 processor (config.data.processor: a transformers
 processor folder, or a preset name of molmo2_processor.PRESETS; config.data.tokenizer: a
 tokenizer with Molmo2's tokens) over config.data.mixture: a mixture of data_pipelines.mixtures or
-one dataset, each "video_shapes" (the synthetic moving-shape videos,
+one dataset (config.data.mixture_datasets: only those of its sets), each "video_shapes" (the synthetic moving-shape videos,
 config.data.synthetic_options["video_shapes"]: VideoShapesSource's task, num_frames, fps,
 image_size, out_dir) or a released Molmo2 set (data_pipelines.sources.molmo2, under
 config.data.molmo2_dir), and packs its examples as the official trainer does
@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import molmo2_pipeline, molmo2_processor
-from data_pipelines.mixtures import get_mixture, mixture_datasets, mixture_rates
+from data_pipelines.mixtures import get_mixture, mixture_datasets, mixture_rates, restrict
 from data_pipelines.sources import molmo2 as molmo2_sources
 from data_pipelines.sources.synthetic.video_shapes import VideoShapesSource
 from data_pipelines.tokenizer import load_tokenizer
@@ -130,6 +130,20 @@ def processor_config(name_or_folder: str) -> molmo2_processor.Molmo2ProcessorCon
     return molmo2_processor.load_config(name_or_folder)
 
 
+def mixture_groups(config):
+    """The groups of config.data.mixture (a mixture of data_pipelines.mixtures or one dataset),
+    restricted to config.data.mixture_datasets when it names some (each group keeps its rate,
+    shared among the sets kept: the official rates over the sets that are here)."""
+    d = config.data
+    groups = get_mixture(d.mixture, ("video_shapes", *sorted(molmo2_sources.SOURCES)))
+    if len(d.mixture_datasets):
+        try:
+            groups = restrict(groups, list(d.mixture_datasets))
+        except ValueError as e:
+            raise ValueError(f"config.data.mixture_datasets: {e} {d.mixture!r}") from None
+    return groups
+
+
 def sources(config) -> Dict[str, Any]:
     """Dataset name -> source of the datasets config.data.mixture names: "video_shapes" (the synthetic
     videos, config.data.synthetic_options["video_shapes"]) or a Molmo2 set of data_pipelines.sources.molmo2
@@ -137,8 +151,8 @@ def sources(config) -> Dict[str, Any]:
     with video_manifest; images from image_dir). config.data.split "train" reads each set's training
     split (its own HF split for the sets of molmo2.TRAIN_SPLITS, as the official loaders do)."""
     d = config.data
+    names = mixture_datasets(mixture_groups(config))
     served = ("video_shapes", *sorted(molmo2_sources.SOURCES))
-    names = mixture_datasets(get_mixture(d.mixture, served))
     unserved = [n for n in names if n not in served]
     if unserved:
         raise ValueError(f"config.data.mixture={d.mixture!r} needs datasets no Molmo2 source serves yet: {unserved}; "
@@ -187,8 +201,7 @@ def make_pipeline(config, *, process_index: int = 0, process_count: int = 1):
         tok, processor, molmo2_pipeline.pack_config(tok, processor, b),
         formats={"video_shapes": molmo2_pipeline.PLAIN_FORMAT}, loss_token_weighting=d.loss_token_weighting or None,
         max_text_tokens=int(d.max_text_tokens) or None, last_message_loss_only=bool(d.last_message_loss_only))
-    groups = get_mixture(d.mixture, tuple(srcs))
-    rates = mixture_rates(groups, {name: len(src) for name, src in srcs.items()})
+    rates = mixture_rates(mixture_groups(config), {name: len(src) for name, src in srcs.items()})
     return molmo2_pipeline.make_pipeline_from_parts(
         srcs, rates, preprocess, seed=int(d.seed), batch_size=global_batch // process_count,
         num_examples=int(d.num_examples), process_index=process_index, process_count=process_count,
