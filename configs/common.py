@@ -48,8 +48,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = stage
     c.seed = 6198  # official global seed
-    # "molmo" (MolmoConfig, data_pipelines.pipeline) or "molmo2" (Molmo2Config, the rows of
-    # data_pipelines.molmo2_batch): molmo_jax/train/families.py.
+    # "molmo" (MolmoConfig, data_pipelines.pipeline) or "molmo2" (Molmo2Config, the packed rows of
+    # data_pipelines.molmo2_pipeline): molmo_jax/train/families.py.
     c.model_family = "molmo"
     c.model = ml_collections.ConfigDict()  # filled by each experiment with `model_config`
     # Parameters to start from when the run has no checkpoint yet (the optimizer starts fresh):
@@ -86,7 +86,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         synthetic_options={},      # generator kind -> constructor arguments, e.g. {"shapes": {"max_categories": 1}}
         clock_image_size=336,
         examples_per_row=1,        # >1 packs several examples (image + conversations) per sequence
-        # Molmo2 only (data_pipelines.molmo2_batch.RowBudget): crops or frames, pooled tokens and
+        # Molmo2 only (data_pipelines.molmo2_pipeline.pack_config): crops or frames, pooled tokens and
         # pooling slots of every row; the processor folder or preset (molmo2_processor.PRESETS).
         row_crops=0,
         row_pooled_tokens=0,

@@ -89,6 +89,19 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-5
     c.data.mixture = "video_shapes"
     c.data.row_pool_slots = 9
+    # Where the released Molmo2 sets are (data_pipelines.sources.molmo2.load): the HF folders, the
+    # videos (a folder and / or the download cache with its manifest); images: c.data.image_dir.
+    c.data.molmo2_dir, c.data.video_dir, c.data.video_cache_dir, c.data.video_manifest = "", "", "", ""
+    # Only these sets of c.data.mixture, each group at its official rate (empty: all of them).
+    c.data.mixture_datasets = []
+    # Packing (data_pipelines.molmo2_pipeline): the official SFT packs with a buffer of 48 examples
+    # and image weight 30; pretraining does not pack (0 = one example per row).
+    c.data.pack_buffer = 0 if stage == "pretrain" else 48
+    c.data.pack_image_weight = 30.0
+    c.data.loss_token_weighting = "" if stage == "pretrain" else "root_subsegments_root_tokens"
+    # Message-tree options of the official text preprocessor, at its defaults (sft.py sets neither):
+    # a text cap on a tree (0 = none), and the loss only on each conversation's last answer.
+    c.data.max_text_tokens, c.data.last_message_loss_only = 0, False
     return c
 
 

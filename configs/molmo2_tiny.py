@@ -26,6 +26,7 @@ def get_config(arg=None):
     # 4 sampled frames of 2x2 pooled tokens each, one video (or image) example per row.
     c.data.seq_len, c.data.row_crops, c.data.row_pooled_tokens = 128, 4, 16
     c.data.synthetic_examples = 8
+    c.data.pack_buffer, c.data.loss_token_weighting = 0, ""  # one example per row, 0/1 loss weights
     c.data.synthetic_options = {"video_shapes": dict(task="count", num_frames=8, fps=4, image_size=(48, 64),
                                                      out_dir=None)}  # required: where videos are written
     c.train.global_batch, c.train.total_steps = 4, 6

@@ -38,8 +38,10 @@ class FormatConfig:
   """How examples become text.
 
   prompt_templates: "uber_model" (fine-tuning: templates for captions / pointing) or "none".
-  message_format: "role" ("User: ... Assistant:") or "none" (captioning).
-  system_prompt: "demo_or_style", "style_and_length", "style" or None.
+  message_format: "role" ("User: ... Assistant:"), "qwen3" (Molmo2's "<|im_start|>user\n..."
+    turns) or "none" (captioning).
+  system_prompt: "demo_or_style", "demo_or_style_v2" (Molmo2: no prefix for the styles of
+    `plain_styles`, "style:" for every other), "style_and_length", "style" or None.
   always_start_with_space: a space before every message (the released models).
   default_inference_len: length hint at inference with "style_and_length".
   select_answer: "best" (a most frequent answer) or "first" (smallest string).
@@ -52,6 +54,7 @@ class FormatConfig:
   default_inference_len: int | None = 65
   select_answer: str = "best"
   debug: bool = False
+  plain_styles: tuple[str, ...] = ()
 
 
 FINETUNED = FormatConfig()
@@ -253,6 +256,10 @@ def style_prefix(style: str | None, cfg: FormatConfig, *, for_inference: bool, a
     if style is None:
       raise ValueError("demo_or_style needs the example's 'style'")
     return f"{style}:"
+  if cfg.system_prompt == "demo_or_style_v2":
+    if style is None:
+      raise ValueError("demo_or_style_v2 needs the example's 'style'")
+    return "" if style in cfg.plain_styles else f"{style}:"
   if cfg.system_prompt == "style_and_length":
     if for_inference:
       n = cfg.default_inference_len
@@ -268,10 +275,15 @@ def style_prefix(style: str | None, cfg: FormatConfig, *, for_inference: bool, a
 def _chat_messages(messages: list[str], cfg: FormatConfig) -> list[str]:
   out = []
   for i, message in enumerate(messages):
+    if cfg.message_format == "qwen3":  # Molmo2's chat turns (official format_messages); no spaces added
+      if i % 2 == 0:
+        message = ("<|im_end|>\n" if i else "") + f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
+      out.append(message)
+      continue
     if cfg.message_format == "role" and i % 2 == 0:
       message = f"User: {message} Assistant:"
     elif cfg.message_format not in ("role", "none", None):
-      raise ValueError(f"message_format must be 'role' or 'none', got {cfg.message_format!r}")
+      raise ValueError(f"message_format must be 'role', 'qwen3' or 'none', got {cfg.message_format!r}")
     if i > 0 or cfg.always_start_with_space:
       message = " " + message if message else " "
     out.append(message)

@@ -147,6 +147,22 @@ def get_mixture(name: str, datasets: Sequence[str] = ()) -> Tuple[Group, ...]:
                    f"{sorted(datasets)}")
 
 
+def restrict(groups: Sequence[Group], keep: Sequence[str]) -> Tuple[Group, ...]:
+    """The groups with only the datasets in `keep`, groups left empty dropped: each keeps its rate,
+    shared by root size among its kept datasets (mixture_rates renormalises). Raises ValueError
+    for a name of `keep` that is in no group."""
+    strangers = sorted(set(keep) - set(mixture_datasets(groups)))
+    if strangers:
+        raise ValueError(f"datasets {strangers} are not in the mixture")
+    out = []
+    for g in groups:
+        kept = tuple(d for d in g.datasets if d in keep)
+        if kept:
+            out.append(dataclasses.replace(g, datasets=kept, sizes=tuple((d, n) for d, n in g.sizes if d in kept),
+                                           weights=tuple((d, w) for d, w in g.weights if d in kept)))
+    return tuple(out)
+
+
 def mixture_datasets(groups: Sequence[Group]) -> Tuple[str, ...]:
     return tuple(d for g in groups for d in g.datasets)
 

@@ -1,4 +1,4 @@
-"""Molmo2 training rows of one fixed shape, and a grain pipeline of them.
+"""One Molmo2 example as a training row of one fixed shape (no packing, no message trees).
 
 A row is one example as `molmo2_processor.process` lays it out (images or one video, then the
 prompt), followed by its answer and EOS, padded to a fixed budget so that every batch of a run
@@ -17,18 +17,16 @@ windows of image crops are padded with -1, as the official collator pads token_p
 widest). Targets are aligned (target_tokens[t] = input_ids[t + 1]); the loss falls on the
 answer and its EOS. An example over any budget is refused with ExampleTooLong naming it.
 
-The text is the processor's prompt and the answer as they come (no chat template, no
-message trees: the Molmo2 data formatting and packing are separate work).
+The text is the processor's prompt and the answer as they come (no chat template). Training
+packs rows with data_pipelines.molmo2_pipeline; with one example per row its rows are these,
+less the last input (the EOS, which predicts nothing).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import Dict
 
-import grain
 import numpy as np
-
-from data_pipelines import molmo2_processor
 
 TEXT_KEYS = ("input_ids", "target_tokens", "position_ids", "loss_masks", "mm_token_type_ids")
 
@@ -92,33 +90,3 @@ def training_row(inputs: Dict[str, np.ndarray], answer_ids, eos_id: int, budget:
         "pixel_values": _padded(np.asarray(pixels, np.float32), budget.max_crops, np.float32, -1),
         "token_pooling": _padded(slots, budget.max_pooled_tokens, np.int32, -1),
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class Molmo2Rows:
-    """Picklable grain map: global example index -> training row of `source`'s example
-    (`source[i % len(source)]`: a {"question", "answer", and "video" path or "images" list}
-    dict, e.g. VideoShapesSource)."""
-    source: Any
-    tokenizer: Any
-    processor: molmo2_processor.Molmo2ProcessorConfig
-    budget: RowBudget
-
-    def __call__(self, index: int) -> Dict[str, np.ndarray]:
-        example = self.source[int(index) % len(self.source)]
-        inputs = molmo2_processor.process(example["question"], self.tokenizer, self.processor,
-                                          images=example.get("images", ()), video=example.get("video"))
-        crop = self.processor.video if "video" in example else self.processor.image
-        return training_row(inputs, self.tokenizer.encode(" " + example["answer"]), self.tokenizer.eos_id,
-                            self.budget, (crop.crop_patches ** 2, crop.patch_dim))
-
-
-def make_rows_pipeline(rows: Callable[[int], Dict[str, np.ndarray]], *, batch_size: int,
-                       num_examples: int = 2 ** 40, process_index: int = 0,
-                       process_count: int = 1) -> grain.IterDataset:
-    """This host's batches of `rows` (its examples are every process_count-th index): a grain
-    dataset whose iterator checkpoints its position (get_state / set_state), for exact resume."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    ds = grain.MapDataset.range(num_examples).slice(slice(process_index, None, process_count)).map(rows)
-    return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

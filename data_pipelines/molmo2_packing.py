@@ -102,11 +102,12 @@ def message_weight(dataset: str, loss_token_weighting: Optional[str] = SFT_LOSS_
 
 
 def conversation_tokens(messages: Sequence[Sequence[int]], eos: int, weight: MessageWeight,
-                        add_last_eos: bool) -> tuple[np.ndarray, np.ndarray]:
+                        add_last_eos: bool, last_message_loss_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One conversation -> (ids int64[n], loss float32[n]), official `tokenize_message` without BOS.
 
-    Assistant messages (odd index) get an EOS (the last one only with add_last_eos) and a loss;
-    root_length scales the loss by 2 / sqrt(its tokens), weight by the constant."""
+    Assistant messages (odd index) get an EOS (the last one only with add_last_eos) and a loss
+    (with last_message_loss_only, only the last message, if it is the assistant's); root_length
+    scales the loss by 2 / sqrt(its loss tokens), weight by the constant."""
     ids, loss = [], []
     for k, message in enumerate(messages):
         message = [int(t) for t in message]
@@ -114,7 +115,7 @@ def conversation_tokens(messages: Sequence[Sequence[int]], eos: int, weight: Mes
         if is_model and (add_last_eos or k != len(messages) - 1):
             message.append(eos)
         ids += message
-        loss += [float(is_model)] * len(message)
+        loss += [float(is_model and (not last_message_loss_only or k == len(messages) - 1))] * len(message)
     ids, loss = np.asarray(ids, np.int64), np.asarray(loss, np.float32)
     if weight.root_length and loss.sum() > 0:
         loss *= 2 / np.sqrt(loss.sum())
@@ -133,8 +134,8 @@ def subsegment_positions(subsegments: np.ndarray) -> np.ndarray:
 
 
 def build_example(prefix: Sequence[int], conversations: Sequence[Sequence[Sequence[int]]], *, eos: int,
-                  weight: MessageWeight = MessageWeight(),
-                  max_sequence_length: Optional[int] = None) -> Dict[str, np.ndarray]:
+                  weight: MessageWeight = MessageWeight(), max_sequence_length: Optional[int] = None,
+                  max_text_tokens: Optional[int] = None, last_message_loss_only: bool = False) -> Dict[str, np.ndarray]:
     """One training example (official `tokenize_and_interleave`, media right after the BOS).
 
     prefix: BOS + media token ids; conversations: one or more, each [user, assistant, ...] ids.
@@ -143,8 +144,12 @@ def build_example(prefix: Sequence[int], conversations: Sequence[Sequence[Sequen
     int32[n]. Position ids run 0.. over the prefix and restart after it for every conversation
     (text-only trees restart at 0, as the official code does). With max_sequence_length,
     conversations after the first whose first loss token would fall past it are dropped (official
-    `tokenize_message_list`), and they do not count for root_subsegments. Raises ValueError for an
-    empty prefix or conversation list, or a conversation without an answer.
+    `tokenize_message_list`), and they do not count for root_subsegments. With max_text_tokens
+    (official default None), the conversations after the one whose text (the BOS and the
+    conversations so far, media not counted) reaches it are dropped the same way; a single
+    conversation is never cut (the official rule applies to trees only). last_message_loss_only
+    (official default False): see conversation_tokens. Raises ValueError for an empty prefix or
+    conversation list, or a conversation without an answer.
     """
     prefix = np.asarray(prefix, np.int64)
     if prefix.size == 0 or not len(conversations):
@@ -155,7 +160,7 @@ def build_example(prefix: Sequence[int], conversations: Sequence[Sequence[Sequen
         raise ValueError(f"conversations {short} have no answer (each is [user, assistant, ...])")
     n_pre = prefix.size
     if len(conversations) == 1:
-        ids, loss = conversation_tokens(conversations[0], eos, weight, add_last_eos=True)
+        ids, loss = conversation_tokens(conversations[0], eos, weight, True, last_message_loss_only)
         tokens = np.concatenate([prefix, ids])
         loss = np.concatenate([np.zeros(n_pre, np.float32), loss])
         positions = np.arange(tokens.size, dtype=np.int32)
@@ -163,11 +168,13 @@ def build_example(prefix: Sequence[int], conversations: Sequence[Sequence[Sequen
 
     parts, losses = [], []
     for k, conversation in enumerate(conversations):
-        ids, loss = conversation_tokens(conversation, eos, weight, add_last_eos=False)
+        ids, loss = conversation_tokens(conversation, eos, weight, False, last_message_loss_only)
         if max_sequence_length and k and n_pre + sum(p.size for p in parts) + int(np.argmax(loss != 0)) >= max_sequence_length:
             break  # this conversation would get no loss tokens anyway
         parts.append(ids)
         losses.append(loss)
+        if max_text_tokens and 1 + sum(p.size for p in parts) >= max_text_tokens:
+            break
     if weight.root_subsegments:
         losses = [loss / math.sqrt(len(parts)) for loss in losses]
     after = np.concatenate([np.full(p.size, k, np.int32) for k, p in enumerate(parts)] + [[len(parts) - 1]])
@@ -208,7 +215,7 @@ class Molmo2PackConfig:
     vision_token_ids: Sequence[int]
 
 
-def _media(example: Dict[str, np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def example_media(example: Dict[str, np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(crops or frames [c, P, D], pooling [m, k]) of an example, or (None, None) for text only."""
     found = [(example[p], example[t]) for p, t in MEDIA_KEYS if example.get(p) is not None]
     if len(found) > 1:
@@ -228,7 +235,7 @@ def pack_examples(examples: Sequence[Dict[str, np.ndarray]], cfg: Molmo2PackConf
     L, N, M, K = cfg.seq_len, cfg.max_crops, cfg.max_pooled_tokens, cfg.pool_width
     if not examples:
         raise ValueError("pack_examples needs at least one example")
-    media = [_media(e) for e in examples]
+    media = [example_media(e) for e in examples]
     crops = [0 if px is None else px.shape[0] for px, _ in media]
     pooled = [0 if tp is None else tp.shape[0] for _, tp in media]
     for name, used, budget in (("crops/frames", sum(crops), N), ("pooled tokens", sum(pooled), M)):
@@ -301,7 +308,7 @@ class Constraint:
 
 def _counts(example: Dict[str, np.ndarray]) -> tuple[int, int]:
     """(tokens, crops / frames) of an example."""
-    pixels, _ = _media(example)
+    pixels, _ = example_media(example)
     return int(example["input_ids"].shape[0]), 0 if pixels is None else int(pixels.shape[0])
 
 

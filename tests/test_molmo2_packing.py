@@ -136,6 +136,53 @@ def test_max_sequence_length_drops_late_conversations():
     np.testing.assert_allclose(out["loss_masks"][out["loss_masks"] > 0], 1 / np.sqrt(2), rtol=1e-6)
 
 
+def official_text_cap(conversations, max_text_tokens):
+    """The official tokenize_message_list loop, written out: n_tokens counts the BOS and every
+    conversation kept; the one that reaches max_text_tokens is kept, the rest dropped."""
+    kept, n_tokens = [], 1
+    for conversation in conversations:
+        kept.append(conversation)
+        n_tokens += sum(len(m) for m in conversation) + len(conversation) // 2 - 1  # + EOS of answers but the last
+        if n_tokens >= max_text_tokens:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("cap", [2, 6, 7, 11, 100])
+def test_max_text_tokens_keeps_the_conversation_that_reaches_it(cap):
+    """official test_max_tokens on our ids: [BOS] + conv 0 is 5 tokens, + conv 1 is 9, + conv 2 is 13;
+    dropped conversations do not count for root_subsegments."""
+    tree = [[[10, 11], [20, 21]], [[12], [22, 23, 24]], [[13, 14], [25, 26]]]
+    kept = official_text_cap(tree, cap)
+    out = mp.build_example([BOS, 500, 501], tree, eos=EOS, weight=mp.MessageWeight(root_subsegments=True),
+                           max_text_tokens=cap)
+    want = mp.build_example([BOS, 500, 501], kept, eos=EOS, weight=mp.MessageWeight(root_subsegments=True))
+    for key in want:
+        np.testing.assert_array_equal(out[key], want[key], err_msg=key)
+    assert len(kept) == {2: 1, 6: 2, 7: 2, 11: 3, 100: 3}[cap]
+    np.testing.assert_allclose(out["loss_masks"][out["loss_masks"] > 0], 1 / np.sqrt(len(kept)), rtol=1e-6)
+    single = mp.build_example([BOS], tree[:1], eos=EOS, max_text_tokens=2)  # a single conversation is never cut
+    np.testing.assert_array_equal(single["input_ids"], [BOS, 10, 11, 20, 21])
+
+
+def test_last_message_loss_only():
+    """official tokenize_message: has_loss = is_model and (not last_message_loss_only or last
+    message); root_length then counts only those tokens. Multi-turn [u, a, u, a]: the loss is on
+    the second answer (+ its EOS) only."""
+    turns = [[10], [20, 21], [11], [22, 23, 24]]
+    weight = mp.MessageWeight(root_length=True)
+    out = mp.build_example([BOS], [turns], eos=EOS, weight=weight, last_message_loss_only=True)
+    # targets: 10 20 21 EOS 11 22 23 24 EOS; with the flag only 22 23 24 EOS carry a loss
+    np.testing.assert_array_equal(out["target_tokens"], [10, 20, 21, EOS, 11, 22, 23, 24, EOS])
+    np.testing.assert_allclose(out["loss_masks"], np.r_[0, 0, 0, 0, 0, 1, 1, 1, 1] * 2 / np.sqrt(4), rtol=1e-6)
+    default = mp.build_example([BOS], [turns], eos=EOS, weight=weight)
+    np.testing.assert_allclose(default["loss_masks"], np.r_[0, 1, 1, 1, 0, 1, 1, 1, 1] * 2 / np.sqrt(7), rtol=1e-6)
+    # in a tree each conversation keeps its last answer, whose final target is the EOS put in
+    tree = mp.build_example([BOS], [turns, [[12], [25]]], eos=EOS, last_message_loss_only=True)
+    first = tree["subsegment_ids"] == 0
+    np.testing.assert_array_equal(tree["target_tokens"][first][tree["loss_masks"][first] > 0], [22, 23, 24, EOS])
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="loss_token_weighting"):
         mp.message_weight("x", "root_tokens")

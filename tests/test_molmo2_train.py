@@ -1,5 +1,5 @@
 """Molmo2 in the trainer: the tiny Molmo2 trained in-process on rows built from synthetic
-moving-shape videos through the real Molmo2 processor (data_pipelines.molmo2_batch), with
+moving-shape videos through the real Molmo2 processor (data_pipelines.molmo2_pipeline), with
 its loss falling; a Molmo2 train state saved and restored bit for bit, its config read back
 equal from the checkpoint; a preempted run resumed where it stopped, repeating the
 uninterrupted losses and parameters; a checkpoint of another Molmo2 config refused naming
@@ -235,5 +235,5 @@ def test_bad_molmo2_configs_are_one_error_line(folder, tmp_path, change, message
 def test_other_mixtures_are_refused_naming_what_exists(folder, tmp_path):
     config = tiny_config(folder, tmp_path)
     config.data.mixture = "molmo2"
-    with pytest.raises(ValueError, match="Molmo2 trains on 'video_shapes'"):
+    with pytest.raises(ValueError, match="needs datasets no Molmo2 source serves yet"):
         trainer.train(config, str(tmp_path / "work"), devices=jax.devices()[:1])

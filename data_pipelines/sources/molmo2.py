@@ -483,6 +483,10 @@ SOURCES = {
 for _lo, _hi in ((0, 5), (6, 25), (26, 60)):
     SOURCES[f"molmo2_video_point_minmax_{_lo}_{_hi}"] = pixmo.Spec(
         "Molmo2-VideoPoint", video_point_records, video_point_example, (("min_points", _lo), ("max_points", _hi)))
+# Sets published as one HF split of their own name, which the official loaders read for training
+# (Molmo2SynCaptionsQA.HF_SPLIT, Molmo2SynCaptionsSubtitleQA.HF_SPLIT, Molmo2HumanQA.HF_SPLIT).
+TRAIN_SPLITS = {"molmo2_syn_captions_qa": "CapQA", "molmo2_syn_captions_subtitle_qa": "SubtitleQA",
+                "molmo2_human_qa": "HumanQA"}
 IMAGE_SETS = ("pixmo_multi_image_qa", "pixmo_multi_image_qa_multi_only_max5", "pixmo_cap_qa_as_user_qa",
               "pixmo_points_train", "pixmo_points_high_freq_train", "pixmo_count_train")
 
