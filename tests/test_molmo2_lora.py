@@ -5,7 +5,8 @@ on one CPU device, on a hand-made training-layout batch (4 rows, one crop each, 
              (pooling attention and SwiGLU projector) and the Qwen3 decoder (QK-norm attention,
              SwiGLU); only they train, the frozen base is the whole plain model;
   training   a few LoRA steps on a base checkpoint lower the loss, change every adapter and leave
-             every base parameter bit-identical; the same with an int8 or nf4 (QLoRA) base;
+             every base parameter bit-identical; the same with an nf4 (QLoRA) base (int8 / nf4
+             inference: test_molmo2_predict.py);
   checkpoint the trainer's adapters-only save (no frozen base) restores bit for bit;
   merged     lora.merged_params gives a plain Molmo2 with the logits of base + adapters.
 """
@@ -150,9 +151,14 @@ def test_presets_adapt_every_dense_of_vit_adapter_and_decoder_and_only_adapters_
     assert size(state["opt_state"]) == 2 * expected  # Adam's moments, of the adapters alone
 
 
-def test_lora_steps_lower_the_loss_and_leave_the_base_bit_identical(base):
-    _, _, initial, final, meta, losses = trained("float32", base)
-    assert meta["base"] == base and meta["base_step"] == 3
+@pytest.mark.parametrize("base_dtype", ["float32", "nf4"])
+def test_lora_steps_lower_the_loss_and_leave_the_base_bit_identical(base, base_dtype):
+    """float32 base, and QLoRA's: every Dense kernel of the frozen base as nf4 codes."""
+    _, _, initial, final, meta, losses = trained(base_dtype, base)
+    assert meta["base"] == base and meta["base_step"] == 3 and meta["base_dtype"] == base_dtype
+    q = final["frozen"]["llm"]["blocks"]["attention"]["q"]
+    assert q["kernel"].dtype == (jax.numpy.uint4 if base_dtype == "nf4" else np.float32)
+    assert ("kernel_scale" in q) == (base_dtype == "nf4")
     assert losses[-1] < losses[0] - 0.5 and all(b < a for a, b in zip(losses, losses[1:])), losses
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(initial["frozen"])[0],
                             jax.tree.leaves(final["frozen"])):
