@@ -11,19 +11,29 @@ on one CPU device, on a hand-made training-layout batch (4 rows, one crop each, 
   merged     lora.merged_params gives a plain Molmo2 with the logits of base + adapters.
 """
 import functools
+import json
+import os
 
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from transformers import Molmo2ForConditionalGeneration
 
 from configs import molmo2_tiny
+from molmo_jax.convert import hf_molmo
+from molmo_jax.convert.hf_folder import read_hf_tensors
+from molmo_jax.convert.links import leaves
 from molmo_jax.model import lora, sharding
+from molmo_jax.model import molmo2_config as m2
 from molmo_jax.model.layers import rescale_to_fan_in
 from molmo_jax.model.molmo2 import Molmo2
-from molmo_jax.train import molmo2_family, optimizer as opt_lib, trainer
+from molmo_jax.train import hf_interop, molmo2_family, optimizer as opt_lib, trainer
 from molmo_jax.train.checkpointing import Checkpointer
 from test_lora import lora_model
+from test_molmo2_model import CASES, TOL, our_forward, random_hf_model
+from test_molmo2_predict import PROCESSOR, write_tokenizer
 
 RANK = 4
 TARGETS = ("llm_attention", "llm_mlp", "connector", "vit")
@@ -81,7 +91,7 @@ def write_base(directory, seed=1):
     params, frozen = opt_lib.split_trainable(nnx.to_pure_dict(nnx.state(model)), plain.optimizer.frozen)
     state = dict(setup.init(jax.random.key(seed)), params=params, frozen=frozen)
     saver = Checkpointer(str(directory), async_save=False)
-    saver.save(3, state, None, {"step": 3, "model": model_cfg.to_dict()})
+    saver.save(3, state, None, {"step": 3, "model_family": "molmo2", "model": model_cfg.to_dict()})
     saver.close()
     return str(directory)
 
@@ -111,14 +121,20 @@ def trained(base_dtype, base=""):
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(base, tmp_path_factory):
-    """The float32 run's final state saved as the trainer saves a LoRA run's (saved_part + meta)."""
+    """The float32 run's final state saved as the trainer saves a LoRA run's (saved_part + meta),
+    with a tokenizer and processor folder (the tiny processor of test_molmo2_predict.py)."""
     config, _, _, final, meta, _ = trained("float32", base)
-    directory = tmp_path_factory.mktemp("molmo2_lora") / "checkpoints"
-    saver = Checkpointer(str(directory), async_save=False)
+    root = tmp_path_factory.mktemp("molmo2_lora")
+    write_tokenizer(root)
+    (root / "processor_config.json").write_text(json.dumps(PROCESSOR))
+    config = config.copy_and_resolve_references()  # the cached run's stays as it was
+    config.data.tokenizer = config.data.processor = str(root)
+    saver = Checkpointer(str(root / "checkpoints"), async_save=False)
     saver.save(STEPS, jax.tree.map(jax.numpy.asarray, trainer.saved_part(final, trainer.lora_config_from(config))),
-               None, {"step": STEPS, "model": trainer.model_config_from(config).to_dict(), "lora": meta})
+               None, {"step": STEPS, "model_family": "molmo2", "model": trainer.model_config_from(config).to_dict(),
+                      "tokenizer": str(root), **molmo2_family.data_meta(config), "lora": meta})
     saver.close()
-    return str(directory)
+    return str(root / "checkpoints")
 
 
 def paths_of(tree):
@@ -200,3 +216,53 @@ def test_merged_weights_give_the_logits_of_base_plus_adapters(base):
     assert np.max(np.abs(logits_of(plain, model_cfg) - unmerged)) < 1e-5
     base_alone = logits_of(lora_model(model_cfg, lora.LoraConfig(), final["frozen"]), model_cfg)
     assert np.max(np.abs(unmerged - base_alone)) > 1e-2  # the adapters learnt something
+
+
+def test_merged_export_loads_in_transformers_with_the_logits_of_base_plus_adapters(base, lora_checkpoint, tmp_path):
+    """export --merge-lora of the Molmo2 LoRA checkpoint: a folder transformers' Molmo2 loads with no
+    missing or unexpected keys, whose logits (float32, a multi-image input in transformers' layout)
+    are those of our unmerged base + adapters; our reader reads the merged parameters back."""
+    config, _, _, final, _, _ = trained("float32", base)
+    lora_cfg, model_cfg = trainer.lora_config_from(config), trainer.model_config_from(config)
+    out = hf_interop.export_checkpoint(lora_checkpoint, str(tmp_path / "merged"), merge_lora=True)
+    names = os.listdir(out)
+    assert {"config.json", "tokenizer.json", "processor_config.json"} <= set(names), names
+    assert any(n.endswith(".safetensors") for n in names), names
+    hf, info = Molmo2ForConditionalGeneration.from_pretrained(out, output_loading_info=True,
+                                                              attn_implementation="eager")
+    assert {k: v for k, v in info.items() if v} == {}
+    inputs = CASES["multi_image"](model_cfg)
+    with torch.no_grad():
+        theirs = hf.eval()(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+    params = opt_lib.merge_trees(final["params"], final["frozen"])
+    ours = our_forward(lora_model(model_cfg, lora_cfg, params), inputs)[0]
+    mask = inputs["attention_mask"].astype(bool)
+    assert np.max(np.abs(theirs[mask] - ours[mask])) < TOL
+    base_alone = our_forward(lora_model(model_cfg, lora.LoraConfig(), final["frozen"]), inputs)[0]
+    assert np.max(np.abs(ours[mask] - base_alone[mask])) > 100 * TOL  # the comparison sees the adapters
+    read_config, state = hf_molmo.load_hf_checkpoint(out)
+    assert read_config == model_cfg
+    expected = lora.merged_params(params, lora.dense_shapes(model_cfg), lora_cfg.scale)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0],
+                            jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_import_hf_of_a_molmo2_folder_gives_a_base_checkpoint(tmp_path):
+    """import_hf with a Molmo2 experiment config: a step-0 checkpoint that records the family and
+    holds the folder's parameters exactly (the base a Molmo2 LoRA run names in config.init.checkpoint)."""
+    model_cfg = m2.TINY_MOLMO2_QWEN3
+    random_hf_model(model_cfg, seed=3).save_pretrained(tmp_path / "hf")
+    config = lora_config()
+    out = hf_interop.import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"), config)
+    params = hf_interop.CheckpointParams(out)
+    try:
+        assert params.meta["model_family"] == "molmo2" and params.meta["row_budget"]["crops"] == 4
+        assert params.config == model_cfg
+        got = params.read([path for path, _ in leaves(params.abstract)])
+    finally:
+        params.close()
+    expected = dict(leaves(hf_molmo.hf_to_params(read_hf_tensors(str(tmp_path / "hf")), model_cfg)))
+    assert set(got) == set(expected)
+    for path, value in got.items():
+        np.testing.assert_array_equal(value, np.asarray(expected[path]), err_msg="/".join(path))

@@ -351,7 +351,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: fam
                 _check_finite(step, history[-1], last_good, ckpt_dir)
                 try:
                     checkpointer.save(step, saved_part(state, lora_cfg), data_iterator,
-                                      {"step": step, "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
+                                      {"step": step, "model_family": family.name, "model": model_cfg.to_dict(),
+                                       "mesh": dict(mesh.shape),
                                        "tokenizer": tokenizer, **family.data_meta(config),
                                        **({"lora": lora_meta} if lora_cfg.enabled else {})})
                 except NonFiniteStateError as e:
