@@ -84,12 +84,10 @@ def _molmo2(p: argparse.ArgumentParser, args, names: list[str]) -> int:
     if unknown:
         p.error(f"{args.checkpoint} is a Molmo2 checkpoint: tasks {unknown} are not Molmo2 tasks "
                 f"({', '.join(sorted(molmo2_runner.TASKS))})")
-    if args.weights:
-        p.error(f"--weights {args.weights} is for Molmo v1 checkpoints; Molmo2 runs its checkpoint's weights")
     videos = [n for n in names if molmo2_runner.TASKS[n].video]
     if videos and not (args.video_dir or args.video_cache):
         p.error(f"Molmo2 video tasks {videos} need --video-dir and/or --video-cache with --video-manifest")
-    predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype)
+    predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, weights=args.weights)
     scores = {}
     for task in map(molmo2_runner.get_task, names):
         scores[task.name] = {"metric": task.metric, **molmo2_runner.evaluate_task(

@@ -7,8 +7,9 @@
 --format hf writes the official Molmo folder (loads where Molmo-7B-D-0924 etc. load);
 torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
 (CLIPVisionModel). --merge-lora exports a LoRA run's checkpoint (adapters only) as the plain
-model: its recorded base with the adapters merged into the weights. The output appears only
-when complete (see molmo_jax/train/hf_interop.py).
+model: its recorded base with the adapters merged into the weights. A Molmo2 run's checkpoint
+exports (with --format hf) to the folder transformers' Molmo2ForConditionalGeneration loads.
+The output appears only when complete (see molmo_jax/train/hf_interop.py).
 """
 import argparse
 import logging

@@ -5,7 +5,8 @@
 
 CKPT holds step 0 in the trainer's layout (params / frozen split as --config freezes them, a
 fresh optimizer state); --config is the experiment you will fine-tune with, and its model must
-have the HF checkpoint's shapes.
+have the HF checkpoint's shapes. A transformers Molmo2 folder imports with a Molmo2 experiment
+(config.model_family "molmo2", e.g. configs/molmo2_tiny.py), as the base of a Molmo2 LoRA run.
 """
 import argparse
 import logging

@@ -178,13 +178,11 @@ def _molmo2_main(args, fetch_config) -> int:
                          f"{args.checkpoint} is not one")
     if args.video and args.image:
         raise SystemExit("error: give --image or --video, not both")
-    if args.weights:
-        raise SystemExit(f"error: --weights {args.weights} is not supported for Molmo2 checkpoints yet; "
-                         "run them without it")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     try:
-        predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, fetch_config=fetch_config)
+        predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, fetch_config=fetch_config,
+                                                    weights=args.weights)
         answer = predictor.predict(args.prompt, images=[args.image] if args.image else [], video=args.video,
                                    config=config)
         print(answer.text)

@@ -4,6 +4,7 @@ and on a video the test encodes; bad inputs are one error line; points drawn on 
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,8 @@ from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
 from molmo_jax.inference import predictor_molmo2
 from molmo_jax.inference.predictor_molmo2 import Molmo2Answer, Molmo2Predictor
-from molmo_jax.model import molmo2_config as m2
-from test_molmo2_model import random_hf_model
+from molmo_jax.model import lora, molmo2_config as m2
+from test_molmo2_model import CASES, our_forward, random_hf_model
 from test_molmo2_preprocess import write_video
 
 # Molmo2's tokens at the tiny preset's ids (500..507, then the placeholders and EOS in the
@@ -221,7 +222,37 @@ def test_batch_requests_are_refused_for_molmo2(folder, tmp_path):
     assert "--requests (batch mode) is not supported for Molmo2" in str(e.value.code)
 
 
-def test_int8_weights_are_refused_for_molmo2(folder):
-    with pytest.raises(SystemExit) as e:
-        predict.main(["--checkpoint", str(folder), "--prompt", "Hi", "--weights", "int8"])
-    assert "--weights int8 is not supported for Molmo2" in str(e.value.code)
+def kernel_bytes_per_parameter(model) -> float:
+    """Bytes of every Dense kernel as stored (codes at their bit width: XLA packs uint4 two per
+    byte on device) plus its float32 scales, per kernel parameter."""
+    dense = lora.dense_layers(model).values()
+    bits = sum(d.kernel[...].size * jnp.iinfo(d.kernel[...].dtype).bits if jnp.issubdtype(d.kernel[...].dtype,
+               jnp.integer) else d.kernel[...].size * 32 for d in dense)
+    scales = sum(0 if d.kernel_scale is None else d.kernel_scale[...].size * 32 for d in dense)
+    return (bits + scales) / 8 / sum(d.kernel[...].size for d in dense)
+
+
+@pytest.mark.parametrize("weights, dtype, bound, size", [
+    ("int8", jnp.int8, 0.05, (1.0, 1.2)),  # one float32 scale per output channel
+    ("nf4", jnp.uint4, 0.5, (0.5, 0.8)),  # one per block of <= 64 inputs (16 or 32 at these widths)
+])
+def test_int8_and_nf4_weights_keep_molmo2_logits_close_to_float32(folder, predictor, weights, dtype, bound, size):
+    """--weights int8 / nf4 on a Molmo2 folder: every Dense kernel (ViT, adapter, decoder, lm_head)
+    stored int8 / as 4-bit codes; logits within the bounds test_lora.py holds Molmo to (5% / 50%
+    of the largest float32 logit) on a multi-image input; the kernels' bytes per parameter."""
+    quantized = Molmo2Predictor.from_checkpoint(str(folder), weights=weights).model
+    kernels = [d.kernel[...] for d in lora.dense_layers(quantized).values()]
+    assert len(kernels) == len(lora.dense_layers(predictor.model)) and all(k.dtype == dtype for k in kernels)
+    inputs = CASES["multi_image"](predictor.model.config)
+    mask = inputs["attention_mask"].astype(bool)
+    reference, got = (our_forward(m, inputs)[0][mask] for m in (predictor.model, quantized))
+    difference = np.max(np.abs(got - reference))
+    assert 0 < difference < bound * np.max(np.abs(reference)), (weights, difference)
+    assert kernel_bytes_per_parameter(predictor.model) == 4.0
+    assert size[0] < kernel_bytes_per_parameter(quantized) < size[1]
+
+
+def test_predict_runs_a_molmo2_folder_with_nf4_weights(folder, media, capsys):
+    assert predict.main(["--checkpoint", str(folder), "--image", str(media / "cat.png"), "--prompt", "What?",
+                         "--max-new-tokens", "3", "--weights", "nf4"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -220,7 +220,8 @@ def test_an_example_over_the_row_budget_is_one_error_naming_it(folder, budget, m
 @pytest.mark.parametrize("change, message", [
     (lambda c: setattr(c, "model_family", "molmo3"), "config.model_family='molmo3': choose one of molmo, molmo2"),
     (lambda c: setattr(c.data, "row_crops", 0), "config.data.row_crops=0"),
-    (lambda c: setattr(c.lora, "rank", 8), "LoRA is not available for Molmo2"),
+    (lambda c: c.lora.update(dict(rank=8, targets=("connector/.*",))),
+     r"config.lora.targets: target 'connector/\.\*' matches no layer of this model"),
     (lambda c: setattr(c.init, "llm", "/some/qwen3"), "a Molmo2 run starts from config.init.checkpoint"),
     (lambda c: setattr(c.model.adapter, "widht", 3), "unknown config key"),
 ])

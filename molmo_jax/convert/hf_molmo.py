@@ -17,7 +17,7 @@ written keys always carry it.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +29,10 @@ from molmo_jax.convert.hf_folder import read_config_json, read_hf_tensors, write
 from molmo_jax.convert.links import (Link, abstract_state, get_path, params_to_tensors, pure_params,
                                      tensors_to_params)
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
-from molmo_jax.model.config import MolmoConfig
-from molmo_jax.model.molmo import Molmo
-from molmo_jax.model.molmo2 import Molmo2
 from molmo_jax.model.molmo2_config import Molmo2Config
+from molmo_jax.model.models import ModelConfig as AnyConfig, build_model
 
 PREFIX = molmo_keys.PREFIX
-AnyConfig = Union[MolmoConfig, Molmo2Config]
 
 
 def family(config: AnyConfig):
@@ -43,11 +40,6 @@ def family(config: AnyConfig):
     if isinstance(config, Molmo2Config):
         return molmo2_keys
     return molmoe_keys if config.llm.block_type == "moe" else molmo_keys
-
-
-def build_model(config: AnyConfig, rngs: nnx.Rngs):
-    """The model a config describes: Molmo2 for a Molmo2Config, Molmo otherwise."""
-    return Molmo2(config, rngs=rngs) if isinstance(config, Molmo2Config) else Molmo(config, rngs=rngs)
 
 
 def molmo_links(config: AnyConfig) -> List[Link]:

@@ -34,7 +34,7 @@ from molmo_jax.convert.hf_folder import read_config_json
 from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
-from molmo_jax.inference.predictor import IMAGE_FETCH, RequestError, read_image_source
+from molmo_jax.inference.predictor import IMAGE_FETCH, RequestError, read_image_source, with_compute_dtype
 
 
 def is_molmo2_folder(path: str) -> bool:
@@ -154,13 +154,17 @@ class Molmo2Predictor:
         self.generator = Molmo2Generator(model)
 
     @classmethod
-    def from_checkpoint(cls, folder: str, *, dtype: Optional[str] = None,
-                        fetch_config: FetchConfig = IMAGE_FETCH) -> "Molmo2Predictor":
-        """folder: transformers Molmo2 folder; dtype: compute dtype override ("bfloat16")."""
+    def from_checkpoint(cls, folder: str, *, dtype: Optional[str] = None, fetch_config: FetchConfig = IMAGE_FETCH,
+                        weights: Optional[str] = None) -> "Molmo2Predictor":
+        """folder: transformers Molmo2 folder; dtype: compute dtype override ("bfloat16");
+        weights "int8" / "nf4": every Dense kernel stored so, weight-only (model/quantization.py,
+        as for Molmo: predictor.with_compute_dtype)."""
         processor = molmo2_processor.load_config(folder)  # before the weights: a missing file fails fast
         config = hf_molmo.config_from_hf(read_config_json(folder))
         check_processor(processor, config.vision)  # before reading the weights
         model = hf_molmo.load_hf_model(folder, **({"dtype": dtype} if dtype else {}))
+        if weights:
+            model = with_compute_dtype(model, model.config.dtype, weights)
         tok = tokenizer_lib.load_tokenizer(folder, pad_to=config.llm.vocab_size)
         return cls(model, tok, processor, stop_ids(folder, tok), read_chat_template(folder), fetch_config)
 

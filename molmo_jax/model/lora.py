@@ -1,6 +1,7 @@
 """LoRA adapters and a frozen, optionally quantized base, on the Dense layers of a built model.
 
     model = lora.build(model_config, LoraConfig(rank=8, alpha=16, targets=("llm_attention",)), rngs)
+    # model_config: a MolmoConfig (Molmo) or a Molmo2Config (Molmo2), model/models.py
     y = dense(x)  # = x . W (+ bias) + (alpha / rank) * (x . a) . b on every targeted Dense
 
 A targeted Dense (layers.Dense) gets `adapter`: a float32[*lead, *in_shape, R] (random normal,
@@ -45,17 +46,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.layers import Dense, normal, param, zeros
-from molmo_jax.model.molmo import Molmo
+from molmo_jax.model.models import ModelConfig, build_model
 from molmo_jax.model.quantization import BASE_DTYPES, dequantize, quantize_kernel
 from molmo_jax.model.sharding import variable_names
 
 # Named target groups (re.fullmatch over the Dense module paths "llm/blocks/attention/q", ...).
+# Both families share the ViT and LLM modules, so their paths; "connector" is Molmo's connector
+# or Molmo2's adapter (attention pooling wq/wk/wv/wo and the SwiGLU projector).
 TARGET_PRESETS = {
     "llm_attention": r"llm/blocks/attention/(q|k|v|o)",
     "llm_mlp": r"llm/blocks/ffn/mlp/(gate|up|down)",
-    "connector": r"connector/.*",
+    "connector": r"(connector|adapter)/.*",
     "vit": r"vision/blocks/.*",
 }
 # The logits matmul reads lm_head's weight directly (float32 accumulation), so it takes no
@@ -118,9 +120,9 @@ def dense_layers(model: nnx.Module) -> Dict[str, Dense]:
     return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, Dense)}
 
 
-def dense_shapes(model_config: MolmoConfig) -> Dict[str, Tuple[int, int]]:
+def dense_shapes(model_config: ModelConfig) -> Dict[str, Tuple[int, int]]:
     """{Dense path: (input axes, output axes) of its kernel} of the plain model (abstract, no arrays)."""
-    model = nnx.eval_shape(lambda: Molmo(model_config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
     return {path: (dense.n_in, dense.n_out) for path, dense in dense_layers(model).items()}
 
 
@@ -187,11 +189,11 @@ def quantize_base(model: nnx.Module, base_dtype: str) -> None:
             dense.kernel_scale = nnx.data(nnx.Param(scale, sharding_names=scale_names, eager_sharding=False))
 
 
-def build(model_config: MolmoConfig, config: LoraConfig, rngs: nnx.Rngs) -> Molmo:
-    """Molmo with adapters on the targets (none with rank 0) and its base stored in
-    config.base_dtype (rank 0 + int8: weight-only quantized inference). The base init draws the
-    same numbers as Molmo(model_config, rngs) alone. `model.lora_config` records `config`."""
-    model = Molmo(model_config, rngs=rngs)
+def build(model_config: ModelConfig, config: LoraConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The config's model (Molmo or Molmo2) with adapters on the targets (none with rank 0) and
+    its base stored in config.base_dtype (rank 0 + int8: weight-only quantized inference). The
+    base init draws the same numbers as the plain model alone. `model.lora_config` records `config`."""
+    model = build_model(model_config, rngs=rngs)
     if config.enabled:
         add_adapters(model, config, rngs)
     quantize_base(model, config.base_dtype)

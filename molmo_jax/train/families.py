@@ -74,7 +74,7 @@ MOLMO = Family(
     data_meta=lambda config: {"crop": crop_fields(config)})
 
 MOLMO2 = Family(
-    name="molmo2", config_cls=Molmo2Config, inputs=molmo2_family.INPUTS, build=molmo2_family.build,
+    name="molmo2", config_cls=Molmo2Config, inputs=molmo2_family.INPUTS, build=lora.build,
     model_kwargs=molmo2_family.model_kwargs, batch_shapes=molmo2_family.batch_shapes,
     forward_flops=molmo2_family.forward_flops,
     useful_step_flops=lambda cfg, b: trained_step_flops(molmo2_family.useful_forward_flops(cfg, b)),

@@ -22,6 +22,7 @@ train/export_verify.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -33,19 +34,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipelines.multicrop import CropConfig
-from data_pipelines.pipeline import crop_fields
 from data_pipelines.tokenizer import Tokenizer
 from molmo_jax.convert import export_formats as formats
 from molmo_jax.convert.export_files import AtomicFolder, copy_remote_code, write_tokenizer
 from molmo_jax.convert.export_formats import ExportError
 from molmo_jax.convert.hf_folder import HFTensors
-from molmo_jax.convert.hf_molmo import abstract_params, hf_to_params, molmo_links, read_hf_config
+from molmo_jax.convert.hf_molmo import abstract_params, config_to_hf, hf_to_params, molmo_links, read_hf_config
 from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.inference.predictor import model_crop_config
 from molmo_jax.model import lora, quantization
 from molmo_jax.model.config import MolmoConfig
-from molmo_jax.train import optimizer as opt_lib
+from molmo_jax.model.molmo2_config import Molmo2Config
+from molmo_jax.train import families, optimizer as opt_lib
 from molmo_jax.train.checkpointing import Checkpointer
 from molmo_jax.train.export_verify import verify_export
 
@@ -83,6 +84,18 @@ def numpy_dtype(dtype: str):
 # ----------------------------------------------------------------------------- reading a checkpoint
 
 
+def recorded_config(meta: Mapping, where: str):
+    """The model config a checkpoint's meta records, of the family it names (meta "model_family";
+    checkpoints of trainers that did not record it are Molmo's)."""
+    name = meta.get("model_family", "molmo")
+    if name not in families.FAMILIES:
+        raise ExportError(f"{where}: model_family {name!r} is none of {', '.join(families.FAMILIES)}")
+    try:
+        return families.FAMILIES[name].config_cls.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{where}: the recorded {name} model config does not read: {e}") from None
+
+
 class CheckpointParams:
     """Parameters of one train/checkpointing.Checkpointer step, read a few arrays at a time.
 
@@ -112,7 +125,7 @@ class CheckpointParams:
         if abstract is None and "lora" in self.meta:
             raise ExportError(f"{directory} step {self.step} holds LoRA adapters only (its meta records 'lora'); "
                               "export them merged into their base with --merge-lora")
-        self.config = MolmoConfig.from_dict(self.meta["model"])
+        self.config = recorded_config(self.meta, f"{directory}/{self.step}/meta")
         tree = self.manager.item_metadata(self.step)["state"].tree
         self.abstract = abstract_params(self.config) if abstract is None else abstract
         self.location: Dict[Path, Tuple[str, ...]] = {}
@@ -235,6 +248,25 @@ def special_ids(tok: Tokenizer, config: MolmoConfig) -> Dict[str, int]:
     return {k: v for k, v in ids.items() if k not in outside}
 
 
+def molmo2_folder(params: CheckpointParams, fmt: str, remote_code: Optional[str], verify) -> Dict:
+    """export_checkpoint's folder plan of a Molmo2 checkpoint: transformers' Molmo2 layout
+    (Molmo2ForConditionalGeneration loads it; molmo2_keys), config.json and, where the run's
+    config.data.processor is a folder, its processor_config.json."""
+    if fmt != "hf" or remote_code or verify:
+        raise ExportError("a Molmo2 checkpoint exports as --format hf (transformers' Molmo2 layout), without "
+                          "--remote-code or --verify (transformers has Molmo2's code)")
+    jsons = {"config.json": config_to_hf(params.config)}
+    processor = params.meta.get("processor") or ""
+    path = os.path.join(processor, "processor_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            jsons["processor_config.json"] = json.load(f)
+    else:
+        log.warning("the run's processor %r is no folder with a processor_config.json; the export has none "
+                    "(copy the processor files in to use it with predict)", processor)
+    return {"": (molmo_links(params.config), jsons)}
+
+
 def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, fmt: str = "hf",
                       dtype: str = "float32", max_shard_bytes: int = 5 * 10 ** 9, tokenizer: Optional[str] = None,
                       remote_code: Optional[str] = None, force: bool = False,
@@ -257,7 +289,9 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
       {"project": max |diff|[, "torch": max |diff| or why not]}. A failed check raises
       ExportError and writes nothing.
     merge_lora: the checkpoint is a LoRA run's (adapters only): export its base with the
-      adapters merged into the kernels (LoraMergedParams), a plain Molmo.
+      adapters merged into the kernels (LoraMergedParams), a plain Molmo (or Molmo2).
+    A Molmo2 checkpoint (meta "model_family") exports to transformers' Molmo2 folder instead
+    (molmo2_folder): config.json, its tokenizer, the run's processor_config.json, safetensors.
     A write that fails (disk full, read-only target) raises ExportError naming the file; no
     output folder appears and an existing one (force) is left as it was.
     """
@@ -275,7 +309,9 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
             raise ExportError(f"{checkpoint}: the checkpoint does not record its tokenizer; pass --tokenizer with "
                               f"the tokenizer folder or file the model was trained with")
         config, local = params.config, bool(remote_code)
-        if fmt == "hf":  # folder -> (links, JSON files)
+        if isinstance(config, Molmo2Config):
+            folders = molmo2_folder(params, fmt, remote_code, verify)
+        elif fmt == "hf":  # folder -> (links, JSON files)
             folders = {"": (molmo_links(config), {
                 "config.json": formats.molmo_config_json(config, dtype, local),
                 "generation_config.json": {"_from_model_config": True},
@@ -388,14 +424,16 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
     `--config.init.checkpoint=out` fine-tunes from (or a run resumes from, with a fresh
     optimizer). train_config: the experiment ConfigDict to fine-tune with; its optimizer
     decides the params/frozen split and the optimizer state layout, its model must have the
-    HF model's shapes; its crop geometry is recorded for a later export.
+    HF model's shapes; its family (config.model_family: a Molmo or a Molmo2 folder) and data
+    layout (crop geometry; Molmo2's processor and row budget) are recorded for a later export.
 
     Streamed: tensors are read one at a time (hf_folder.HFTensors) into the float32 parameter
     arrays, which orbax writes as they are; peak host memory is about one float32 copy of the
     parameters plus the runtime (benchmarks/export.py --import)."""
     try:
         config = read_hf_config(hf_folder)
-        wanted = MolmoConfig.from_dict({**train_config.model.to_dict(), "dtype": "float32"})
+        family = families.family_of(train_config)
+        wanted = family.config_cls.from_dict({**train_config.model.to_dict(), "dtype": "float32"})
         ours, theirs = dict(leaves(abstract_params(wanted))), dict(leaves(abstract_params(config)))
         for path in sorted(set(ours) | set(theirs)):
             a, b = ours.get(path), theirs.get(path)
@@ -413,6 +451,7 @@ def import_hf(hf_folder: str, out: str, train_config, *, force: bool = False) ->
     with AtomicFolder(out, force) as tmp, streamed_orbax_save():
         checkpointer = Checkpointer(tmp, keep=1, async_save=False)
         checkpointer.save(0, state, None, {"step": 0, "model": config.to_dict(), "mesh": {},
-                                           "source": os.path.abspath(hf_folder), "crop": crop_fields(train_config)})
+                                           "source": os.path.abspath(hf_folder), "model_family": family.name,
+                                           **family.data_meta(train_config)})
         checkpointer.close()
     return os.path.abspath(out)

@@ -22,15 +22,13 @@ from typing import Any, Dict
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from data_pipelines import molmo2_pipeline, molmo2_processor
 from data_pipelines.mixtures import get_mixture, mixture_datasets, mixture_rates, restrict
 from data_pipelines.sources import molmo2 as molmo2_sources
 from data_pipelines.sources.synthetic.video_shapes import VideoShapesSource
 from data_pipelines.tokenizer import load_tokenizer
-from molmo_jax.model import lora, molmo2_flops
-from molmo_jax.model.molmo2 import Molmo2
+from molmo_jax.model import molmo2_flops
 from molmo_jax.model.molmo2_config import Molmo2Config
 
 # Batch keys the model consumes besides the loss targets (data_pipelines.molmo2_packing.TEXT_KEYS
@@ -38,22 +36,13 @@ from molmo_jax.model.molmo2_config import Molmo2Config
 INPUTS = ("input_ids", "position_ids", "subsegment_ids", "mm_token_type_ids", "pixel_values", "token_pooling")
 
 
-def build(model_cfg: Molmo2Config, lora_cfg: lora.LoraConfig, rngs: nnx.Rngs) -> Molmo2:
-    """The model; config_checks refuses LoRA for Molmo2 before this is reached."""
-    if lora_cfg.enabled:
-        raise ValueError("config.lora.rank > 0: LoRA is not available for Molmo2 (config.model_family='molmo2')")
-    return Molmo2(model_cfg, rngs=rngs)
-
-
 def check_config(config) -> None:
-    """What a Molmo2 run cannot take: an empty row budget, LoRA, Molmo's backbone folders."""
+    """What a Molmo2 run cannot take: an empty row budget, Molmo's backbone folders."""
     d = config.data
     for key in ("row_crops", "row_pooled_tokens", "row_pool_slots"):
         value = d[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"config.data.{key}={value!r}: a Molmo2 row budget is an integer >= 1")
-    if config.lora.rank:
-        raise ValueError(f"config.lora.rank={config.lora.rank}: LoRA is not available for Molmo2; use rank 0")
     if config.init.vit or config.init.llm:
         raise ValueError(f"config.init.vit={config.init.vit!r} / config.init.llm={config.init.llm!r} load Molmo's "
                          "backbones; a Molmo2 run starts from config.init.checkpoint (a run's checkpoints)")

@@ -31,6 +31,7 @@ from molmo_jax.convert.hf_folder import HFTensors
 from molmo_jax.convert.links import CheckpointError
 from molmo_jax.model import lora, sharding
 from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.models import build_model
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train import families, loss as loss_lib
 from molmo_jax.train import optimizer as opt_lib
@@ -350,7 +351,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, model_cfg: fam
                 _check_finite(step, history[-1], last_good, ckpt_dir)
                 try:
                     checkpointer.save(step, saved_part(state, lora_cfg), data_iterator,
-                                      {"step": step, "model": model_cfg.to_dict(), "mesh": dict(mesh.shape),
+                                      {"step": step, "model_family": family.name, "model": model_cfg.to_dict(),
+                                       "mesh": dict(mesh.shape),
                                        "tokenizer": tokenizer, **family.data_meta(config),
                                        **({"lora": lora_meta} if lora_cfg.enabled else {})})
                 except NonFiniteStateError as e:
@@ -378,7 +380,7 @@ def saved_part(state: Dict, lora_cfg: lora.LoraConfig) -> Dict:
     return {k: v for k, v in state.items() if k != "frozen"} if lora_cfg.enabled else state
 
 
-def lora_initial_state(config: ml_collections.ConfigDict, model_cfg: MolmoConfig, setup: TrainSetup
+def lora_initial_state(config: ml_collections.ConfigDict, model_cfg: families.ModelConfig, setup: TrainSetup
                        ) -> Tuple[Dict, Dict]:
     """(step-0 state, "lora" meta) of a LoRA run: fresh adapters and optimizer state on the base
     of config.init.checkpoint (or the random init of config.seed). The meta entry, saved with
@@ -477,13 +479,13 @@ def _load_backbones(vit_folder: str, llm_folder: str, model_cfg: MolmoConfig, st
     return dict(state, params=params, frozen=frozen)
 
 
-def _load_lora_base(checkpoint_dir: str, model_cfg: MolmoConfig, lora_cfg: lora.LoraConfig,
+def _load_lora_base(checkpoint_dir: str, model_cfg: families.ModelConfig, lora_cfg: lora.LoraConfig,
                     frozen_shardings: Dict) -> Tuple[int, Dict]:
     """(step, frozen base) of a LoRA run: every parameter of another run's latest usable
     checkpoint (opened read-only), in the base layout (lora.base_params: kernels in base_dtype)
     on `frozen_shardings`."""
     mesh = jax.tree.leaves(frozen_shardings)[0].mesh
-    _, plain = nnx.split(nnx.eval_shape(lambda: Molmo(model_cfg, rngs=nnx.Rngs(0))))
+    _, plain = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0))))
     plain_shardings = nnx.to_pure_dict(sharding.named_shardings(sharding.state_specs(plain, mesh), mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nnx.to_pure_dict(plain), plain_shardings)
