@@ -67,6 +67,7 @@ def row_batch(model_cfg, rows=4, length=32):
                for r, c in ((0, 0), (0, 2), (2, 0), (2, 2))]
     return {"input_ids": inputs, "target_tokens": ids[:, 1:], "loss_masks": loss_masks,
             "position_ids": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+            "subsegment_ids": np.zeros((rows, length), np.int32),  # one example, one conversation per row
             "mm_token_type_ids": ((inputs >= model_cfg.image_start_token_id) & (inputs <= model_cfg.image_patch_id)
                                   ).astype(np.int32),
             "pixel_values": rng.normal(size=(rows, 1, vc.num_patches, vc.patch_dim)).astype(np.float32),
