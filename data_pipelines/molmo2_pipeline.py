@@ -31,7 +31,7 @@ does not decode (video.VideoDecodeError) or a malformed row as malformed (pipeli
 Text: each conversation of an example is formatted by `formatting.format_example` with the
 dataset's FormatConfig (`MOLMO2_SFT_FORMAT`: the official "qwen3" chat turns and the
 "demo_or_style_v2" prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they
-come, which gives the rows of `molmo2_batch.training_row`). Conversations of a tree are shuffled,
+come, which gives the one-example rows of the tests' reference, tests/molmo2_rows.py). Conversations of a tree are shuffled,
 as the official MultimodalPreprocessor does. Not here yet: the official prompt templates
 (`uber_model_v2`), the style renames of the official get_system_prompt, points in answers as
 Molmo2 writes them (official point_formatter, "html-v2": video pointing, tracking, image
@@ -70,7 +70,7 @@ PLAIN_STYLES = (
 MOLMO2_SFT_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="qwen3",
                                             system_prompt="demo_or_style_v2", always_start_with_space=False,
                                             plain_styles=PLAIN_STYLES)
-# Prompt and answer as the example has them, one space before the answer (molmo2_batch rows).
+# Prompt and answer as the example has them, one space before the answer (the one-example rows).
 PLAIN_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="none", system_prompt=None,
                                        always_start_with_space=False)
 # Molmo2 sets this pipeline cannot train on yet, and why: points in the answers (official

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from configs import molmo2_tiny
-from data_pipelines import formatting, molmo2_batch, molmo2_packing as mp, molmo2_pipeline, molmo2_processor
+from data_pipelines import formatting, molmo2_packing as mp, molmo2_pipeline, molmo2_processor
 from data_pipelines.mixtures import MixtureIndex
 from data_pipelines.image_cache import ImageCache, sniff_video
 from data_pipelines.sources import molmo2
 from data_pipelines.tokenizer import load_tokenizer
 from molmo_jax.train import molmo2_family, trainer
+import molmo2_rows
 from test_molmo2_predict import PROCESSOR, write_tokenizer
 from test_molmo2_sources import make_video, png, write
 
@@ -179,7 +180,7 @@ def test_a_group_over_the_pooled_budget_is_split_in_order():
 
 
 def test_video_shapes_rows_keep_the_one_example_layout(files, tmp_path):
-    """buffer 0 packs one synthetic video example per row: the rows molmo2_batch.training_row makes,
+    """buffer 0 packs one synthetic video example per row: the rows molmo2_rows.training_row makes,
     less its last input (the EOS, which predicts nothing)."""
     config = molmo2_tiny.get_config("qwen3")
     config.data.tokenizer = config.data.processor = str(files)
@@ -192,8 +193,8 @@ def test_video_shapes_rows_keep_the_one_example_layout(files, tmp_path):
     processor = dataclasses.replace(processor, sampling=dataclasses.replace(processor.sampling, max_frames=4))
     example = source[MixtureIndex([1.0], [len(source)], int(config.data.seed))[0][1]]
     inputs = molmo2_processor.process(example["question"], tok, processor, video=example["video"])
-    old = molmo2_batch.training_row(inputs, tok.encode(" " + example["answer"]), tok.eos_id,
-                                    molmo2_batch.RowBudget(128, 4, 16, 9), (36, 48))
+    old = molmo2_rows.training_row(inputs, tok.encode(" " + example["answer"]), tok.eos_id,
+                                   molmo2_rows.RowBudget(128, 4, 16, 9), (36, 48))
     n = int(np.sum(old["input_ids"] != -1)) - 1
     for key in ("input_ids", "target_tokens", "position_ids", "loss_masks", "mm_token_type_ids"):
         np.testing.assert_array_equal(batch[key][0][:n], old[key][:n], err_msg=key)

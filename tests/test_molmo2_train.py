@@ -17,13 +17,14 @@ import pytest
 from flax import nnx
 
 from configs import molmo2_common, molmo2_tiny
-from data_pipelines import molmo2_batch, molmo2_processor
+from data_pipelines import molmo2_processor
 from data_pipelines.tokenizer import load_tokenizer
 from molmo_jax.model import molmo2_config as m2, sharding
 from molmo_jax.model.molmo2 import Molmo2
 from molmo_jax.train import families, optimizer as opt_lib, trainer
 from molmo_jax.train.checkpointing import Checkpointer, CheckpointMismatchError
 from molmo_jax.train.config_checks import ConfigError, validate
+import molmo2_rows
 from test_molmo2_predict import PROCESSOR, write_tokenizer
 
 STEPS = 6
@@ -169,11 +170,11 @@ def test_row_layout_gives_the_logits_of_the_transformers_layout(folder):
     tok = load_tokenizer(folder, pad_to=500)
     proc = molmo2_processor.load_config(folder)
     rng = np.random.default_rng(0)
-    budget = molmo2_batch.RowBudget(seq_len=96, max_crops=4, max_pooled_tokens=40)
+    budget = molmo2_rows.RowBudget(seq_len=96, max_crops=4, max_pooled_tokens=40)
     rows, flat = [], []
     for hw in ((20, 20), (30, 50)):
         inputs = molmo2_processor.process("What is it?", tok, proc, images=[rng.integers(0, 256, (*hw, 3), np.uint8)])
-        rows.append(molmo2_batch.training_row(inputs, tok.encode(" A cat."), tok.eos_id, budget, (36, 48)))
+        rows.append(molmo2_rows.training_row(inputs, tok.encode(" A cat."), tok.eos_id, budget, (36, 48)))
         flat.append(inputs)
     assert [int(np.sum(~np.all(r["pixel_values"] == -1, axis=(1, 2)))) for r in rows] == [2, 3]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
@@ -194,7 +195,7 @@ def test_training_row_targets_and_padding(folder):
     inputs = molmo2_processor.process("Hi", tok, molmo2_processor.load_config(folder),
                                       images=[np.zeros((24, 24, 3), np.uint8)])
     answer = tok.encode(" ok")
-    row = molmo2_batch.training_row(inputs, answer, tok.eos_id, molmo2_batch.RowBudget(64, 2, 20), (36, 48))
+    row = molmo2_rows.training_row(inputs, answer, tok.eos_id, molmo2_rows.RowBudget(64, 2, 20), (36, 48))
     n = inputs["input_ids"].shape[1] + len(answer) + 1
     ids = row["input_ids"]
     assert np.all(ids[n:] == -1) and np.all(row["target_tokens"][:n - 1] == ids[1:n])
@@ -205,16 +206,16 @@ def test_training_row_targets_and_padding(folder):
 
 
 @pytest.mark.parametrize("budget, message", [
-    (molmo2_batch.RowBudget(8, 2, 20), "tokens > seq_len 8"),
-    (molmo2_batch.RowBudget(64, 0, 20), "crops/frames > max_crops 0"),
-    (molmo2_batch.RowBudget(64, 2, 3), "pooled tokens > max_pooled_tokens 3"),
+    (molmo2_rows.RowBudget(8, 2, 20), "tokens > seq_len 8"),
+    (molmo2_rows.RowBudget(64, 0, 20), "crops/frames > max_crops 0"),
+    (molmo2_rows.RowBudget(64, 2, 3), "pooled tokens > max_pooled_tokens 3"),
 ])
 def test_an_example_over_the_row_budget_is_one_error_naming_it(folder, budget, message):
     tok = load_tokenizer(folder, pad_to=500)
     inputs = molmo2_processor.process("Hi", tok, molmo2_processor.load_config(folder),
                                       images=[np.zeros((24, 24, 3), np.uint8)])
-    with pytest.raises(molmo2_batch.ExampleTooLong, match=message):
-        molmo2_batch.training_row(inputs, [1], tok.eos_id, budget, (36, 48))
+    with pytest.raises(molmo2_rows.ExampleTooLong, match=message):
+        molmo2_rows.training_row(inputs, [1], tok.eos_id, budget, (36, 48))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,4 +1,4 @@
-"""One Molmo2 example as a training row of one fixed shape (no packing, no message trees).
+"""Test reference: one Molmo2 example as a training row of one fixed shape (no packing, no trees).
 
 A row is one example as `molmo2_processor.process` lays it out (images or one video, then the
 prompt), followed by its answer and EOS, padded to a fixed budget so that every batch of a run
