@@ -273,3 +273,16 @@ def test_trainer_fine_tunes_from_an_import_and_its_checkpoint_exports(tokenizer_
     np.testing.assert_array_equal(exported["llm"]["embed"]["embedding"], hf_params["llm"]["embed"]["embedding"])
     np.testing.assert_array_equal(exported["llm"]["lm_head"]["kernel"], trained["params"]["llm"]["lm_head"]["kernel"])
     assert not np.array_equal(exported["llm"]["lm_head"]["kernel"], hf_params["llm"]["lm_head"]["kernel"])
+
+
+def test_a_checkpoint_without_model_family_is_read_as_the_family_its_model_dict_shows():
+    """Molmo2 checkpoints written before the trainer recorded "model_family" export as Molmo2;
+    Molmo's (which never had it) stay Molmo's; a named family that does not exist is an error."""
+    from molmo_jax.model import molmo2_config as m2
+    from molmo_jax.model.config import TINY_QWEN2, MolmoConfig
+    assert export.recorded_config({"model": m2.TINY_MOLMO2_QWEN3.to_dict()}, "meta") == m2.TINY_MOLMO2_QWEN3
+    assert isinstance(export.recorded_config({"model": TINY_QWEN2.to_dict()}, "meta"), MolmoConfig)
+    assert export.recorded_config({"model_family": "molmo2", "model": m2.TINY_MOLMO2_OLMO3.to_dict()},
+                                  "meta") == m2.TINY_MOLMO2_OLMO3
+    with pytest.raises(export.ExportError, match="model_family 'molmo3'"):
+        export.recorded_config({"model_family": "molmo3", "model": TINY_QWEN2.to_dict()}, "meta")

@@ -85,9 +85,10 @@ def numpy_dtype(dtype: str):
 
 
 def recorded_config(meta: Mapping, where: str):
-    """The model config a checkpoint's meta records, of the family it names (meta "model_family";
-    checkpoints of trainers that did not record it are Molmo's)."""
-    name = meta.get("model_family", "molmo")
+    """The model config a checkpoint's meta records, of the family it names (meta "model_family").
+    Checkpoints of trainers that did not record it tell by their model dict: Molmo2's has an
+    "adapter", Molmo's a "connector"."""
+    name = meta.get("model_family") or ("molmo2" if "adapter" in meta.get("model", {}) else "molmo")
     if name not in families.FAMILIES:
         raise ExportError(f"{where}: model_family {name!r} is none of {', '.join(families.FAMILIES)}")
     try:
