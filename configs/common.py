@@ -65,6 +65,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # Keys of data_pipelines.pipeline.make_pipeline (its docstring explains each).
     c.data = ml_collections.ConfigDict(dict(
         mixture="synthetic",       # name in data_pipelines.mixtures, or one dataset name
+        mixture_rates={},          # dataset -> rate replacing the mixture's (0 drops it), renormalised
         tokenizer="",              # HF tokenizer.json / folder, or sentencepiece model
         seq_len=2304,
         max_crops=12,

@@ -190,6 +190,32 @@ def mixture_rates(groups: Sequence[Group], sizes: Mapping[str, int]) -> Dict[str
     return {d: r / norm for d, r in rates.items()}
 
 
+def override_rates(rates: Mapping[str, float], overrides: Mapping[str, float]) -> Dict[str, float]:
+    """`rates` with some datasets' rates replaced (config.data.mixture_rates), renormalised to 1.
+
+    A rate of 0 drops the dataset. Raises ValueError naming a dataset that is not in the
+    mixture, a negative or non-numeric rate, or overrides that leave nothing to sample.
+    """
+    strangers = sorted(set(overrides) - set(rates))
+    if strangers:
+        raise ValueError(f"config.data.mixture_rates names {strangers}, which the mixture does not hold; "
+                         f"its datasets: {sorted(rates)}")
+    out = dict(rates)
+    for name, rate in overrides.items():
+        try:
+            rate = float(rate)
+        except (TypeError, ValueError):
+            raise ValueError(f"config.data.mixture_rates[{name!r}] = {rate!r} is not a number") from None
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"config.data.mixture_rates[{name!r}] = {rate} must be a finite rate >= 0")
+        out[name] = rate
+    out = {d: r for d, r in out.items() if r > 0}
+    if not out:
+        raise ValueError("config.data.mixture_rates leaves every dataset of the mixture at rate 0")
+    norm = sum(out.values())
+    return {d: r / norm for d, r in out.items()}
+
+
 class MixtureIndex:
     """Random-access global index -> (dataset position, element index); see module docstring.
 

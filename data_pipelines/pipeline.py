@@ -30,7 +30,8 @@ with the next kept example (that is how they cross worker processes), so in a fi
 skips after the last full batch are not counted.
 
 `make_pipeline(config)` builds all of it from an experiment ConfigDict; keys of `config.data`
-(defaults in brackets): mixture (a name in mixtures.MIXTURES or one dataset name), tokenizer,
+(defaults in brackets): mixture (a name in mixtures.MIXTURES or one dataset name), mixture_rates
+[{}] (dataset -> rate replacing the mixture's; 0 drops it; renormalised), tokenizer,
 seq_len, max_crops, seed, num_workers, prefetch [2], overlap_margins [(4, 4)], num_examples
 [unbounded], shuffle_messages [True], annotation_weighting ["root_subsegments" for sft, else
 None], format ["captioner" for pretrain, else "finetuned"], max_points [40], max_skip_rate
@@ -53,7 +54,7 @@ import numpy as np
 
 from data_pipelines import formatting, multicrop, packing, preprocess as preprocess_lib
 from data_pipelines.images import ImageDecodeError
-from data_pipelines.mixtures import MixtureIndex, get_mixture, mixture_datasets, mixture_rates
+from data_pipelines.mixtures import MixtureIndex, get_mixture, mixture_datasets, mixture_rates, override_rates
 from data_pipelines.sources import synthetic
 
 SKIP_CAUSES = ("corrupt_image", "missing_file", "too_many_points", "too_long", "malformed")
@@ -471,6 +472,10 @@ def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0,
     seed = int(data.seed)
     sources = {name: build_source(name, data, seed) for name in mixture_datasets(groups)}
     rates = mixture_rates(groups, {name: len(src) for name, src in sources.items()})
+    overrides = data.get("mixture_rates") or {}
+    if overrides:  # some datasets' rates set by hand; 0 drops one
+        rates = override_rates(rates, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
+        sources = {name: src for name, src in sources.items() if name in rates}
     format_name = data.get("format", "captioner" if stage == "pretrain" else "finetuned")
     if format_name not in ("captioner", "finetuned"):
         raise ValueError(f"config.data.format must be 'captioner' or 'finetuned', got {format_name!r}")

@@ -95,3 +95,15 @@ def test_molmo2_pretrain_rates():
     rates = mixture_rates(get_mixture("molmo2_pretrain"), {d: 100 for d in mixture_datasets(get_mixture("molmo2_pretrain"))})
     assert math.isclose(rates["pixmo_cap_with_transcripts"], 0.6) and math.isclose(rates["tulu4_max_2304"], 0.1)
     assert math.isclose(rates["cosyn_point"], 0.3 / 4)
+
+
+def test_override_rates_replaces_renormalises_and_names_mistakes():
+    from data_pipelines.mixtures import override_rates
+    rates = {"a": 0.5, "b": 0.3, "c": 0.2}
+    assert override_rates(rates, {}) == pytest.approx(rates)
+    assert override_rates(rates, {"c": 0}) == pytest.approx({"a": 0.625, "b": 0.375})
+    assert override_rates(rates, {"a": 0.1}) == pytest.approx({"a": 1 / 6, "b": 0.5, "c": 1 / 3})
+    for bad, message in (({"d": 1}, r"\['d'\]"), ({"a": -0.1}, "'a'.*>= 0"), ({"a": "x"}, "not a number"),
+                         ({"a": 0, "b": 0, "c": 0}, "every dataset")):
+        with pytest.raises(ValueError, match=message):
+            override_rates(rates, bad)

@@ -191,3 +191,23 @@ def test_synthetic_options_reach_the_generators():
     data.synthetic_options = dict(shapes=dict(max_cats=1))
     with pytest.raises(ValueError, match=r"synthetic_options\.shapes.*max_cats"):
         pipeline.build_source("synthetic_pointing", data, 0)
+
+
+def test_mixture_rates_override_reweights_and_drops_datasets(tokenizer):
+    """config.data.mixture_rates replaces some datasets' rates (0 drops one): only pointing
+    questions are drawn here; a name outside the mixture or a negative rate is refused by name."""
+    config = demo_config()
+    config.data.mixture_rates = dict(synthetic_points=0, synthetic_counting=0, synthetic_clocks=0,
+                                     synthetic_captions=0.0, synthetic_pointing=2)
+    pipe = pipeline.make_pipeline(config, tokenizer=tokenizer)
+    assert pipe.datasets == {"synthetic_pointing": 1.0}
+    it = iter(pipe)
+    texts = [tokenizer.decode(row[row >= 0]) for b in take(it, 3) for row in b["input_ids"]]
+    it.close()
+    assert all(("<point" in t or "There are none." in t) and "Counting the" not in t for t in texts), texts
+    config.data.mixture_rates = dict(synthetic_pointing=1, no_such_set=0.5)
+    with pytest.raises(ValueError, match="no_such_set"):
+        pipeline.make_pipeline(config, tokenizer=tokenizer)
+    config.data.mixture_rates = dict(synthetic_pointing=-1)
+    with pytest.raises(ValueError, match="synthetic_pointing.*>= 0"):
+        pipeline.make_pipeline(config, tokenizer=tokenizer)
