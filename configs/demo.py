@@ -84,7 +84,10 @@ def _demo_recipe(c):
     seed 0, a 5-block ViT (27% less step time) scored pointing F1 0.07 / counting 0.41 / clock
     hour 0.07 and 1x1 pooling (64 tokens a crop, one example per 384-token row, 1.7x the time per
     example) 0.09 / 0.27 / 0.17, both with image reliance 0.03-0.04: the model had not yet
-    started to read the images, which this recipe does between about 1000 and 2000 steps.
+    started to read the images, which this recipe does between about 1000 and 2000 steps. At the
+    full 2600 steps (seed 0, against this recipe's 0.157 / 0.617 / 0.852 on the same machine) the
+    5-block ViT scored 0.194 / 0.766 / 0.391 (image reliance 0.13 vs 0.30) and with LR 5e-4 0.094 /
+    0.609 / 0.109: neither is a better default.
     """
     c.model.init_scheme = "fan_in"
     c.model.llm.update(dict(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, mlp_hidden_size=512))
