@@ -196,6 +196,7 @@ def override_rates(rates: Mapping[str, float], overrides: Mapping[str, float]) -
     A rate of 0 drops the dataset. Raises ValueError naming a dataset that is not in the
     mixture, a negative or non-numeric rate, or overrides that leave nothing to sample.
     """
+    overrides = dict(overrides.items())  # a ConfigDict too
     strangers = sorted(set(overrides) - set(rates))
     if strangers:
         raise ValueError(f"config.data.mixture_rates names {strangers}, which the mixture does not hold; "

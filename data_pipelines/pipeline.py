@@ -474,7 +474,7 @@ def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0,
     rates = mixture_rates(groups, {name: len(src) for name, src in sources.items()})
     overrides = data.get("mixture_rates") or {}
     if overrides:  # some datasets' rates set by hand; 0 drops one
-        rates = override_rates(rates, overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides))
+        rates = override_rates(rates, overrides)
         sources = {name: src for name, src in sources.items() if name in rates}
     format_name = data.get("format", "captioner" if stage == "pretrain" else "finetuned")
     if format_name not in ("captioner", "finetuned"):

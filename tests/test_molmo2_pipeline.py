@@ -269,6 +269,14 @@ def test_a_mixture_restricted_to_the_sets_here_keeps_its_group_rates(files):
     config.data.mixture_datasets = ["molmo2_human_qa", "video_shapes"]
     with pytest.raises(ValueError, match=r"mixture_datasets: datasets \['video_shapes'\] are not in the mixture"):
         molmo2_family.make_pipeline(config)
+    # data.mixture_rates reweights them (renormalised), and names a set that is not there.
+    config.data.mixture_datasets = ["molmo2_human_qa", "pixmo_multi_image_qa_multi_only_max5"]
+    config.data.mixture_rates = {"molmo2_human_qa": 3.0}
+    assert molmo2_family.make_pipeline(config).datasets == pytest.approx(
+        {"molmo2_human_qa": 3 / 3.5, "pixmo_multi_image_qa_multi_only_max5": 0.5 / 3.5})
+    config.data.mixture_rates = {"video_shapes": 1.0}
+    with pytest.raises(ValueError, match=r"mixture_rates names \['video_shapes'\]"):
+        molmo2_family.make_pipeline(config)
 
 
 def test_mixtures_without_a_source_or_a_formatter_are_refused(files, tmp_path):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import molmo2_pipeline, molmo2_processor
-from data_pipelines.mixtures import get_mixture, mixture_datasets, mixture_rates, restrict
+from data_pipelines.mixtures import get_mixture, mixture_datasets, mixture_rates, override_rates, restrict
 from data_pipelines.sources import molmo2 as molmo2_sources
 from data_pipelines.sources.synthetic.video_shapes import VideoShapesSource
 from data_pipelines.tokenizer import load_tokenizer
@@ -191,6 +191,9 @@ def make_pipeline(config, *, process_index: int = 0, process_count: int = 1):
         formats={"video_shapes": molmo2_pipeline.PLAIN_FORMAT}, loss_token_weighting=d.loss_token_weighting or None,
         max_text_tokens=int(d.max_text_tokens) or None, last_message_loss_only=bool(d.last_message_loss_only))
     rates = mixture_rates(mixture_groups(config), {name: len(src) for name, src in srcs.items()})
+    if d.get("mixture_rates"):  # some datasets' rates set by hand; 0 drops one
+        rates = override_rates(rates, d.mixture_rates)
+        srcs = {name: src for name, src in srcs.items() if name in rates}
     return molmo2_pipeline.make_pipeline_from_parts(
         srcs, rates, preprocess, seed=int(d.seed), batch_size=global_batch // process_count,
         num_examples=int(d.num_examples), process_index=process_index, process_count=process_count,
