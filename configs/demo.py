@@ -87,7 +87,8 @@ def _demo_recipe(c):
     started to read the images, which this recipe does between about 1000 and 2000 steps. At the
     full 2600 steps (seed 0, against this recipe's 0.157 / 0.617 / 0.852 on the same machine) the
     5-block ViT scored 0.194 / 0.766 / 0.391 (image reliance 0.13 vs 0.30) and with LR 5e-4 0.094 /
-    0.609 / 0.109: neither is a better default.
+    0.609 / 0.109: neither is a better default. Without the caption set (data.mixture_rates)
+    it scored 0.076 / 0.539 / 0.477: the captions help the model learn to read the images.
     """
     c.model.init_scheme = "fan_in"
     c.model.llm.update(dict(d_model=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, mlp_hidden_size=512))
