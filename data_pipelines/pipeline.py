@@ -472,9 +472,8 @@ def make_pipeline(config: Any, *, tokenizer: Any = None, process_index: int = 0,
     seed = int(data.seed)
     sources = {name: build_source(name, data, seed) for name in mixture_datasets(groups)}
     rates = mixture_rates(groups, {name: len(src) for name, src in sources.items()})
-    overrides = data.get("mixture_rates") or {}
-    if overrides:  # some datasets' rates set by hand; 0 drops one
-        rates = override_rates(rates, overrides)
+    if data.get("mixture_rates"):  # some datasets' rates set by hand; 0 drops one
+        rates = override_rates(rates, data.mixture_rates)
         sources = {name: src for name, src in sources.items() if name in rates}
     format_name = data.get("format", "captioner" if stage == "pretrain" else "finetuned")
     if format_name not in ("captioner", "finetuned"):
