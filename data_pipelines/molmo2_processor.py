@@ -108,6 +108,16 @@ def load_config(folder: str | pathlib.Path) -> Molmo2ProcessorConfig:
                                sampling=sampling, **flags)
 
 
+def config_for(name_or_folder: str) -> Molmo2ProcessorConfig:
+  """A preset name (PRESETS) or a processor folder (load_config): what config.data.processor
+  and a training checkpoint's meta "processor" hold."""
+  if name_or_folder in PRESETS:
+    return PRESETS[name_or_folder]
+  if not name_or_folder:
+    raise ValueError(f"no Molmo2 processor given: a processor folder or one of {sorted(PRESETS)}")
+  return load_config(name_or_folder)
+
+
 def token_ids(tok: tokenizer_lib.Tokenizer) -> molmo2_images.Molmo2TokenIds:
   """Ids of Molmo2's vision tokens; a tokenizer without them is an error naming the missing."""
   ids = {t: tok.token_to_id(t) for t in VISION_TOKENS + (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}

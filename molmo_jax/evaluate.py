@@ -10,7 +10,7 @@ Each task reads `<data-dir>/<task>/**/*.parquet` (the HF dataset named by --list
 `<out-dir>/<task>.predictions.jsonl` (a rerun skips finished examples), scores to
 `<out-dir>/scores.json`, and a table is printed. MathVista is scored with the no-judge fallback
 (no OpenAI extraction), so it reads lower than the published, judge-based numbers. A Molmo2 checkpoint
-(a transformers Molmo2 folder) runs the Molmo2 tasks (`evaluation/molmo2_runner.py`: its video eval sets
+(a transformers Molmo2 folder, or a Molmo2 run's training checkpoint) runs the Molmo2 tasks (`evaluation/molmo2_runner.py`: its video eval sets
 and MuirBench): their parquet folders as published under --data-dir, videos in --video-dir and/or the
 download cache.
 """
@@ -22,7 +22,7 @@ from molmo_jax.evaluation import molmo2_runner
 from molmo_jax.evaluation.runner import evaluate_task, scores_table
 from molmo_jax.evaluation.tasks import TASKS, get_task
 from molmo_jax.inference.predictor import Predictor
-from molmo_jax.inference.predictor_molmo2 import Molmo2Predictor, is_molmo2_folder
+from molmo_jax.inference.predictor_molmo2 import Molmo2Predictor, is_molmo2_checkpoint
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if missing:
         p.error(f"missing {', '.join(missing)}")
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    if is_molmo2_folder(args.checkpoint):
+    if is_molmo2_checkpoint(args.checkpoint):
         return _molmo2(p, args, names)
     tasks = [get_task(name) for name in names]
     predictor = Predictor.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
@@ -79,7 +79,7 @@ def _report(task, summary: dict) -> None:
 
 
 def _molmo2(p: argparse.ArgumentParser, args, names: list[str]) -> int:
-    """The Molmo2 tasks (video, multi-image) on a transformers Molmo2 folder."""
+    """The Molmo2 tasks (video, multi-image) on a Molmo2 folder or a Molmo2 run's training checkpoint."""
     unknown = [n for n in names if n not in molmo2_runner.TASKS]
     if unknown:
         p.error(f"{args.checkpoint} is a Molmo2 checkpoint: tasks {unknown} are not Molmo2 tasks "
@@ -87,7 +87,8 @@ def _molmo2(p: argparse.ArgumentParser, args, names: list[str]) -> int:
     videos = [n for n in names if molmo2_runner.TASKS[n].video]
     if videos and not (args.video_dir or args.video_cache):
         p.error(f"Molmo2 video tasks {videos} need --video-dir and/or --video-cache with --video-manifest")
-    predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, weights=args.weights)
+    predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, weights=args.weights,
+                                                tokenizer=args.tokenizer)
     scores = {}
     for task in map(molmo2_runner.get_task, names):
         scores[task.name] = {"metric": task.metric, **molmo2_runner.evaluate_task(

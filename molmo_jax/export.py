@@ -8,7 +8,9 @@
 torch-backbones writes HF_DIR/llm (Qwen2 / OLMo2 / OLMoE CausalLM) and HF_DIR/vision
 (CLIPVisionModel). --merge-lora exports a LoRA run's checkpoint (adapters only) as the plain
 model: its recorded base with the adapters merged into the weights. A Molmo2 run's checkpoint
-exports (with --format hf) to the folder transformers' Molmo2ForConditionalGeneration loads.
+exports (with --format hf) to the folder transformers' Molmo2ForConditionalGeneration loads;
+its --verify runs one processor-made image input through the folder read back and through
+transformers' Molmo2 (train/export_verify.py).
 The output appears only when complete (see molmo_jax/train/hf_interop.py).
 """
 import argparse

@@ -3,6 +3,7 @@
   python -m molmo_jax.predict --checkpoint Molmo-7B-D-0924/ --image cat.jpg --prompt "Point to the cat"
   python -m molmo_jax.predict --checkpoint run/ --tokenizer tok/ --requests requests.jsonl --out answers.jsonl
   python -m molmo_jax.predict --checkpoint Molmo2-8B/ --video clip.mp4 --prompt "Point to the ball"
+  python -m molmo_jax.predict --checkpoint molmo2_run/ --image cat.jpg --prompt "Point to the cat"
 
 One request: prints the answer; if it contains points, writes the image with the points drawn and
 labelled to --draw (default: <image name>.points.png). Batch mode: each JSONL line is
@@ -14,8 +15,10 @@ JSON line, no prompt, a dead or hostile image URL, a file that is no image) gets
 stderr, never a traceback. Image URLs are fetched within --timeout seconds for the whole exchange
 and --max-image-mb of body.
 
-A Molmo2 checkpoint folder (config.json model_type "molmo2", with tokenizer.json and
-processor_config.json) answers one request about --image or --video (inference/predictor_molmo2.py);
+A Molmo2 checkpoint (a folder with config.json model_type "molmo2", tokenizer.json and
+processor_config.json, or a Molmo2 run's training checkpoint, whose meta names its processor and
+tokenizer; --tokenizer overrides the latter) answers one request about --image or --video
+(inference/predictor_molmo2.py);
 for a video it prints the sampled frames' indices and timestamps, and points in the answer are
 drawn on those frames: an animated GIF (--draw, default <video name>.points.gif) and a contact
 sheet PNG beside it (.png). A video that cannot be decoded is one error line, exit status 1.
@@ -34,7 +37,7 @@ from molmo_jax.convert.links import CheckpointError
 from molmo_jax.inference.drawing import contact_sheet, draw_frames, draw_points, write_gif
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.predictor import IMAGE_FETCH, Predictor, Request, read_image_source
-from molmo_jax.inference.predictor_molmo2 import Molmo2Predictor, is_molmo2_folder
+from molmo_jax.inference.predictor_molmo2 import Molmo2Predictor, is_molmo2_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
     if not args.timeout > 0 or not args.max_image_mb > 0:
         raise SystemExit("error: --timeout and --max-image-mb must be positive")
     fetch_config = dataclasses.replace(IMAGE_FETCH, deadline=args.timeout, max_bytes=int(args.max_image_mb * 2**20))
-    if is_molmo2_folder(args.checkpoint) or args.video:
+    if is_molmo2_checkpoint(args.checkpoint) or args.video:
         return _molmo2_main(args, fetch_config)
     style = args.style or ("long_caption" if args.captioner else "user_qa")
     try:
@@ -173,8 +176,9 @@ def _molmo2_main(args, fetch_config) -> int:
     """One request to a Molmo2 checkpoint folder: an image, a video or text only."""
     if args.requests is not None:
         raise SystemExit("error: --requests (batch mode) is not supported for Molmo2 checkpoints; give --prompt")
-    if args.video and not is_molmo2_folder(args.checkpoint):
-        raise SystemExit(f"error: --video needs a Molmo2 checkpoint folder (config.json model_type 'molmo2'); "
+    if args.video and not is_molmo2_checkpoint(args.checkpoint):
+        raise SystemExit(f"error: --video needs a Molmo2 checkpoint (a folder with config.json model_type 'molmo2', "
+                         f"or a Molmo2 run's training checkpoint); "
                          f"{args.checkpoint} is not one")
     if args.video and args.image:
         raise SystemExit("error: give --image or --video, not both")
@@ -182,7 +186,7 @@ def _molmo2_main(args, fetch_config) -> int:
                               top_p=args.top_p, seed=args.seed)
     try:
         predictor = Molmo2Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, fetch_config=fetch_config,
-                                                    weights=args.weights)
+                                                    weights=args.weights, tokenizer=args.tokenizer)
         answer = predictor.predict(args.prompt, images=[args.image] if args.image else [], video=args.video,
                                    config=config)
         print(answer.text)

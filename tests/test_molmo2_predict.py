@@ -4,20 +4,27 @@ and on a video the test encodes; bad inputs are one error line; points drawn on 
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from PIL import Image
+from flax import nnx
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-from molmo_jax import predict
+from molmo_jax import export as export_cli, predict
+from molmo_jax.convert import hf_molmo
 from molmo_jax.inference import drawing
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
 from molmo_jax.inference import predictor_molmo2
 from molmo_jax.inference.predictor_molmo2 import Molmo2Answer, Molmo2Predictor
 from molmo_jax.model import lora, molmo2_config as m2
+from molmo_jax.tools import logits as logits_tool
+from molmo_jax.train import export_verify, hf_interop
+from molmo_jax.train.checkpointing import Checkpointer
 from test_molmo2_model import CASES, our_forward, random_hf_model
 from test_molmo2_preprocess import write_video
 
@@ -146,7 +153,90 @@ def test_missing_processor_config_is_one_error_line(folder, media, tmp_path):
 def test_video_without_a_molmo2_checkpoint_is_refused(media, tmp_path):
     with pytest.raises(SystemExit) as e:
         predict.main(["--checkpoint", str(tmp_path), "--video", str(media / "clip.mp4"), "--prompt", "What?"])
-    assert "--video needs a Molmo2 checkpoint folder" in str(e.value.code)
+    assert "--video needs a Molmo2 checkpoint (a folder" in str(e.value.code)
+
+
+def write_training_checkpoint(folder, directory, **meta):
+    """The folder's weights saved as the trainer saves a Molmo2 run's step (state params + meta),
+    the folder as its processor and tokenizer (unless `meta` overrides them)."""
+    config, state = hf_molmo.load_hf_checkpoint(str(folder))
+    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(state))
+    saver = Checkpointer(str(directory), async_save=False)
+    saver.save(5, {"params": params}, None, {"step": 5, "model_family": "molmo2", "model": config.to_dict(),
+                                             "tokenizer": str(folder), "processor": str(folder), **meta})
+    saver.close()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def training_checkpoint(folder, tmp_path_factory):
+    return write_training_checkpoint(folder, tmp_path_factory.mktemp("molmo2_run") / "checkpoints")
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_a_training_checkpoint_answers_as_its_folder_does(predictor, training_checkpoint, media, kind):
+    """predict straight from a Molmo2 run's checkpoint (no export): the processor, tokenizer, chat
+    template and EOS ids its meta leads to, and the same greedy tokens as the folder."""
+    run = Molmo2Predictor.from_checkpoint(str(training_checkpoint))
+    assert run.processor == predictor.processor and run.stop_token_ids == predictor.stop_token_ids
+    assert run.chat_template == predictor.chat_template
+    media_kw = {"images": [str(media / "cat.png")]} if kind == "image" else {"video": str(media / "clip.mp4")}
+    config = GenerationConfig(max_new_tokens=2 * STEPS, stop_token_ids=(-2,))
+    ours = run.predict("Describe it.", config=config, **media_kw)
+    assert ours.tokens.tolist() == predictor.predict("Describe it.", config=config, **media_kw).tokens.tolist()
+    assert len(set(ours.tokens.tolist())) > 2
+
+
+def test_cli_and_logits_tool_take_a_molmo2_training_checkpoint(folder, training_checkpoint, media, tmp_path, capsys):
+    args = ["--video", str(media / "clip.mp4"), "--prompt", "What happens?", "--max-new-tokens", str(STEPS)]
+    assert predict.main(["--checkpoint", str(folder)] + args) == 0
+    expected = capsys.readouterr().out
+    assert predict.main(["--checkpoint", str(training_checkpoint.parent)] + args) == 0  # the run dir
+    assert capsys.readouterr().out == expected
+    inputs = CASES["multi_image"](m2.get_preset("tiny-molmo2-qwen3"))
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    for name, checkpoint in (("folder", folder), ("run", training_checkpoint)):
+        assert logits_tool.main(["--checkpoint", str(checkpoint), "--inputs", str(tmp_path / "inputs.npz"),
+                                 "--out", str(tmp_path / f"{name}.npz")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "run.npz")["logits"], np.load(tmp_path / "folder.npz")["logits"])
+
+
+def test_a_training_checkpoint_without_tokenizer_or_processor_is_one_error_line(folder, media, tmp_path):
+    for name, meta, message in (("no_tok", {"tokenizer": ""}, "the checkpoint records no tokenizer"),
+                                ("no_proc", {"processor": str(tmp_path)}, "the recorded processor: ")):
+        run = write_training_checkpoint(folder, tmp_path / name, **meta)
+        with pytest.raises(SystemExit) as e:
+            predict.main(["--checkpoint", str(run), "--image", str(media / "cat.png"), "--prompt", "What?"])
+        assert str(e.value.code).startswith(f"error: {run}/5: ") and message in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code)
+    # --tokenizer stands in for the one the checkpoint does not record.
+    assert predict.main(["--checkpoint", str(tmp_path / "no_tok"), "--tokenizer", str(folder), "--image",
+                         str(media / "cat.png"), "--prompt", "What?", "--max-new-tokens", "2"]) == 0
+
+
+def test_export_verify_of_a_molmo2_run_checks_both_readers_and_catches_a_corrupted_tensor(training_checkpoint,
+                                                                                          tmp_path, capsys):
+    """export --verify on a Molmo2 run: the folder read back by our reader gives the checkpoint's
+    logits exactly and transformers' Molmo2 within its tolerance, on a processor-made image input;
+    one tensor changed in the folder fails the check, naming it."""
+    out = tmp_path / "hf"
+    export_cli.main(["--checkpoint", str(training_checkpoint), "--out", str(out), "--verify"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "verify (project): max |logits difference| 0", lines
+    torch_diff = float(lines[1].rsplit(" ", 1)[1])
+    assert lines[1].startswith("verify (torch): max |logits difference| ") and torch_diff < 1e-4, lines
+    assert lines[-1] == str(out)
+    [shard] = [n for n in os.listdir(out) if n.endswith(".safetensors")]
+    tensors = safetensors.numpy.load_file(str(out / shard))
+    key = next(k for k in tensors if "lm_head" in k)
+    tensors[key] = tensors[key] + 0.5
+    safetensors.numpy.save_file(tensors, str(out / shard), metadata={"format": "pt"})
+    params = hf_interop.CheckpointParams(str(training_checkpoint))
+    try:
+        with pytest.raises(hf_interop.ExportError, match=r"--verify: .* does not reproduce the checkpoint: project max"):
+            export_verify.verify_export(params, str(out), np.float32)
+    finally:
+        params.close()
 
 
 def _red(pixel) -> bool:

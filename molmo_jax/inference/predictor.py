@@ -35,6 +35,7 @@ from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig, Generator
 from molmo_jax.model import lora
 from molmo_jax.model.config import MolmoConfig
+from molmo_jax.model.models import recorded_config
 from molmo_jax.model.molmo import Molmo
 from molmo_jax.train.checkpointing import quiet_absl
 
@@ -120,19 +121,32 @@ def _orbax_step_dir(path: str) -> str:
                             f"nor a molmo-jax checkpoint (<step>/state, or checkpoints/<step>/state)")
 
 
-def load_orbax_model(path: str) -> Molmo:
-    """The model of a molmo-jax training checkpoint (params only: trainable + frozen). A LoRA
-    run's checkpoint (meta "lora") gives its base (the checkpoint step it records, in the run's
-    base_dtype) with the adapters, unmerged."""
+def orbax_meta(path: str) -> tuple[str, dict]:
+    """(the step dir, its meta item) of a molmo-jax training checkpoint (_orbax_step_dir)."""
     step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax reads no metadata through a relative path
     meta_path = os.path.join(step_dir, "meta", "metadata")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{step_dir}: no meta/metadata (the model config) in this checkpoint")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if "model" not in meta:
-        raise KeyError(f"{meta_path}: no 'model' config (keys: {sorted(meta)})")
-    config = MolmoConfig.from_dict(meta["model"])
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: not JSON ({e})") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise KeyError(f"{meta_path}: no 'model' config (keys: {sorted(meta) if isinstance(meta, dict) else meta})")
+    return step_dir, meta
+
+
+def load_orbax_model(path: str):
+    """The model of a molmo-jax training checkpoint (params only: trainable + frozen): a Molmo,
+    or a Molmo2 where the meta records that family (models.recorded_config). A LoRA run's
+    checkpoint (meta "lora") gives its base (the checkpoint step it records, in the run's
+    base_dtype) with the adapters, unmerged."""
+    step_dir, meta = orbax_meta(path)
+    try:
+        config = recorded_config(meta)
+    except ValueError as e:
+        raise ValueError(f"{step_dir}/meta: {e}") from None
     info = meta.get("lora")
     lora_cfg = lora.LoraConfig() if info is None else lora.LoraConfig(
         rank=info["rank"], alpha=info["alpha"], targets=tuple(info["targets"]), base_dtype=info["base_dtype"])

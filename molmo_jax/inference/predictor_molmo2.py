@@ -1,7 +1,10 @@
-"""Images or a video + prompt -> answer with a Molmo2 checkpoint folder (transformers layout).
+"""Images or a video + prompt -> answer with a Molmo2 checkpoint: a folder in the transformers
+layout, or a molmo-jax training checkpoint of a Molmo2 run.
 
     predictor = Molmo2Predictor.from_checkpoint("Molmo2-8B/")   # config.json + safetensors +
                                                                 # tokenizer.json + processor_config.json
+    predictor = Molmo2Predictor.from_checkpoint("runs/sft/")    # the trainer's checkpoints: its meta
+                                                                # names the processor and tokenizer
     answer = predictor.predict("Point to the cat", images=["cat.jpg"])
     answer = predictor.predict("What happens?", video="clip.mp4")
     answer.text, answer.points, answer.frame_indices, answer.timestamps
@@ -34,7 +37,9 @@ from molmo_jax.convert.hf_folder import read_config_json
 from molmo_jax.inference.drawing import PointGroup, find_points
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
-from molmo_jax.inference.predictor import IMAGE_FETCH, RequestError, read_image_source, with_compute_dtype
+from molmo_jax.inference.predictor import (IMAGE_FETCH, RequestError, load_orbax_model, orbax_meta, read_image_source,
+                                           with_compute_dtype)
+from molmo_jax.model.models import recorded_config, recorded_family
 
 
 def is_molmo2_folder(path: str) -> bool:
@@ -47,6 +52,16 @@ def is_molmo2_folder(path: str) -> bool:
             return json.load(f).get("model_type") == "molmo2"
     except (OSError, ValueError, AttributeError):
         return False  # the v1 loader reports the unreadable config.json
+
+
+def is_molmo2_checkpoint(path: str) -> bool:
+    """A Molmo2 folder, or a molmo-jax training checkpoint whose meta records the Molmo2 family."""
+    if is_molmo2_folder(path):
+        return True
+    try:
+        return recorded_family(orbax_meta(path)[1]) == "molmo2"
+    except (OSError, ValueError, KeyError):
+        return False  # the v1 loader reports what is wrong with it
 
 
 def stop_ids(folder: str, tok: tokenizer_lib.Tokenizer) -> tuple[int, ...]:
@@ -154,19 +169,57 @@ class Molmo2Predictor:
         self.generator = Molmo2Generator(model)
 
     @classmethod
-    def from_checkpoint(cls, folder: str, *, dtype: Optional[str] = None, fetch_config: FetchConfig = IMAGE_FETCH,
-                        weights: Optional[str] = None) -> "Molmo2Predictor":
-        """folder: transformers Molmo2 folder; dtype: compute dtype override ("bfloat16");
-        weights "int8" / "nf4": every Dense kernel stored so, weight-only (model/quantization.py,
-        as for Molmo: predictor.with_compute_dtype)."""
-        processor = molmo2_processor.load_config(folder)  # before the weights: a missing file fails fast
-        config = hf_molmo.config_from_hf(read_config_json(folder))
+    def from_checkpoint(cls, path: str, *, dtype: Optional[str] = None, fetch_config: FetchConfig = IMAGE_FETCH,
+                        weights: Optional[str] = None, tokenizer: Optional[str] = None) -> "Molmo2Predictor":
+        """path: a transformers Molmo2 folder, or a molmo-jax training checkpoint of a Molmo2 run
+        (from_training_checkpoint); dtype: compute dtype override ("bfloat16"); weights "int8" /
+        "nf4": every Dense kernel stored so, weight-only (model/quantization.py, as for Molmo:
+        predictor.with_compute_dtype); tokenizer: a tokenizer file or folder instead of the
+        checkpoint's own."""
+        if not is_molmo2_folder(path):
+            return cls.from_training_checkpoint(path, dtype=dtype, fetch_config=fetch_config, weights=weights,
+                                                tokenizer=tokenizer)
+        processor = molmo2_processor.load_config(path)  # before the weights: a missing file fails fast
+        config = hf_molmo.config_from_hf(read_config_json(path))
         check_processor(processor, config.vision)  # before reading the weights
-        model = hf_molmo.load_hf_model(folder, **({"dtype": dtype} if dtype else {}))
+        model = hf_molmo.load_hf_model(path, **({"dtype": dtype} if dtype else {}))
         if weights:
             model = with_compute_dtype(model, model.config.dtype, weights)
-        tok = tokenizer_lib.load_tokenizer(folder, pad_to=config.llm.vocab_size)
-        return cls(model, tok, processor, stop_ids(folder, tok), read_chat_template(folder), fetch_config)
+        tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=config.llm.vocab_size)
+        return cls(model, tok, processor, stop_ids(path, tok), read_chat_template(path), fetch_config)
+
+    @classmethod
+    def from_training_checkpoint(cls, path: str, *, dtype: Optional[str] = None,
+                                 fetch_config: FetchConfig = IMAGE_FETCH, weights: Optional[str] = None,
+                                 tokenizer: Optional[str] = None) -> "Molmo2Predictor":
+        """A Molmo2 run's checkpoint (a run dir, its checkpoints/ dir or one step; a LoRA run's:
+        base + adapters, unmerged) with what its meta records: the processor (config.data.processor,
+        a preset name or a processor folder) and the tokenizer (config.data.tokenizer, unless
+        `tokenizer`). The chat template and the generation_config.json EOS ids are looked for in the
+        processor folder, then the tokenizer's folder (read_chat_template, stop_ids)."""
+        step_dir, meta = orbax_meta(path)
+        family = recorded_family(meta)
+        if family != "molmo2":
+            raise ValueError(f"{step_dir}: a {family} checkpoint, not a Molmo2 one")
+        source = tokenizer or meta.get("tokenizer")
+        if not source:
+            raise ValueError(f"{step_dir}: the checkpoint records no tokenizer; give the tokenizer the run "
+                             f"trained with (--tokenizer)")
+        try:
+            processor = molmo2_processor.config_for(meta.get("processor") or "")
+            check_processor(processor, recorded_config(meta).vision)  # before reading the weights
+        except ValueError as e:
+            raise ValueError(f"{step_dir}: the recorded processor: {e}") from None
+        model = load_orbax_model(path)
+        if dtype or weights:
+            model = with_compute_dtype(model, dtype or model.config.dtype, weights)
+        tok = tokenizer_lib.load_tokenizer(source, pad_to=model.config.llm.vocab_size)
+        folders = [f for f in (meta.get("processor"), source if os.path.isdir(source) else os.path.dirname(source))
+                   if f and os.path.isdir(f)]
+        template = next((t for t in map(read_chat_template, folders) if t is not None), None)
+        stops = next((stop_ids(f, tok) for f in folders
+                      if os.path.isfile(os.path.join(f, "generation_config.json"))), (tok.eos_id,))
+        return cls(model, tok, processor, stops, template, fetch_config)
 
     def prepare(self, prompt: str, images: Sequence = (), video: Optional[str] = None) -> dict[str, np.ndarray]:
         """The processor's arrays (`molmo2_processor.process`); RequestError for a bad image,

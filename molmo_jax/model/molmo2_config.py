@@ -76,7 +76,9 @@ SIGLIP2_SO400M_14_378 = VisionConfig(
 # (jax.eval_shape, = transformers' count of the same config): Molmo2-4B 4,850,869,200, the
 # released total (metadata.total_parameters of the hub's model.safetensors.index.json);
 # Molmo2-8B 8,661,703,120 and Molmo2-O-7B 7,760,786,896, not checked against released files
-# (tests/test_convert_hf_molmo2.py says where each figure comes from).
+# (tests/test_convert_hf_molmo2.py says where each figure comes from). A structural check of 8B:
+# a public copy of its hub folder has a 714-line model.safetensors.index.json, i.e. 706 tensor
+# names plus the 8 lines around them, and this preset writes 706 tensors (O-7B's: 674).
 MOLMO2_8B = Molmo2Config(
     vision=SIGLIP2_SO400M_14_378, adapter=AdapterConfig(projector_hidden=12288),
     llm=LLMConfig(d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, mlp_hidden_size=2 * 12288,

@@ -43,7 +43,7 @@ from molmo_jax.convert.hf_molmo import abstract_params, config_to_hf, hf_to_para
 from molmo_jax.convert.links import CheckpointError, Path, get_path, has_path, leaves, set_path
 from molmo_jax.convert.safetensors_stream import write_json, write_safetensors
 from molmo_jax.inference.predictor import model_crop_config
-from molmo_jax.model import lora, quantization
+from molmo_jax.model import lora, models, quantization
 from molmo_jax.model.config import MolmoConfig
 from molmo_jax.model.molmo2_config import Molmo2Config
 from molmo_jax.train import families, optimizer as opt_lib
@@ -85,16 +85,11 @@ def numpy_dtype(dtype: str):
 
 
 def recorded_config(meta: Mapping, where: str):
-    """The model config a checkpoint's meta records, of the family it names (meta "model_family").
-    Checkpoints of trainers that did not record it tell by their model dict: Molmo2's has an
-    "adapter", Molmo's a "connector"."""
-    name = meta.get("model_family") or ("molmo2" if "adapter" in meta.get("model", {}) else "molmo")
-    if name not in families.FAMILIES:
-        raise ExportError(f"{where}: model_family {name!r} is none of {', '.join(families.FAMILIES)}")
+    """The model config a checkpoint's meta records, of the family it names (models.recorded_config)."""
     try:
-        return families.FAMILIES[name].config_cls.from_dict(meta["model"])
-    except (TypeError, ValueError) as e:
-        raise ExportError(f"{where}: the recorded {name} model config does not read: {e}") from None
+        return models.recorded_config(meta)
+    except ValueError as e:
+        raise ExportError(f"{where}: {e}") from None
 
 
 class CheckpointParams:
@@ -249,13 +244,13 @@ def special_ids(tok: Tokenizer, config: MolmoConfig) -> Dict[str, int]:
     return {k: v for k, v in ids.items() if k not in outside}
 
 
-def molmo2_folder(params: CheckpointParams, fmt: str, remote_code: Optional[str], verify) -> Dict:
+def molmo2_folder(params: CheckpointParams, fmt: str, remote_code: Optional[str]) -> Dict:
     """export_checkpoint's folder plan of a Molmo2 checkpoint: transformers' Molmo2 layout
     (Molmo2ForConditionalGeneration loads it; molmo2_keys), config.json and, where the run's
     config.data.processor is a folder, its processor_config.json."""
-    if fmt != "hf" or remote_code or verify:
+    if fmt != "hf" or remote_code:
         raise ExportError("a Molmo2 checkpoint exports as --format hf (transformers' Molmo2 layout), without "
-                          "--remote-code or --verify (transformers has Molmo2's code)")
+                          "--remote-code (transformers has Molmo2's code)")
     jsons = {"config.json": config_to_hf(params.config)}
     processor = params.meta.get("processor") or ""
     path = os.path.join(processor, "processor_config.json")
@@ -311,7 +306,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: Optional[int] = None, 
                               f"the tokenizer folder or file the model was trained with")
         config, local = params.config, bool(remote_code)
         if isinstance(config, Molmo2Config):
-            folders = molmo2_folder(params, fmt, remote_code, verify)
+            folders = molmo2_folder(params, fmt, remote_code)
         elif fmt == "hf":  # folder -> (links, JSON files)
             folders = {"": (molmo_links(config), {
                 "config.json": formats.molmo_config_json(config, dtype, local),

@@ -111,12 +111,10 @@ def describe(config) -> str:
 
 def processor_config(name_or_folder: str) -> molmo2_processor.Molmo2ProcessorConfig:
     """config.data.processor: a preset name (molmo2_processor.PRESETS) or a processor folder."""
-    if name_or_folder in molmo2_processor.PRESETS:
-        return molmo2_processor.PRESETS[name_or_folder]
     if not name_or_folder:
         raise ValueError(f"config.data.processor is empty: give a Molmo2 processor folder or one of "
                          f"{sorted(molmo2_processor.PRESETS)}")
-    return molmo2_processor.load_config(name_or_folder)
+    return molmo2_processor.config_for(name_or_folder)
 
 
 def mixture_groups(config):
