@@ -20,7 +20,8 @@ processor_config.json, or a Molmo2 run's training checkpoint, whose meta names i
 tokenizer; --tokenizer overrides the latter) answers one request about --image or --video
 (inference/predictor_molmo2.py);
 for a video it prints the sampled frames' indices and timestamps, and points in the answer are
-drawn on those frames: an animated GIF (--draw, default <video name>.points.gif) and a contact
+drawn on those frames (html-v2 points and tracks on the frame whose time they name, v1 points on
+every frame): an animated GIF (--draw, default <video name>.points.gif) and a contact
 sheet PNG beside it (.png). A video that cannot be decoded is one error line, exit status 1.
 """
 import argparse
@@ -163,7 +164,7 @@ def _stem(path: str, default: str) -> str:
 def _draw_video(video: str, answer, path: str) -> list[str]:
     """The sampled frames with the answer's points: an animated GIF at `path` and a contact sheet PNG."""
     frames = video_lib.iter_frames(video_lib.probe(video), answer.frame_indices)
-    drawn = draw_frames(frames, answer.points)
+    drawn = draw_frames(frames, answer.points, answer.timestamps)
     spacing = float(np.median(np.diff(answer.timestamps))) if len(answer.timestamps) > 1 else 0.5
     gif = write_gif(drawn, path, spacing)
     sheet = os.path.splitext(path)[0] + ".png"

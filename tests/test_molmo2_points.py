@@ -370,3 +370,84 @@ def _outcome(f, *args):
         return f(*args)
     except Exception as e:
         return type(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Molmo2 predict: html-v2 answers as PointGroups, video points on the frames they name
+
+from PIL import Image  # noqa: E402
+
+from molmo_jax.inference import drawing  # noqa: E402
+from molmo_jax.inference.drawing import PointGroup, VideoPointGroup  # noqa: E402
+
+
+def test_image_answer_groups_in_percent():
+    text = ('Counting the <points coords="1 1 100 050 2 300 400">cats</points> shows a total of 2. '
+            'And <points alt="a dog" coords="1 1 1000 1001 2 999 000"></points>')
+    assert drawing.find_molmo2_points(text) == [PointGroup("cats", [(10.0, 5.0), (30.0, 40.0)]),
+                                                PointGroup("a dog", [(99.9, 0.0)])]
+    # every image's points, as the official extract_points; a self-closing tag has no label
+    assert drawing.find_molmo2_points('<points coords="1 1 500 500;2 2 250 250"/>') == \
+        [PointGroup("", [(50.0, 50.0), (25.0, 25.0)])]
+
+
+def test_v1_answers_are_the_fallback():
+    v1 = '<point x="25.0" y="50.0" alt="ball">ball</point>'
+    assert drawing.find_molmo2_points(v1) == drawing.find_points(v1) == [PointGroup("ball", [(25.0, 50.0)])]
+    assert drawing.find_molmo2_points(v1, video=True) == [PointGroup("ball", [(25.0, 50.0)])]
+    # an html-v2 tag wins over v1 text in the same answer
+    assert drawing.find_molmo2_points(v1 + ' <points coords="1 1 100 100">b</points>') == \
+        [PointGroup("b", [(10.0, 10.0)])]
+    assert drawing.find_molmo2_points("There are none.") == []
+
+
+def test_malformed_html_v2_tags():
+    # a key the official parser fails on: that tag is skipped, not the answer
+    text = '<points coords="1..5 1 500 500">a</points> <points coords="1 1 500 500">b</points>'
+    assert drawing.find_molmo2_points(text) == [PointGroup("b", [(50.0, 50.0)])]
+    # coords that are no coords: no html-v2 tag; v1 reads the tag as a group without points
+    assert drawing.find_molmo2_points('<points coords="1 1 5o0 500">a</points>') == [PointGroup("a", [])]
+    # all points out of range: the group stays, empty (as v1 keeps a tag whose points are dropped)
+    assert drawing.find_molmo2_points('<points coords="1 1 1500 500">a</points>') == [PointGroup("a", [])]
+
+
+def test_video_answer_points_and_tracks_carry_their_times():
+    text = 'Counting the <points coords="0.5 1 100 100 2 500 500;1.0 ;2.2 3 200 300">ball</points> shows a total of 3.'
+    assert drawing.find_molmo2_points(text, video=True) == [
+        VideoPointGroup("ball", [(10.0, 10.0), (50.0, 50.0), (20.0, 30.0)], [0.5, 0.5, 2.2])]
+    text = '<tracks coords="0.5 10 250 550 2 700 100;1.0 10 200 500 10 900 900 2 600 100;1.5 2 100 100">people</tracks>'
+    # one group per object, ids in numeric order; object 10 named twice at 1.0 keeps its first point
+    assert drawing.find_molmo2_points(text, video=True) == [
+        VideoPointGroup("people 2", [(70.0, 10.0), (60.0, 10.0), (10.0, 10.0)], [0.5, 1.0, 1.5]),
+        VideoPointGroup("people 10", [(25.0, 55.0), (20.0, 50.0)], [0.5, 1.0])]
+    # an image answer reads a tracks tag as plain points
+    assert drawing.find_molmo2_points('<tracks coords="0.5 1 100 100;1.0 1 200 200">x</tracks>') == \
+        [PointGroup("x", [(10.0, 10.0), (20.0, 20.0)])]
+
+
+def test_frame_of_times():
+    timestamps = [0.0, 0.5, 1.0, 1.5]
+    times = [0.5, 0.7, 0.76, 2.0, -0.2, 1.74, 1.76]
+    assert drawing.frame_of_times(times, timestamps).tolist() == [1, 1, 2, -1, 0, 3, -1]
+    assert drawing.frame_of_times([3.04, 3.1], [3.0]).tolist() == [0, -1]  # one frame: 0.05 s either side
+    assert drawing.frame_of_times([1.0], []).tolist() == [-1]
+    assert drawing.frame_of_times([], timestamps).tolist() == []
+
+
+def _color(image, xy):
+    return image.convert("RGB").getpixel(xy)
+
+
+def test_draw_frames_puts_timed_points_on_their_frames():
+    frames = [np.zeros((40, 40, 3), np.uint8) for _ in range(3)]
+    red, green = (255, 59, 48), (52, 199, 89)  # the first two group colours
+    groups = [VideoPointGroup("", [(25.0, 25.0), (75.0, 75.0)], [0.0, 1.0]), PointGroup("", [(50.0, 50.0)])]
+    drawn = drawing.draw_frames(iter(frames), groups, timestamps=[0.0, 0.5, 1.0])
+    assert len(drawn) == 3
+    assert _color(drawn[0], (10, 10)) == red and _color(drawn[0], (30, 30)) == (0, 0, 0)
+    assert _color(drawn[1], (10, 10)) == (0, 0, 0) and _color(drawn[1], (30, 30)) == (0, 0, 0)
+    assert _color(drawn[2], (30, 30)) == red and _color(drawn[2], (10, 10)) == (0, 0, 0)
+    # the untimed group is on every frame, in its own colour even where the timed group is empty
+    assert all(_color(image, (20, 20)) == green for image in drawn)
+    # no timestamps: timed points are drawn nowhere
+    assert _color(drawing.draw_frames(frames[:1], groups)[0], (10, 10)) == (0, 0, 0)

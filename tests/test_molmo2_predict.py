@@ -261,6 +261,23 @@ def test_points_drawn_on_the_sampled_frames(media, tmp_path):
         assert _red(image.convert("RGB").getpixel((3 * 64 + 16, 24)))  # the last frame's point
 
 
+def test_html_v2_tracks_drawn_on_the_frames_they_name(media, tmp_path):
+    """Molmo2's SFT answers (html-v2): each point on the sampled frame whose time it names."""
+    text = '<tracks coords="0.9 1 250 250;2.9 1 750 750">ball</tracks>'
+    indices = np.array([0, 9, 19, 29])  # 10 fps: 0.0, 0.9, 1.9, 2.9 s
+    answer = Molmo2Answer(text, drawing.find_molmo2_points(text, video=True), np.zeros(0, np.int32), indices,
+                          indices / 10.0)
+    assert answer.points == [drawing.VideoPointGroup("ball 1", [(25.0, 25.0), (75.0, 75.0)], [0.9, 2.9])]
+    gif, _ = predict._draw_video(str(media / "clip.mp4"), answer, str(tmp_path / "clip.points.gif"))
+    with Image.open(gif) as image:
+        seen = []
+        for k in range(4):
+            image.seek(k)
+            frame = image.convert("RGB")
+            seen.append((_red(frame.getpixel((16, 12))), _red(frame.getpixel((48, 36)))))
+    assert seen == [(False, False), (True, False), (False, False), (False, True)]
+
+
 CHAT = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}"
         "{% if c.type == 'image' %}<|image|>{% elif c.type == 'video' %}<|video|>{% else %}{{ c.text }}{% endif %}"
         "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -17,8 +17,11 @@ The prompt is the processor's text (`molmo2_processor.process`): one that alread
 asks "User: {prompt} Assistant:". Media the rendered text leaves out go in front (the processor's
 rule).
 Generation is Molmo2Generator's, greedy by default, stopping at the EOS ids of the folder's
-generation_config.json, else the tokenizer's EOS. Points are parsed with the v1 formats
-(`drawing.find_points`): the installed transformers Molmo2 code does not define a point format.
+generation_config.json, else the tokenizer's EOS. Points are read from the answer's html-v2 tags
+(Molmo2's SFT point format, `<points coords="...">label</points>` / `<tracks ...>`,
+data_pipelines/molmo2_points.py), else the v1 formats (`drawing.find_molmo2_points`): image
+answers give PointGroups in percent of the image, video answers VideoPointGroups whose points
+each carry the time (seconds) of the frame they name.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from data_pipelines import images as images_lib, molmo2_processor, tokenizer as 
 from data_pipelines.fetch import FetchConfig
 from molmo_jax.convert import hf_molmo
 from molmo_jax.convert.hf_folder import read_config_json
-from molmo_jax.inference.drawing import PointGroup, find_points
+from molmo_jax.inference.drawing import PointGroup, find_molmo2_points
 from molmo_jax.inference.generate import GenerationConfig
 from molmo_jax.inference.generate_molmo2 import Molmo2Generator
 from molmo_jax.inference.predictor import (IMAGE_FETCH, RequestError, load_orbax_model, orbax_meta, read_image_source,
@@ -148,7 +151,7 @@ def check_processor(processor: molmo2_processor.Molmo2ProcessorConfig, vision) -
 class Molmo2Answer:
     """frame_indices int64[T] / timestamps float64[T] (seconds): the sampled frames of a video."""
     text: str
-    points: list[PointGroup]
+    points: list[PointGroup]  # VideoPointGroups (points with times) for html-v2 video answers
     tokens: np.ndarray  # int32[N] generated ids (stop token excluded)
     frame_indices: Optional[np.ndarray] = None
     timestamps: Optional[np.ndarray] = None
@@ -238,8 +241,9 @@ class Molmo2Predictor:
         config = dataclasses.replace(config, stop_token_ids=tuple(config.stop_token_ids) or self.stop_token_ids)
         out = self.generator(model_batch(inputs), config, self.tokenizer.decode)
         text, tokens = out.texts[0].strip(), out.tokens[0]
-        return Molmo2Answer(text, find_points(text), tokens[tokens >= 0],
-                            inputs.get("frame_indices"), inputs.get("timestamps"))
+        timestamps = inputs.get("timestamps")
+        return Molmo2Answer(text, find_molmo2_points(text, video=timestamps is not None), tokens[tokens >= 0],
+                            inputs.get("frame_indices"), timestamps)
 
     def predict(self, prompt: str, images: Sequence = (), video: Optional[str] = None,
                 config: GenerationConfig = GenerationConfig(max_new_tokens=200)) -> Molmo2Answer:
