@@ -9,7 +9,6 @@ import ast
 import importlib.util
 import io
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -21,6 +20,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import molmo2_points as mp
+from molmo_jax.inference import drawing
+from molmo_jax.inference.drawing import PointGroup, VideoPointGroup
 
 # ---------------------------------------------------------------------------------------------
 # Writing: hand-derived strings
@@ -315,6 +316,10 @@ def test_parity_with_the_official_formatter(official):
             alt = "an alt" if case % 5 == 0 else None
             assert mp.format_image_points(points, scale, "lbl", alt, mode) == \
                 theirs.format_image_points(points, scale, "lbl", alt, mode)
+            shuffled = module.UnifiedPointFormatter(timestamps, sort_order="random", image_sep=";")
+            assert mp.format_image_points(points, scale, "lbl", alt, mode, sort_order="random",
+                                          rng=np.random.default_rng(case)) == \
+                shuffled.format_image_points(points, scale, "lbl", alt, mode, rng=np.random.default_rng(case))
 
             n = int(rng.integers(1, 4))
             scales = [[float(rng.integers(50, 900))] * 2 for _ in range(n)]
@@ -374,12 +379,6 @@ def _outcome(f, *args):
 
 # ---------------------------------------------------------------------------------------------
 # Molmo2 predict: html-v2 answers as PointGroups, video points on the frames they name
-
-from PIL import Image  # noqa: E402
-
-from molmo_jax.inference import drawing  # noqa: E402
-from molmo_jax.inference.drawing import PointGroup, VideoPointGroup  # noqa: E402
-
 
 def test_image_answer_groups_in_percent():
     text = ('Counting the <points coords="1 1 100 050 2 300 400">cats</points> shows a total of 2. '
