@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from data_pipelines import molmo2_points
 from data_pipelines.prompt_templates import TEMPLATES
 
 # Styles the fine-tuned models answer without a prefix 90 % of the time (user-facing tasks).
@@ -46,6 +47,11 @@ class FormatConfig:
   default_inference_len: length hint at inference with "style_and_length".
   select_answer: "best" (a most frequent answer) or "first" (smallest string).
   debug: first template always, style prefix always.
+  plain_styles: the styles "demo_or_style_v2" leaves without a prefix.
+  point_format: "molmo" (`<point x=".." y="..">` text, `format_points`) or "html-v2" (Molmo2 SFT:
+    pointing / counting messages of images and videos get their prompt and answer from
+    `molmo2_points.image_point_text` / `video_point_text`, the official uber_model_v2 templates
+    and html-v2 point text, whatever prompt_templates says).
   """
   prompt_templates: str = "uber_model"
   message_format: str = "role"
@@ -55,6 +61,7 @@ class FormatConfig:
   select_answer: str = "best"
   debug: bool = False
   plain_styles: tuple[str, ...] = ()
+  point_format: str = "molmo"
 
 
 FINETUNED = FormatConfig()
@@ -201,8 +208,15 @@ def user_prompt(example: dict, cfg: FormatConfig, *, for_inference: bool, rng,
     raise ValueError(f"prompt_templates must be 'uber_model' or 'none', got {cfg.prompt_templates!r}")
   style = example.get("style")
   answer, metadata = None, {}
+  if cfg.point_format not in ("molmo", "html-v2"):
+    raise ValueError(f"point_format must be 'molmo' or 'html-v2', got {cfg.point_format!r}")
+  html_v2 = cfg.point_format == "html-v2"
   if "prompt" in example:  # a complete prompt given (eval sets)
     prompt = example["prompt"]
+  elif html_v2 and style in molmo2_points.IMAGE_POINT_STYLES:
+    prompt, answer = molmo2_points.image_point_text(example, image_hw, rng, cfg.debug)
+  elif html_v2 and style in molmo2_points.VIDEO_POINT_STYLES:
+    prompt, answer = molmo2_points.video_point_text(example, rng, cfg.debug)
   elif style in ("pointing", "point_count"):
     if "question" in example:
       prompt = example["question"]

@@ -32,10 +32,17 @@ Text: each conversation of an example is formatted by `formatting.format_example
 dataset's FormatConfig (`MOLMO2_SFT_FORMAT`: the official "qwen3" chat turns and the
 "demo_or_style_v2" prefix; `PLAIN_FORMAT`: the synthetic video tasks, prompt and answer as they
 come, which gives the one-example rows of the tests' reference, tests/molmo2_rows.py). Conversations of a tree are shuffled,
-as the official MultimodalPreprocessor does. Not here yet: the official prompt templates
-(`uber_model_v2`), the style renames of the official get_system_prompt, points in answers as
-Molmo2 writes them (official point_formatter, "html-v2": video pointing, tracking, image
-pointing), video clips and subtitles; mixtures with those sets are refused (`NOT_SUPPORTED`).
+as the official MultimodalPreprocessor does. Pointing and counting messages (PixMo-Points,
+PixMo-Count, Molmo2-VideoPoint) get the official SFT prompt templates and html-v2 answers
+(FormatConfig point_format "html-v2": formatting -> molmo2_points.image_point_text /
+video_point_text). A video point example's clip is the whole video for videos of at most 63 s
+(clip start 0, end >= the video's duration): it is decoded as the whole video.
+
+Not here yet: the official prompt templates (`uber_model_v2`) of the other styles, the style
+renames of the official get_system_prompt, tracking answers (their frames are filtered to the
+sampled frames' times, sampled at the row's fps: official sampler_overrides), clips inside a
+video and subtitles; mixtures with those sets are refused (`NOT_SUPPORTED`), clips of long
+videos are skipped (malformed).
 """
 from __future__ import annotations
 
@@ -66,23 +73,31 @@ PLAIN_STYLES = (
     "a_okvqa_mc", "ai2_diagram_no_letter", "ai2_diagram", "science_qa", "eval_multiple_choice", "multi_image_mc",
     "multi_image_mc_exp", "mantis_instruct_mc", "eval_multi_image_mc")
 # The official SFT text (launch_scripts/sft.py: message_format "qwen3", system_prompt
-# "demo_or_style_v2"). Prompt templates are not applied (see the module docstring).
+# "demo_or_style_v2", pointing_format "html-v2"). Prompt templates are applied to the point styles
+# only (see the module docstring).
 MOLMO2_SFT_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="qwen3",
                                             system_prompt="demo_or_style_v2", always_start_with_space=False,
-                                            plain_styles=PLAIN_STYLES)
+                                            plain_styles=PLAIN_STYLES, point_format="html-v2")
 # Prompt and answer as the example has them, one space before the answer (the one-example rows).
 PLAIN_FORMAT = formatting.FormatConfig(prompt_templates="none", message_format="none", system_prompt=None,
                                        always_start_with_space=False)
-# Molmo2 sets this pipeline cannot train on yet, and why: points in the answers (official
-# point_formatter), video clips / frame-sampling overrides, subtitles in the video text.
+# Molmo2 sets this pipeline cannot train on yet, and why: tracks (frame-sampling overrides and
+# answers over the sampled frames), eval-only examples, subtitles in the video text.
 NOT_SUPPORTED = {
-    **{name: "its answers (points or tracks over time) are not formatted yet"
-       for name, spec in molmo2_sources.SOURCES.items() if spec.example in (
-           molmo2_sources.video_point_example, molmo2_sources.track_example, molmo2_sources.video_point_eval_example)},
+    **{name: ("its track answers are not formatted yet (official: frames sampled at the row's fps, "
+              "sampler_overrides, and the tracks kept at the sampled frames' times)")
+       for name, spec in molmo2_sources.SOURCES.items() if spec.example is molmo2_sources.track_example},
+    **{name: "an eval set: its examples carry no answer (the points are metadata for the metric)"
+       for name, spec in molmo2_sources.SOURCES.items() if spec.example is molmo2_sources.video_point_eval_example},
     "molmo2_syn_captions_subtitle_qa": "its subtitles are not put in the video text yet",
-    **{name: "its points would be written in Molmo's text, not Molmo2's (official pointing_format 'html-v2')"
-       for name in ("pixmo_points_train", "pixmo_points_high_freq_train", "pixmo_count_train")},
 }
+
+
+def whole_video_clip(metadata: Mapping[str, Any]) -> bool:
+    """A clip from 0 to at least the video's duration (Molmo2-VideoPoint's videos of at most 63 s):
+    the official decodes clip (0, min(end, duration)), the whole video."""
+    start, end, duration = (metadata.get(k) for k in ("clip_start_time", "clip_end_time", "video_duration"))
+    return start == 0 and end is not None and duration is not None and end >= duration
 
 
 def pack_config(tokenizer, processor: molmo2_processor.Molmo2ProcessorConfig, budget: Mapping[str, int]
@@ -140,7 +155,8 @@ class Molmo2Preprocess:
     last_message_loss_only: bool = False
 
     def __call__(self, example: Dict[str, Any], rng: np.random.RandomState, dataset: str) -> Dict[str, np.ndarray]:
-        if (example.get("metadata") or {}).get("clip_start_time") is not None:
+        metadata = example.get("metadata") or {}
+        if metadata.get("clip_start_time") is not None and not whole_video_clip(metadata):
             raise ValueError("a video clip (metadata clip_start_time): clips are not decoded yet")
         images = example.get("images", example.get("image"))
         if images is not None and not isinstance(images, (list, tuple)):

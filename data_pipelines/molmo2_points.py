@@ -338,3 +338,85 @@ def extract_tracks(text: str, width: float, height: float, video_fps: float) -> 
             points.setdefault(str(point_id), dict(point=[x, y]))
         out.append(dict(time=t, frame=round(t * video_fps), points=points))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training examples: prompt and answer of a pointing message (official DataFormatter.get_user_prompt
+# under launch_scripts/sft.py: prompt_templates "uber_model_v2", pointing_format "html-v2")
+
+IMAGE_POINT_STYLES = ("pointing", "point_count", "cosyn_point")
+VIDEO_POINT_STYLES = ("video_point", "video_point_count", "video_count", "video_count_point")
+
+
+def _template(style: str, label: str, rng, debug: bool = False) -> str:
+    """The official `apply_keyword_prompt`: template `rng.randint(0, n)` of the style (the first in
+    debug mode), `{label}` filled in (our wording, prompt_templates.MOLMO2_TEMPLATES)."""
+    from data_pipelines.prompt_templates import MOLMO2_TEMPLATES
+    templates = MOLMO2_TEMPLATES[style]
+    template = templates[0] if debug or rng is None else templates[rng.randint(0, len(templates))]
+    return template.replace("{label}", label)
+
+
+def image_point_scale(message: Dict, image_hw: Optional[Tuple[int, int]]) -> List[float]:
+    """The official `_get_scale`: [s, s] for point_scale s, else the image's [w, h] (pixels), else the
+    message's width / height."""
+    if "point_scale" in message:
+        return [message["point_scale"]] * 2
+    if image_hw is not None:
+        return [image_hw[1], image_hw[0]]
+    w, h = message.get("width", message.get("w")), message.get("height", message.get("h"))
+    if w is None or h is None:
+        raise ValueError("pixel points need the image size (no point_scale, image or width / height)")
+    return [w, h]
+
+
+def image_point_answer(message: Dict, image_hw: Optional[Tuple[int, int]]) -> Optional[str]:
+    """The official `format_points`: None without "points"; no points -> "There are none." (styles
+    pointing / point_count); points clipped to [0, scale] with clip_points (PixMo-Points); label
+    lower-cased, else the question; mode = the style ("cosyn_point" -> "point")."""
+    if "points" not in message:
+        return None
+    points, style = np.asarray(message["points"], np.float64).reshape(-1, 2), message["style"]
+    label = message["label"].lower() if "label" in message else message["question"]
+    if len(points) == 0:
+        if style in ("pointing", "point_count"):
+            return NO_POINTS
+        raise NotImplementedError(f"no points in a {style!r} message")
+    scale = image_point_scale(message, image_hw)
+    if message.get("clip_points"):
+        points = np.minimum(np.maximum(points, 0), np.asarray(scale, np.float64)[None, :])
+    return format_image_points(points, scale, label, mode="point" if style == "cosyn_point" else style)
+
+
+def image_point_text(message: Dict, image_hw: Optional[Tuple[int, int]], rng, debug: bool = False
+                     ) -> Tuple[str, Optional[str]]:
+    """(prompt, answer) of an image pointing / counting message: the question if it has one, else a
+    template of its style with the lower-cased label (or label_cased as is)."""
+    if "question" in message:
+        prompt = message["question"]
+    else:
+        label = message["label"].lower() if "label" in message else message["label_cased"]
+        prompt = _template(message["style"], label, rng, debug)
+    return prompt, image_point_answer(message, image_hw)
+
+
+def video_point_answer(message: Dict) -> Optional[str]:
+    """The official `format_video_points`: None without points / timestamps; count 0 -> "There are
+    none."; else the points of each annotated time, in percent (scale 100), keyed by the message's
+    own timestamps (the annotation's, relative to the clip: not the sampled frames' times), label as
+    is, mode = the style after "video_"."""
+    if "points" not in message or "timestamps" not in message:
+        return None
+    if message.get("count") == 0:
+        return NO_POINTS
+    if message.get("unanswerable"):
+        return message["explanation"] or f"Sorry, I can't count {message['label']}."
+    points = [[(p["x"], p["y"]) if isinstance(p, dict) else tuple(p) for p in frame] for frame in message["points"]]
+    return format_video_points(message["timestamps"], points, 100, message["label"], mode=message["style"][6:])
+
+
+def video_point_text(message: Dict, rng, debug: bool = False) -> Tuple[str, Optional[str]]:
+    """(prompt, answer) of a video pointing / counting message: the question if it has one, else a
+    template of its style with the label."""
+    prompt = message["question"] if "question" in message else _template(message["style"], message["label"], rng, debug)
+    return prompt, video_point_answer(message)

@@ -5,7 +5,8 @@ The template is drawn with `rng.randint(0, len(templates))`. The lists have the 
 the official ones (23 / 43 / 57), so a seeded numpy RandomState consumes the same random numbers
 as the official formatter and every later draw of the example (answer choice, style prefix) is
 the same; only the wording of the chosen template differs. The first entry of each list is the
-one used in debug mode. `{label}` is the lower-cased object label.
+one used in debug mode. `{label}` is the lower-cased object label. MOLMO2_TEMPLATES: the Molmo2
+SFT lists (point and count styles of images and videos), same rule.
 """
 
 LONG_CAPTION = (
@@ -141,3 +142,45 @@ POINT_COUNT = (
 )
 
 TEMPLATES = {"long_caption": LONG_CAPTION, "pointing": POINTING, "point_count": POINT_COUNT}
+
+
+# Molmo2 SFT (official data_formatter.py GENERAL_PROMPTS_V1 under prompt_templates "uber_model_v2"):
+# the same idea, our own wording, list lengths of the official Molmo2 lists so that the
+# `rng.randint(0, n)` draw consumes the same numbers: pointing 43, point_count 60, count_then_point 6,
+# only_count 6. The video lists are the image ones with "image" / "picture" / "photo" -> "video", as
+# the official builds its video_point / video_point_count / video_count / video_count_point lists.
+# `{label}` is the label as the formatter passes it (lower-cased for images, as is for videos).
+MOLMO2_POINT_COUNT = POINT_COUNT + (
+    "Point to every {label} and then count them.",
+    "How many {label} are there? Point first, then count.",
+    "Count the {label} in the image by pointing to each of them.",
+)
+
+MOLMO2_COUNT_THEN_POINT = (
+    "How many {label} are there? Then point to them.",
+    "Count the {label} first, then point to each one.",
+    "Give the number of {label} in the image, then mark them.",
+    "First count every {label}, then show where they are.",
+    "Tell me how many {label} you see and then point to them.",
+    "Count and then locate the {label}.",
+)
+
+MOLMO2_ONLY_COUNT = (
+    "How many {label} are there?",
+    "Count the {label}.",
+    "What is the number of {label} in the image?",
+    "Give me the count of {label}, without pointing.",
+    "Tell me how many {label} there are.",
+    "Count every {label} in the picture.",
+)
+
+
+def _video(templates):
+    return tuple(t.replace("image", "video").replace("picture", "video").replace("photo", "video") for t in templates)
+
+
+MOLMO2_TEMPLATES = {
+    "pointing": POINTING, "point_count": MOLMO2_POINT_COUNT,
+    "video_point": _video(POINTING), "video_point_count": _video(MOLMO2_POINT_COUNT),
+    "video_count": _video(MOLMO2_ONLY_COUNT), "video_count_point": _video(MOLMO2_COUNT_THEN_POINT),
+}

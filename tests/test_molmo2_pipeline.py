@@ -286,7 +286,7 @@ def test_mixtures_without_a_source_or_a_formatter_are_refused(files, tmp_path):
     with pytest.raises(ValueError, match="needs datasets no Molmo2 source serves yet"):
         molmo2_family.make_pipeline(config)
     config.data.mixture = "molmo2_video_track"
-    with pytest.raises(ValueError, match="molmo2_video_track: its answers .* are not formatted yet"):
+    with pytest.raises(ValueError, match="molmo2_video_track: its track answers are not formatted yet"):
         molmo2_family.make_pipeline(config)
     config.data.mixture = "molmo2_syn_captions_subtitle_qa"
     with pytest.raises(ValueError, match="its subtitles are not put in the video text yet"):

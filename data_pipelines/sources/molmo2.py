@@ -308,11 +308,28 @@ def points_train_records(folder: str, split: str, image_dir: str | None, kind: s
     return both_styles(parts), stats
 
 
+def points_train_example(record, rng) -> dict:
+    """pixmo.points_example with `clip_points` on each message, as the official PixMoPoints sets it
+    (the formatter clips the points to [0, point scale] before writing them)."""
+    example = pixmo.points_example(record, rng)
+    example["message_list"] = [dict(m, clip_points=True) for m in example["message_list"]]
+    return example
+
+
 def count_train_records(folder: str, split: str, image_dir: str | None):
     """PixMo-Count as "pixmo_count_train" (`PixMoCount(counting="both")`)."""
     records, stats = pixmo.row_records(folder, split, image_dir, ["image_url", "image_sha256", "count", "points",
                                                                  "label"])
     return both_styles(records), stats
+
+
+def count_train_example(record, rng) -> dict:
+    """pixmo.count_example, a published empty point list kept as no points (the official PixMoCount
+    always passes the train split's points, so a count of 0 answers "There are none.")."""
+    example = pixmo.count_example(record, rng)
+    if "points" not in example and record[2][0]["points"] is not None:
+        example["points"] = pixmo.points_xy([])
+    return example
 
 
 def video_point_eval_records(folder: str, split: str, videos: VideoIndex):
@@ -396,7 +413,8 @@ def video_point_example(record, rng, modes: Sequence[str] = ("point_count", "poi
     rows = record[2]
     messages = [_point_message(r, f"video_{modes[rng.randint(0, len(modes))]}") for r in rows]
     return _video_base(record, message_list=messages, metadata={
-        "clip_start_time": rows[0]["clip_start_time"], "clip_end_time": rows[0]["clip_end_time"]})
+        "clip_start_time": rows[0]["clip_start_time"], "clip_end_time": rows[0]["clip_end_time"],
+        "video_duration": rows[0]["video_duration"]})
 
 
 def track_example(record, rng, task: str = "track") -> dict:
@@ -471,10 +489,10 @@ SOURCES = {
                                           video_count_eval_example),
     "pixmo_cap_qa_as_user_qa": dataclasses.replace(pixmo.SOURCES["pixmo_cap_qa"], example_args=(("style", "user_qa"),),
                                                    storage="pixmo_cap_qa"),
-    "pixmo_points_train": pixmo.Spec("pixmo-points", points_train_records, pixmo.points_example, (("kind", "basic"),)),
-    "pixmo_points_high_freq_train": pixmo.Spec("pixmo-points", points_train_records, pixmo.points_example,
+    "pixmo_points_train": pixmo.Spec("pixmo-points", points_train_records, points_train_example, (("kind", "basic"),)),
+    "pixmo_points_high_freq_train": pixmo.Spec("pixmo-points", points_train_records, points_train_example,
                                                (("kind", "high_frequency"),)),
-    "pixmo_count_train": pixmo.Spec("pixmo-count", count_train_records, pixmo.count_example),
+    "pixmo_count_train": pixmo.Spec("pixmo-count", count_train_records, count_train_example),
     "pixmo_multi_image_qa": pixmo.Spec("Molmo2-MultiImageQA", multi_image_qa_records, multi_image_qa_example),
     "pixmo_multi_image_qa_multi_only_max5": pixmo.Spec("Molmo2-MultiImageQA", multi_image_qa_records,
                                                        multi_image_qa_example, (("max_images", 5),)),
