@@ -5,7 +5,8 @@
 assistant, every one starting with a space, user turns wrapped as "User: ... Assistant:" for the
 fine-tuned models. It adds the style prefix ("vqa2: ...", or for captioning "long_caption 9:"),
 draws prompt templates (our own wording, `prompt_templates.py`), builds multiple-choice prompts
-and writes points as `<point>` / `<points>` text. Random choices follow the official draw order,
+and writes points as `<point>` / `<points>` text (Molmo2's html-v2 `<points coords=..>` text with
+point_format "html-v2": `molmo2_points`). Random choices follow the official draw order,
 so a numpy RandomState with the same seed makes the same choices:
   1. template index `randint(0, n)` (long captions, pointing / counting without a question;
      not in debug mode);
