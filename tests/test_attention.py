@@ -15,7 +15,7 @@ from configs import common
 from molmo_jax.model import config as cfg
 from molmo_jax.model import sharding
 from molmo_jax.model.attention import (AttentionMask, _reference_attention, dot_product_attention,
-                                       select_implementation)
+                                       select_implementation, target_platform)
 from molmo_jax.model.attention_chunked import chunked_attention
 from molmo_jax.model.attention_kernels import cudnn_arguments, cudnn_attention, splash_attention
 from molmo_jax.model.layers import REMAT_POLICIES
@@ -83,17 +83,39 @@ def _compare_with_reference(fn, mask, qkv, cotangent, live, tol=1e-5):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=tol, rtol=tol, err_msg=name)
 
 
+@pytest.mark.parametrize("skip_empty_tiles", [True, False], ids=["skip", "every_tile"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_chunked_equals_reference_forward_and_gradient(case):
+def test_chunked_equals_reference_forward_and_gradient(case, skip_empty_tiles):
+    """Both ways of the chunked kernel: skipping empty tiles (CPU) and computing every tile
+    (accelerators, attention_chunked.py)."""
     t, s, n, kv, mask = CASES[case]
     q, k, v, cotangent = _inputs(t, s, n, kv)
     live = _live_rows(mask, t, s)
     cotangent = cotangent * live[:, :, None, None]  # the loss never reaches rows with no key
 
     def chunked(q, k, v):  # blocks even without a mask (single_tile=0)
-        return chunked_attention(q, k, v, mask, block_q=8, block_k=16, single_tile=0)
+        return chunked_attention(q, k, v, mask, block_q=8, block_k=16, single_tile=0,
+                                 skip_empty_tiles=skip_empty_tiles)
 
     _compare_with_reference(chunked, mask, (q, k, v), cotangent, live)
+
+
+def test_chunked_kernel_skips_tiles_behind_a_cond_on_cpu_only():
+    """On CPU the chunked kernel skips empty tiles with lax.cond; traced for TPU it has no cond
+    (the TPU compiler kept every tile's logits and probabilities of a layer around the cond:
+    324 GiB in the Molmo2-4B long-context step), forward and backward."""
+    q, k, v, _ = _inputs(64, 64, 4, 2)
+    mask = AttentionMask(causal=True, block_ids=jnp.zeros((2, 64), jnp.int32))
+
+    def program(platform):  # the printed jaxpr holds the nested loop and cond bodies too
+        def loss(q, k, v):
+            return jnp.sum(dot_product_attention(q, k, v, mask, implementation="chunked"))
+        with target_platform(platform):
+            return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+
+    cpu, tpu = program("cpu"), program("tpu")
+    assert cpu.count(" cond[") >= 2  # the forward's and the backward's skip
+    assert " cond[" not in tpu and " scan[" in tpu
 
 
 def test_unmasked_single_tile_equals_reference_and_keeps_no_probabilities():

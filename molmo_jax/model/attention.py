@@ -114,8 +114,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Option
     q = q / jnp.sqrt(jnp.asarray(h, q.dtype))
     platform = current_platform()
     name = select_implementation(implementation, q, k, mask, platform)
-    if name == "chunked":
-        return chunked_attention(q, k, v, mask)
+    if name == "chunked":  # skipping empty tiles behind a lax.cond pays on CPU only (attention_chunked.py)
+        return chunked_attention(q, k, v, mask, skip_empty_tiles=platform == "cpu")
     if name == "splash":  # off TPU in the Pallas interpreter (slow; for tests)
         return splash_attention(q, k, v, mask, interpret=platform != "tpu")
     if name == "cudnn":

@@ -5,8 +5,17 @@ key block) tile computes its own slice of the AttentionMask and folds into a run
 sum / output (online softmax, float32), so no [T, S] array exists per head, forward or
 backward. The backward pass is a `jax.custom_vjp` that recomputes each tile's probabilities
 from the saved row max and sum (flash attention's recompute), so the gradient's memory is
-bounded the same way. Tiles with no allowed entry (above the causal diagonal, padding) are
-skipped with `lax.cond`.
+bounded the same way. With skip_empty_tiles (attention.py asks for it on CPU), tiles with no
+allowed entry (above the causal diagonal, padding) are skipped with `lax.cond`.
+
+Two things the TPU compiler did to this kernel, measured on the Molmo2-4B long-context step
+(one 36,864-token row per chip, 72 x 72 tiles of 512; tools/aot, docs/scaling.md):
+  - with the `lax.cond` skip it kept the logits and probabilities of every tile of a layer,
+    f32[72, 72, 1, 8, 4, 512, 512] twice (324 GiB), so accelerators compute every tile and
+    mask it instead (the skip is a CPU choice);
+  - it also computes the tile masks of every layer at once (pred[72, 72, ...], 40 GiB in its
+    buffer report), but they do not set the peak: an optimization barrier that kept them per
+    tile raised the step's temporaries from 84.4 to 90.1 GiB, so there is none.
 
 Rows with no allowed key at all (all-padding examples) output 0 and pass no gradient; the
 reference einsum gives them the mean of v instead. Neither is ever read.
@@ -17,6 +26,7 @@ head, H head dim; nq, nk numbers of blocks, Q / C block lengths of queries / key
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -37,11 +47,14 @@ _F32 = jnp.float32
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[AttentionMask], *,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, single_tile: int = SINGLE_TILE) -> jax.Array:
+                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K, single_tile: int = SINGLE_TILE,
+                      skip_empty_tiles: bool = True) -> jax.Array:
     """softmax(q k^T masked) v blockwise. q (already scaled by 1/sqrt(H)): [B, T, N, H];
     k, v: [B, S, K, H]; mask: AttentionMask or None (all allowed) -> [B, T, N, H] in v's dtype.
     Lengths need not be multiples of the blocks: the tails are padded, padded keys masked.
-    Without a mask, T and S up to `single_tile` are one unpadded, unmasked tile."""
+    Without a mask, T and S up to `single_tile` are one unpadded, unmasked tile.
+    skip_empty_tiles: skip tiles with no allowed entry behind a `lax.cond` (module docstring:
+    a CPU choice)."""
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
     if mask is None and t <= single_tile and s <= single_tile:
@@ -58,7 +71,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[A
         return jnp.moveaxis(x.reshape(x.shape[0], num, size, *x.shape[2:]), 1, 0)
 
     qb = blocks(q.reshape(b, t, kv, n // kv, h), nq, bq)
-    out = _flash(qb, blocks(k, nk, bk), blocks(v, nk, bk), mask)  # [nq, B, Q, K, G, H]
+    out = _flash(qb, blocks(k, nk, bk), blocks(v, nk, bk), mask, skip_empty_tiles)  # [nq, B, Q, K, G, H]
     return jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, n, h)[:, :t]
 
 
@@ -73,7 +86,7 @@ def _unmasked_tiles(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     # [B, T, K, G, H] -> [B*K, nq=1, B=1, T, K=1, G, H]; keys / values [B*K, nk=1, B=1, S, K=1, H].
     qr = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv, 1, 1, t, 1, g, h)
     kr, vr = (x.transpose(0, 2, 1, 3).reshape(b * kv, 1, 1, s, 1, h) for x in (k, v))
-    out = jax.lax.map(lambda args: _flash(*args, None), (qr, kr, vr))
+    out = jax.lax.map(lambda args: _flash(*args, None, False), (qr, kr, vr))
     return out.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
@@ -90,16 +103,18 @@ def _where(allowed: Optional[jax.Array], x: jax.Array, other) -> jax.Array:
     return x if allowed is None else jnp.where(allowed, x, other)
 
 
-def _if_any(allowed: Optional[jax.Array], run, skip, carry):
-    """run(carry) unless the tile has no allowed entry (then skip(carry))."""
-    return run(carry) if allowed is None else jax.lax.cond(jnp.any(allowed), run, skip, carry)
+def _if_any(allowed: Optional[jax.Array], run, skip, carry, skip_empty: bool):
+    """run(carry) unless skip_empty and the tile has no allowed entry (then skip(carry))."""
+    if allowed is None or not skip_empty:
+        return run(carry)
+    return jax.lax.cond(jnp.any(allowed), run, skip, carry)
 
 
 def _logits(qi, kj):
     return jnp.einsum("bqkgh,bckh->bkgqc", qi, kj, preferred_element_type=_F32)
 
 
-def _forward(qb, kb, vb, mask):
+def _forward(qb, kb, vb, mask, skip_empty):
     """-> out [nq, B, Q, K, G, H] in v's dtype, row max m and row sum l float32[nq, B, K, G, Q]."""
     bq, bk = qb.shape[2], kb.shape[2]
     b, _, kv, g, h = qb.shape[1:]
@@ -120,7 +135,7 @@ def _forward(qb, kb, vb, mask):
                 pv = jnp.einsum("bkgqc,bckh->bkgqh", p.astype(vj.dtype), vj, preferred_element_type=_F32)
                 return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
 
-            return _if_any(allowed, fold, lambda c: c, carry), None
+            return _if_any(allowed, fold, lambda c: c, carry, skip_empty), None
 
         init = (jnp.full((b, kv, g, bq), MASK_VALUE, _F32), jnp.zeros((b, kv, g, bq), _F32),
                 jnp.zeros((b, kv, g, bq, h), _F32))
@@ -131,18 +146,18 @@ def _forward(qb, kb, vb, mask):
     return jax.lax.map(query_block, (jnp.arange(qb.shape[0]), qb))
 
 
-@jax.custom_vjp
-def _flash(qb, kb, vb, mask):
-    return _forward(qb, kb, vb, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(qb, kb, vb, mask, skip_empty):
+    return _forward(qb, kb, vb, mask, skip_empty)[0]
 
 
-def _flash_fwd(qb, kb, vb, mask):
+def _flash_fwd(qb, kb, vb, mask, skip_empty):
     # Named, so that the "dots_and_attention" remat policy keeps them instead of rerunning this.
-    out, m, l = (checkpoint_name(x, ATTENTION_NAME) for x in _forward(qb, kb, vb, mask))
+    out, m, l = (checkpoint_name(x, ATTENTION_NAME) for x in _forward(qb, kb, vb, mask, skip_empty))
     return out, (qb, kb, vb, mask, out, m, l)
 
 
-def _flash_bwd(residuals, dout):
+def _flash_bwd(skip_empty, residuals, dout):
     """Flash attention's backward: per tile p = exp(s - m) / l, ds = p (dp - rowsum(do o)).
     Outer scan over key blocks (accumulating dk, dv), inner over query blocks (emitting dq)."""
     qb, kb, vb, mask, out, m, l = residuals
@@ -171,7 +186,7 @@ def _flash_bwd(residuals, dout):
             def skip(carry):
                 return carry, jnp.zeros(qi.shape, _F32)
 
-            return _if_any(allowed, grads, skip, carry)
+            return _if_any(allowed, grads, skip, carry, skip_empty)
 
         zeros = jnp.zeros(kj.shape, _F32)
         (dk, dv), dq_j = jax.lax.scan(query_block, (zeros, zeros),
