@@ -214,6 +214,14 @@ def test_a_training_checkpoint_without_tokenizer_or_processor_is_one_error_line(
                          str(media / "cat.png"), "--prompt", "What?", "--max-new-tokens", "2"]) == 0
 
 
+def test_the_molmo_predictor_refuses_a_molmo2_checkpoint_by_name(folder, training_checkpoint):
+    """The v1 Predictor (behind the server) names a Molmo2 folder or run instead of failing inside."""
+    from molmo_jax.inference.predictor import Predictor
+    for path in (folder, training_checkpoint):
+        with pytest.raises(ValueError, match="holds a Molmo2 model, which this .Molmo. predictor does not run"):
+            Predictor.from_checkpoint(str(path))
+
+
 def test_export_verify_of_a_molmo2_run_checks_both_readers_and_catches_a_corrupted_tensor(training_checkpoint,
                                                                                           tmp_path, capsys):
     """export --verify on a Molmo2 run: the folder read back by our reader gives the checkpoint's

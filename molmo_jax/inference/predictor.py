@@ -229,6 +229,9 @@ class Predictor:
             model = load_orbax_model(path)
             if dtype:
                 model = with_compute_dtype(model, dtype)
+        if not isinstance(model, Molmo):
+            raise ValueError(f"{path} holds a Molmo2 model, which this (Molmo) predictor does not run: "
+                             f"python -m molmo_jax.predict and evaluate take it, the server does not yet")
         if weights:
             model = with_compute_dtype(model, model.config.dtype, weights)
         tok = tokenizer_lib.load_tokenizer(tokenizer or path, pad_to=model.config.llm.vocab_size)
