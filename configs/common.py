@@ -100,6 +100,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
         grad_accum_steps=1,        # micro-batch = global_batch / grad_accum_steps
         total_steps=1000,
         z_loss_weight=1e-4,
+        ce_chunk_tokens=0,         # > 0: cross-entropy this many tokens at a time (no whole [B, L, V] logits)
     ))
 
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -175,7 +175,7 @@ class LLM(nnx.Module):
     def __call__(self, embeds: jax.Array, positions: jax.Array, *, token_valid: jax.Array,
                  subsegment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  response_mask: Optional[jax.Array] = None, dropout_key: Optional[jax.Array] = None,
-                 block_ids: Optional[jax.Array] = None):
+                 block_ids: Optional[jax.Array] = None, return_hidden: bool = False):
         """embeds: [B, T, D]; positions: int32[B, T]; token_valid: bool[B, T];
         subsegment_ids: int[B, T] (no cache); response_mask: bool[B, T] where the response
         residual dropout applies; dropout_key: PRNG key, None = deterministic;
@@ -184,7 +184,9 @@ class LLM(nnx.Module):
         must be prefilled in one call.
 
         Returns (logits float32[B, T, V], updated cache or None, aux dict of FFN scalars
-        summed over layers; empty for dense blocks).
+        summed over layers; empty for dense blocks). return_hidden: the final normed states
+        [B, T, D] in place of the logits (the chunked cross-entropy applies the head itself:
+        head_kernel, train/loss.py).
         """
         if cache is None:
             mask = AttentionMask(key_valid=token_valid, subsegment_ids=subsegment_ids, block_ids=block_ids)
@@ -213,9 +215,13 @@ class LLM(nnx.Module):
                                           (layer_caches, keys, rope_tables(self.config)),
                                           remat_policy=self.remat_policy)
         x = self.ln_f(x)
-        logits = jnp.einsum("btd,dv->btv", x, self.lm_head.weight(self.dtype),
-                            preferred_element_type=jnp.float32)
+        out = x if return_hidden else jnp.einsum("btd,dv->btv", x, self.head_kernel(),
+                                                 preferred_element_type=jnp.float32)
         if cache is not None:
             k, v = new_caches
             cache = KVCache(k, v, valid, index + embeds.shape[1])
-        return logits, cache, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
+        return out, cache, jax.tree.map(lambda a: jnp.sum(a, axis=0), aux)
+
+    def head_kernel(self) -> jax.Array:
+        """The LM head's [D, V] kernel in the compute dtype, as __call__ applies it."""
+        return self.lm_head.weight(self.dtype)

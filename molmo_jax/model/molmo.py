@@ -116,7 +116,7 @@ class Molmo(nnx.Module):
                  image_masks: Optional[jax.Array] = None, image_input_idx: Optional[jax.Array] = None,
                  position_ids: Optional[jax.Array] = None, subsegment_ids: Optional[jax.Array] = None, *,
                  response_mask: Optional[jax.Array] = None, deterministic: bool = True,
-                 rngs: Optional[nnx.Rngs] = None, return_aux: bool = False):
+                 rngs: Optional[nnx.Rngs] = None, return_aux: bool = False, return_hidden: bool = False):
         """input_ids: int32[B, L] (-1 = right padding); images: float32[B, C, P, D] or None;
         image_masks: float32[B, C, P]; image_input_idx: int[B, C, Q] (negative = drop);
         position_ids: int[B, L] (default: clamp(cumsum(ids != -1) - 1, 0), or the §4.6
@@ -124,7 +124,9 @@ class Molmo(nnx.Module):
         response_mask: bool[B, L] where the response residual dropout applies.
 
         Dropout runs only with deterministic=False, drawing from `rngs.dropout()`.
-        Returns logits float32[B, L, V] (and the FFN aux dict when return_aux).
+        Returns logits float32[B, L, V] (and the FFN aux dict when return_aux); with
+        return_hidden the LLM's final normed states [B, L, D] instead, for the chunked
+        cross-entropy (train/loss.py), which applies `self.llm.head_kernel()` itself.
         """
         token_valid = input_ids != -1
         for name, value in (("position_ids", position_ids), ("subsegment_ids", subsegment_ids),
@@ -137,5 +139,5 @@ class Molmo(nnx.Module):
         dropout_key = residual_dropout_key(self.config.llm, deterministic, rngs)
         embeds = self.embed(input_ids, images, image_masks, image_input_idx)
         logits, _, aux = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
-                                  response_mask=response_mask, dropout_key=dropout_key)
+                                  response_mask=response_mask, dropout_key=dropout_key, return_hidden=return_hidden)
         return (logits, aux) if return_aux else logits

@@ -147,7 +147,8 @@ class Molmo2(nnx.Module):
                  token_pooling: Optional[jax.Array] = None, *, attention_mask: Optional[jax.Array] = None,
                  position_ids: Optional[jax.Array] = None, mm_token_type_ids: Optional[jax.Array] = None,
                  subsegment_ids: Optional[jax.Array] = None, response_mask: Optional[jax.Array] = None,
-                 deterministic: bool = True, rngs: Optional[nnx.Rngs] = None, return_aux: bool = False):
+                 deterministic: bool = True, rngs: Optional[nnx.Rngs] = None, return_aux: bool = False,
+                 return_hidden: bool = False):
         """input_ids: int32[B, L]; pixel_values: float32[N, P, D] with token_pooling int[M, K]
         (transformers' layout), or [B, N, P, D] with [B, M, K] (embed_rows' training layout), or
         None; attention_mask: [B, L] (1 = token, 0 = padding; None = all tokens); position_ids:
@@ -156,7 +157,8 @@ class Molmo2(nnx.Module):
         (None = one example; give its position_ids too); response_mask: bool[B, L] where the
         response residual dropout applies. Dropout runs only with deterministic=False, drawing
         from `rngs.dropout()`. Returns logits float32[B, L, V] (and the FFN aux dict when
-        return_aux)."""
+        return_aux; with return_hidden the LLM's final normed states [B, L, D] in place of the
+        logits, for the chunked cross-entropy)."""
         shape = tuple(input_ids.shape)
         for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids),
                             ("mm_token_type_ids", mm_token_type_ids), ("subsegment_ids", subsegment_ids),
@@ -177,5 +179,6 @@ class Molmo2(nnx.Module):
             embeds = self.embed(input_ids, pixel_values, token_pooling)
         logits, _, aux = self.llm(embeds, position_ids, token_valid=token_valid, subsegment_ids=subsegment_ids,
                                   block_ids=block_ids, response_mask=response_mask,
-                                  dropout_key=residual_dropout_key(self.config.llm, deterministic, rngs))
+                                  dropout_key=residual_dropout_key(self.config.llm, deterministic, rngs),
+                                  return_hidden=return_hidden)
         return (logits, aux) if return_aux else logits

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # Training keys: (dotted key, smallest allowed value). Integers unless a float default says otherwise.
 AT_LEAST = (
     ("train.global_batch", 1), ("train.grad_accum_steps", 1), ("train.total_steps", 1),
-    ("train.z_loss_weight", 0.0),
+    ("train.z_loss_weight", 0.0), ("train.ce_chunk_tokens", 0),
     ("checkpoint.every", 1), ("checkpoint.keep", 1), ("checkpoint.keep_every", 0),
     ("log.every", 1),
     ("data.seq_len", 1), ("data.max_crops", 1), ("data.num_workers", 0), ("data.prefetch", 0),

@@ -39,6 +39,38 @@ def weighted_token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Ar
     }
 
 
+def chunked_token_losses(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                         z_loss_weight: float, chunk: int) -> Dict[str, jax.Array]:
+    """weighted_token_losses of logits = hidden @ head, `chunk` tokens of the sequence at a time.
+
+    hidden: [B, L, D] (the LLM's final normed states); head: [D, V] (the LM head's kernel in the
+    compute dtype); targets, weights: [B, L]. Each chunk's float32 logits [B, chunk, V] are made,
+    reduced to the four sums and dropped; the backward recomputes them chunk by chunk
+    (jax.checkpoint), so neither the [B, L, V] logits nor their gradient is ever alive whole (for a
+    36,864-token row and a 151,936-word vocabulary, 20.9 GiB each). The tail is padded with
+    weight 0. Same sums as the unchunked function, up to float32 summation order."""
+    b, length, _ = hidden.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def blocks(x, fill):  # [B, L, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def chunk_sums(x, t, w):
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return weighted_token_losses(logits, t, w, z_loss_weight)
+
+    def body(total, xs):
+        return jax.tree.map(jnp.add, total, chunk_sums(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    total, _ = jax.lax.scan(body, {k: zero for k in ("ce_sum", "z_sum", "weight_sum", "correct_sum")},
+                            (blocks(hidden, 0), blocks(targets, -1), blocks(weights.astype(jnp.float32), 0)))
+    return total
+
+
 def normalised_loss(sums: Dict[str, jax.Array], global_weight: jax.Array) -> jax.Array:
     """(CE + z-loss) / global loss weight; `global_weight` is clamped to 1 for loss-free batches."""
     return (sums["ce_sum"] + sums["z_sum"]) / jnp.maximum(global_weight, 1.0)

@@ -98,16 +98,21 @@ def loss_batch(batch: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
 
 
 def token_loss_sums(model: Molmo, batch: Dict[str, jax.Array], z_loss_weight: float,
-                    dropout_key: Optional[jax.Array] = None) -> Tuple[Dict[str, jax.Array], Dict]:
+                    dropout_key: Optional[jax.Array] = None, ce_chunk: int = 0) -> Tuple[Dict[str, jax.Array], Dict]:
     """The training loss's forward pass: (loss_lib.weighted_token_losses sums, the model's FFN
-    aux dict). batch: loss_batch's arrays; dropout_key None = deterministic (evaluation)."""
+    aux dict). batch: loss_batch's arrays; dropout_key None = deterministic (evaluation);
+    ce_chunk > 0: the cross-entropy `ce_chunk` tokens at a time (loss_lib.chunked_token_losses,
+    config.train.ce_chunk_tokens), never holding the whole [B, L, V] logits."""
     inputs = families.family_of_model(model.config).model_kwargs(batch)
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     if dropout_key is not None:  # its own stream: the residual dropout's draws stay as they were
         lora.set_dropout_keys(model, jax.random.fold_in(dropout_key, LORA_DROPOUT_STREAM))
-    logits, aux = model(**inputs, response_mask=batch["loss_masks"] > 0, deterministic=dropout_key is None,
-                        rngs=rngs, return_aux=True)
-    return loss_lib.weighted_token_losses(logits, batch["target_tokens"], batch["loss_masks"], z_loss_weight), aux
+    out, aux = model(**inputs, response_mask=batch["loss_masks"] > 0, deterministic=dropout_key is None,
+                     rngs=rngs, return_aux=True, return_hidden=ce_chunk > 0)
+    if ce_chunk > 0:
+        return loss_lib.chunked_token_losses(out, model.llm.head_kernel(), batch["target_tokens"],
+                                             batch["loss_masks"], z_loss_weight, ce_chunk), aux
+    return loss_lib.weighted_token_losses(out, batch["target_tokens"], batch["loss_masks"], z_loss_weight), aux
 
 
 def loss_metrics(sums: Dict[str, jax.Array], global_weight: jax.Array) -> Dict[str, jax.Array]:
@@ -121,12 +126,12 @@ def loss_metrics(sums: Dict[str, jax.Array], global_weight: jax.Array) -> Dict[s
 def make_eval_step(graphdef, config: ml_collections.ConfigDict) -> Callable:
     """(params, frozen, batch) -> metrics: the training loss without dropout, gradient or update
     (the whole global batch at once)."""
-    z_weight = config.train.z_loss_weight
+    z_weight, ce_chunk = config.train.z_loss_weight, int(config.train.get("ce_chunk_tokens", 0))
 
     def eval_step(params, frozen, batch):
         batch = loss_batch(batch)
         model = nnx.merge(graphdef, opt_lib.merge_trees(params, frozen))
-        sums, _ = token_loss_sums(model, batch, z_weight)
+        sums, _ = token_loss_sums(model, batch, z_weight, ce_chunk=ce_chunk)
         return loss_metrics(sums, jnp.sum(batch["loss_masks"]))
 
     return eval_step
@@ -136,11 +141,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, config: ml_colle
                     accum_steps: int) -> Callable:
     """(state, batch) -> (state, metrics). batch: global arrays, leading dim = global batch."""
     patterns = [tuple(p) for p in config.optimizer.groups]
-    z_weight = config.train.z_loss_weight
+    z_weight, ce_chunk = config.train.z_loss_weight, int(config.train.get("ce_chunk_tokens", 0))
 
     def micro_loss(params, frozen, mb, key, global_weight):
         model = nnx.merge(graphdef, opt_lib.merge_trees(params, frozen))
-        sums, aux = token_loss_sums(model, mb, z_weight, dropout_key=key)
+        sums, aux = token_loss_sums(model, mb, z_weight, dropout_key=key, ce_chunk=ce_chunk)
         loss = loss_lib.normalised_loss(sums, global_weight)
         llm = model.config.llm
         if llm.block_type == "moe":  # official releases use weight 0 for both
